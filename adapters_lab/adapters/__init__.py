@@ -1,0 +1,25 @@
+"""Adapter families, one file each; ``conf/adapter/*.yaml`` ``_target_`` is the registry."""
+
+from adapters_lab.adapters.base import (
+    Adapter,
+    AdapterConfigError,
+    InjectionReport,
+    NoAdapter,
+    Placement,
+    adapter_state_dict,
+    build_adapter,
+    count_parameters,
+    freeze,
+)
+
+__all__ = [
+    "Adapter",
+    "AdapterConfigError",
+    "InjectionReport",
+    "NoAdapter",
+    "Placement",
+    "adapter_state_dict",
+    "build_adapter",
+    "count_parameters",
+    "freeze",
+]

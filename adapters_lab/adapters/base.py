@@ -1,0 +1,133 @@
+"""The adapter interface: a method is a dataclass (its own config schema) with ``inject``.
+
+``conf/adapter/<name>.yaml`` names the class in ``_target_``; Hydra validates the YAML
+against the class's fields, and :func:`build_adapter` turns the composed node into an
+instance. ``inject(model)`` freezes nothing by itself: the pipeline freezes the base first,
+then the method adds trainable modules and reports where it put them.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch.nn as nn
+from omegaconf import MISSING, DictConfig, OmegaConf
+
+
+class AdapterConfigError(ValueError):
+    """A bad adapter option, raised before any training; the message names the key."""
+
+
+@dataclass
+class Placement:
+    """Where a method goes, the same words for every family (AdapterHub / PEFT style).
+
+    ``modules``: generic names (``q k v o gate up down``; ``attn`` / ``mlp`` for sublayers)
+    mapped per architecture in ``placement.py``, or raw module-name suffixes.
+    ``regex``: a full-match regex over module names, used instead of ``modules``.
+    ``layers``: ``all``, a list of indices, or a ``start:stop`` range; ``exclude_layers`` drops some.
+    """
+
+    modules: list[str] = field(default_factory=lambda: ["q", "v"])
+    regex: Any = None
+    layers: Any = "all"
+    exclude_layers: list[int] = field(default_factory=list)
+
+
+@dataclass
+class InjectionReport:
+    """What an adapter touched: full module names, grouped for a compact log line."""
+
+    method: str
+    adapted: list[str] = field(default_factory=list)
+    layers: list[int] = field(default_factory=list)
+
+    def summary(self) -> str:
+        if not self.adapted:
+            return f"{self.method}: no module adapted"
+        by_leaf: dict[str, int] = defaultdict(int)
+        for name in self.adapted:
+            by_leaf[name.rsplit(".", 1)[-1]] += 1
+        leaves = ", ".join(f"{leaf} x{n}" for leaf, n in sorted(by_leaf.items()))
+        layers = sorted(set(self.layers))
+        span = f"layers {compact_ranges(layers)}" if layers else "no layer index"
+        return f"{self.method}: {len(self.adapted)} modules ({leaves}) in {span}"
+
+
+def compact_ranges(indices: list[int]) -> str:
+    """[0,1,2,5,7,8] -> '0-2,5,7-8'."""
+    parts, start = [], None
+    for i, value in enumerate(indices):
+        if start is None:
+            start = value
+        if i + 1 == len(indices) or indices[i + 1] != value + 1:
+            parts.append(str(start) if start == value else f"{start}-{value}")
+            start = None
+    return ",".join(parts)
+
+
+@dataclass
+class Adapter:
+    """Base of every PEFT method. Subclasses add their fields and implement ``inject``."""
+
+    _target_: str = MISSING
+    name: str = MISSING
+    placement: Placement = field(default_factory=Placement)
+
+    @property
+    def trains(self) -> bool:
+        """False for a baseline that only evaluates."""
+        return True
+
+    def validate(self) -> None:
+        """Check options that need no model; raise AdapterConfigError naming the key."""
+
+    def inject(self, model: nn.Module) -> InjectionReport:
+        raise NotImplementedError
+
+
+@dataclass
+class NoAdapter(Adapter):
+    """Zero-shot baseline: nothing is added or trained, the base model is only evaluated."""
+
+    @property
+    def trains(self) -> bool:
+        return False
+
+    def inject(self, model: nn.Module) -> InjectionReport:
+        return InjectionReport(method=self.name)
+
+
+def build_adapter(node: DictConfig | Adapter) -> Adapter:
+    """The composed ``cfg.adapter`` node as an instance of its class, validated."""
+    adapter = OmegaConf.to_object(node) if isinstance(node, DictConfig) else node
+    if not isinstance(adapter, Adapter):
+        raise AdapterConfigError(
+            f"adapter._target_={getattr(node, '_target_', None)!r} is not an Adapter subclass"
+        )
+    adapter.validate()
+    return adapter
+
+
+def freeze(model: nn.Module) -> None:
+    for param in model.parameters():
+        param.requires_grad_(False)
+
+
+def count_parameters(model: nn.Module) -> dict[str, int]:
+    """Trainable and total parameter counts (shared tensors counted once)."""
+    seen, trainable, total = set(), 0, 0
+    for param in model.parameters():
+        if id(param) in seen:
+            continue
+        seen.add(id(param))
+        total += param.numel()
+        trainable += param.numel() if param.requires_grad else 0
+    return {"trainable": trainable, "total": total}
+
+
+def adapter_state_dict(model: nn.Module) -> dict:
+    """Only what training changes: the trainable parameters, by full name."""
+    return {name: p.detach() for name, p in model.named_parameters() if p.requires_grad}

@@ -1,0 +1,196 @@
+"""Typed schemas for every config group, registered in Hydra's ConfigStore.
+
+Each group's YAML is merged onto its dataclass, so an unknown key or a value of the
+wrong type fails when Hydra composes the config, before any weight is loaded.
+Adapter methods are polymorphic: the ``_target_`` of ``conf/adapter/<name>.yaml`` names a
+dataclass (in ``adapters/<family>.py``) that is both the method and its schema; it is
+stored under ``schema/adapter/<ClassName>`` and pulled in by that YAML's defaults list.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+from pathlib import Path
+from typing import Any, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, OmegaConf
+
+
+class DType(str, Enum):
+    float32 = "float32"
+    bfloat16 = "bfloat16"
+    float16 = "float16"
+
+
+class Precision(str, Enum):
+    """Training precision; ``auto`` picks bf16 on a GPU that has it, else fp32."""
+
+    auto = "auto"
+    fp32 = "fp32"
+    bf16 = "bf16"
+    fp16 = "fp16"
+
+
+class Schedule(str, Enum):
+    linear = "linear"
+    cosine = "cosine"
+    constant = "constant"
+
+
+class Protocol(str, Enum):
+    paper = "paper"
+    strict = "strict"
+
+
+class WandbMode(str, Enum):
+    auto = "auto"  # online when an API key is configured, else offline
+    online = "online"
+    offline = "offline"
+    disabled = "disabled"
+
+
+@dataclass
+class TinyModelConfig:
+    """A random-init decoder built from a config: no download, odd sizes to catch shape bugs."""
+
+    model_type: str = "llama"
+    hidden_size: int = 48
+    intermediate_size: int = 76
+    num_hidden_layers: int = 3
+    num_attention_heads: int = 3
+    num_key_value_heads: int = 1
+    max_position_embeddings: int = 1024
+    vocab_size: int = 384  # size of the locally trained byte-level BPE tokenizer
+    init_std: float = 0.02
+
+
+@dataclass
+class ModelConfig:
+    name: str = MISSING
+    hub_id: Optional[str] = None  # e.g. yahma/llama-7b-hf
+    local_path: Optional[str] = None  # a folder with config + weights; wins over hub_id
+    tiny: Optional[TinyModelConfig] = None  # set: random init, local tokenizer
+    dtype: DType = DType.bfloat16
+    attn_implementation: str = "sdpa"
+    revision: Optional[str] = None
+    trust_remote_code: bool = False
+
+
+@dataclass
+class ArithConfig:
+    """Seeded synthetic arithmetic word problems (the embedded default dataset)."""
+
+    num_train: int = 256
+    num_test: int = 32
+    max_operand: int = 20
+    seed: int = 1234
+
+
+@dataclass
+class DatasetConfig:
+    name: str = MISSING
+    # Training source: "arith" (synthetic), an upstream training set name (math_10k,
+    # math_data, commonsense_170k, ...), an evaluation-set name's train split
+    # (boolq, ARC-Easy, ...), "gsm8k" (OpenAI jsonl), or a path to a .json/.jsonl file.
+    train: str = MISSING
+    # Evaluation sets by upstream folder name, a suite name (math, commonsense), or "arith".
+    eval_sets: list[str] = field(default_factory=list)
+    cutoff_len: int = 256
+    train_on_inputs: bool = True
+    add_eos_token: bool = True
+    limit_train: Optional[int] = None  # take the first N training records
+    max_bad_record_share: float = 0.01  # above this share of malformed records: fail
+    arith: ArithConfig = field(default_factory=ArithConfig)
+
+
+@dataclass
+class TrainerConfig:
+    epochs: float = 3.0
+    max_steps: int = -1  # > 0 overrides epochs
+    batch_size: int = 16  # examples per optimiser step
+    micro_batch_size: int = 4  # examples per forward pass (grad accumulation = batch / micro)
+    lr: float = 3e-4
+    warmup_steps: int = 100
+    schedule: Schedule = Schedule.linear
+    weight_decay: float = 0.0
+    max_grad_norm: Optional[float] = 1.0
+    precision: Precision = Precision.auto
+    val_set_size: int = 120
+    eval_every: int = 200  # validation loss every N optimiser steps (0: only at the end)
+    log_every: int = 10
+    device: str = "auto"  # auto | cpu | cuda
+    progress_bar: bool = True
+
+
+@dataclass
+class EvalConfig:
+    batch_size: int = 16
+    num_beams: int = 4  # the paper's decoding
+    max_new_tokens: Optional[int] = None  # None: per-set default (math 256, commonsense 32)
+    limit: Optional[int] = None  # first N examples of each set
+    protocol: Protocol = Protocol.paper  # which parse `eval.<set>.accuracy` reports
+
+
+@dataclass
+class LoggerConfig:
+    backend: str = "none"  # none | wandb
+    project: str = "adapters_lab"
+    entity: Optional[str] = None
+    mode: WandbMode = WandbMode.auto
+    group: Optional[str] = None
+    job_type: Optional[str] = None
+    name: Optional[str] = None
+    tags: list[str] = field(default_factory=list)
+
+
+@dataclass
+class PathsConfig:
+    root_dir: str = MISSING
+    data_root: str = MISSING  # holds llm_adapters/, gsm8k/, scienceqa/
+    data_dir: str = MISSING  # LLM-Adapters layout: dataset/<NAME>/test.json, ft-training_set/
+    output_dir: str = MISSING
+
+
+@dataclass
+class ExportConfig:
+    peft: bool = False  # also write the adapter in HF PEFT format (peft_adapter/)
+
+
+@dataclass
+class Config:
+    model: ModelConfig = MISSING
+    adapter: Any = MISSING  # schema chosen by the adapter YAML (schema/adapter/<name>)
+    dataset: DatasetConfig = MISSING
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    paths: PathsConfig = field(default_factory=PathsConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
+    seed: int = 42
+    optimized_metric: str = "eval/average"
+
+
+CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+
+
+def adapter_classes(conf_dir: Path = CONF_DIR) -> dict[str, type]:
+    """The adapter registry: ``conf/adapter/<name>.yaml`` -> the class its ``_target_`` names."""
+    from hydra.utils import get_class
+
+    registry = {}
+    for path in sorted((conf_dir / "adapter").glob("*.yaml")):
+        target = OmegaConf.load(path).get("_target_")
+        if target is None:
+            raise ValueError(f"{path}: adapter config has no _target_")
+        registry[path.stem] = get_class(target)
+    return registry
+
+
+def register_configs() -> None:
+    """Store the top-level schema and one schema per adapter class (``schema/adapter/<Class>``)."""
+    cs = ConfigStore.instance()
+    cs.store(name="config_schema", node=Config)
+    for cls in set(adapter_classes().values()):
+        cs.store(group="schema/adapter", name=cls.__name__, node=cls)

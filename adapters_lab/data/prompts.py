@@ -1,0 +1,48 @@
+"""The LLM-Adapters (Alpaca) prompt templates, byte for byte.
+
+Upstream's training template (``finetune.py``) has two spaces after "request." and a
+blank line of 16 spaces; its evaluation template (``evaluate.py``) has one space and an
+empty line. Both keep upstream's 16-space indentation.
+"""
+
+from __future__ import annotations
+
+RESPONSE_MARKER = "### Response:"
+_INDENT = " " * 16
+
+_TRAIN_HEAD = "Below is an instruction that describes a task. Write a response that appropriately completes the request.  \n\n"
+_TRAIN_HEAD_INPUT = (
+    "Below is an instruction that describes a task, paired with an input that provides further context. "
+    "Write a response that appropriately completes the request.  \n\n"
+)
+_EVAL_HEAD = "Below is an instruction that describes a task. Write a response that appropriately completes the request. \n\n"
+_EVAL_HEAD_INPUT = (
+    "Below is an instruction that describes a task, paired with an input that provides further context. "
+    "Write a response that appropriately completes the request. \n\n"
+)
+
+
+def train_prompt(instruction: str, input: str = "", output: str = "") -> str:
+    """Training text; with ``output=""`` it is the user part whose tokens are masked when
+    ``train_on_inputs`` is false."""
+    if input:
+        return (
+            f"{_TRAIN_HEAD_INPUT}{_INDENT}### Instruction:\n{_INDENT}{instruction}\n{_INDENT}\n"
+            f"{_INDENT}### Input:\n{_INDENT}{input}\n{_INDENT}\n"
+            f"{_INDENT}{RESPONSE_MARKER}\n{_INDENT}{output}"
+        )
+    return (
+        f"{_TRAIN_HEAD}{_INDENT}### Instruction:\n{_INDENT}{instruction}\n{_INDENT}\n"
+        f"{_INDENT}{RESPONSE_MARKER}\n{_INDENT}{output}"
+    )
+
+
+def eval_prompt(instruction: str, input: str = "") -> str:
+    """The prompt the evaluators feed to generation."""
+    if input:
+        return (
+            f"{_EVAL_HEAD_INPUT}{_INDENT}### Instruction:\n{_INDENT}{instruction}\n\n"
+            f"{_INDENT}### Input:\n{_INDENT}{input}\n\n"
+            f"{_INDENT}{RESPONSE_MARKER}\n{_INDENT}"
+        )
+    return f"{_EVAL_HEAD}{_INDENT}### Instruction:\n{_INDENT}{instruction}\n\n{_INDENT}{RESPONSE_MARKER}\n{_INDENT}"

@@ -1,0 +1,102 @@
+"""Reading and checking LLM-Adapters records: ``{"instruction", "input", "output", "answer"}``.
+
+Every problem is reported with its file and record index. A file that cannot be read at
+all fails at once; malformed records are skipped and counted, unless they exceed
+``dataset.max_bad_record_share``, which fails the run before training.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+
+class DataError(ValueError):
+    """A dataset problem, raised before any weight loads; the message names file, record or key."""
+
+
+RECORD_KEYS = ("instruction", "input", "output", "answer")
+
+
+@dataclass
+class RecordSet:
+    """Valid records from one source, and what was skipped (index, reason)."""
+
+    source: str
+    records: list[dict] = field(default_factory=list)
+    skipped: list[tuple[int, str]] = field(default_factory=list)
+
+
+def read_json_records(path: Path, key: str) -> list:
+    """A JSON array or JSON Lines file as a list of raw items; DataError names ``key`` and the path."""
+    if not path.is_file():
+        raise DataError(f"{key}: file not found: {path}")
+    text = path.read_text(encoding="utf-8")
+    if not text.strip():
+        raise DataError(f"{key}: file is empty: {path}")
+    if path.suffix == ".jsonl":
+        items = []
+        for lineno, line in enumerate(text.splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                items.append(json.loads(line))
+            except json.JSONDecodeError as err:
+                raise DataError(f"{key}: {path}:{lineno}: not valid JSON ({err.msg})") from None
+        return items
+    try:
+        items = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise DataError(f"{key}: {path}: not valid JSON ({err.msg} at line {err.lineno})") from None
+    if not isinstance(items, list):
+        raise DataError(f"{key}: {path}: expected a JSON array of records, got {type(items).__name__}")
+    return items
+
+
+def record_problem(item, need_output: bool, check_answer: Callable[[str], bool] | None) -> str | None:
+    """Why a raw item is not a usable record, or None."""
+    if not isinstance(item, dict):
+        return f"not an object ({type(item).__name__})"
+    for key in RECORD_KEYS:
+        if key == "input" and key not in item:
+            continue  # upstream files always carry it, user files may omit it
+        if key not in item:
+            return f"missing key {key!r}"
+        if not isinstance(item[key], str):
+            return f"key {key!r} is {type(item[key]).__name__}, expected str"
+    if not item["instruction"].strip():
+        return "empty instruction"
+    if need_output and not item["output"].strip():
+        return "empty output"
+    if check_answer is not None and not check_answer(item["answer"]):
+        return f"answer {item['answer']!r} does not parse for this dataset"
+    return None
+
+
+def check_records(
+    items: list,
+    source: str,
+    key: str,
+    max_bad_share: float,
+    need_output: bool = False,
+    check_answer: Callable[[str], bool] | None = None,
+) -> RecordSet:
+    result = RecordSet(source=source)
+    for index, item in enumerate(items):
+        problem = record_problem(item, need_output, check_answer)
+        if problem is None:
+            result.records.append({"input": "", **{k: item[k] for k in item if k in RECORD_KEYS}})
+        else:
+            result.skipped.append((index, problem))
+    if not items:
+        raise DataError(f"{key}: {source}: contains no records")
+    share = len(result.skipped) / len(items)
+    if share > max_bad_share:
+        examples = "; ".join(f"record {i}: {why}" for i, why in result.skipped[:3])
+        raise DataError(
+            f"{key}: {source}: {len(result.skipped)} of {len(items)} records are malformed "
+            f"({share:.1%} > dataset.max_bad_record_share={max_bad_share}); {examples}"
+        )
+    return result

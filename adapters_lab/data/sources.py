@@ -1,0 +1,115 @@
+"""Where each dataset name lives under ``paths.data_dir`` (the LLM-Adapters repository layout),
+and loading a run's training, validation and evaluation records before any model is built."""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from adapters_lab.answers import ANSWER_KIND, label_parses
+from adapters_lab.config import DatasetConfig, EvalConfig, PathsConfig, TrainerConfig
+from adapters_lab.data.arith import arith_splits
+from adapters_lab.data.records import DataError, RecordSet, check_records, read_json_records
+
+TRAIN_FILES = {
+    name: f"ft-training_set/{name}.json"
+    for name in ("math_10k", "math_7k", "math_14k", "math_50k", "math_data", "commonsense_170k", "commonsense_15k")
+}
+MATH_SETS = ["gsm8k", "AQuA", "SVAMP", "MultiArith", "AddSub", "SingleEq", "mawps"]
+COMMONSENSE_SETS = ["boolq", "piqa", "social_i_qa", "hellaswag", "winogrande", "ARC-Easy", "ARC-Challenge", "openbookqa"]
+SUITES = {"math": MATH_SETS, "commonsense": COMMONSENSE_SETS}
+SYNTHETIC = "arith"
+
+
+@dataclass
+class TaskData:
+    """A run's records: training, validation and each evaluation set by name."""
+
+    train: list[dict]
+    val: list[dict]
+    eval_sets: dict[str, list[dict]]
+    skipped: dict[str, int] = field(default_factory=dict)  # source -> malformed records skipped
+
+
+def expand_eval_sets(names: list[str]) -> list[str]:
+    """Suite names become their sets; order kept, duplicates dropped."""
+    expanded: list[str] = []
+    for name in names:
+        for item in SUITES.get(name, [name]):
+            if item not in expanded:
+                expanded.append(item)
+    return expanded
+
+
+def train_path(spec: str, paths: PathsConfig) -> Path:
+    """A training source name or path as a file path (not checked for existence)."""
+    if spec in TRAIN_FILES:
+        return Path(paths.data_dir) / TRAIN_FILES[spec]
+    if spec in ANSWER_KIND:
+        return Path(paths.data_dir) / "dataset" / spec / "train.json"
+    return Path(spec).expanduser()
+
+
+def eval_path(name: str, paths: PathsConfig) -> Path:
+    return Path(paths.data_dir) / "dataset" / name / "test.json"
+
+
+def load_task_data(dataset: DatasetConfig, eval_cfg: EvalConfig, trainer: TrainerConfig,
+                   paths: PathsConfig, seed: int, needs_train: bool = True) -> TaskData:
+    """Read and check every file the run needs; raises DataError naming the key and path."""
+    skipped: dict[str, int] = {}
+    synthetic_train, synthetic_test = arith_splits(
+        dataset.arith.num_train, dataset.arith.num_test, dataset.arith.max_operand, dataset.arith.seed
+    ) if SYNTHETIC in (dataset.train, *dataset.eval_sets) else ([], [])
+
+    def keep(result: RecordSet) -> list[dict]:
+        if result.skipped:
+            skipped[result.source] = len(result.skipped)
+        return result.records
+
+    train: list[dict] = []
+    if needs_train:
+        if dataset.train == SYNTHETIC:
+            train = list(synthetic_train)
+        else:
+            path = train_path(dataset.train, paths)
+            items = read_json_records(path, f"dataset.train={dataset.train}")
+            train = keep(check_records(items, str(path), f"dataset.train={dataset.train}",
+                                       dataset.max_bad_record_share, need_output=True))
+        if dataset.limit_train is not None:
+            train = train[: dataset.limit_train]
+
+    eval_sets: dict[str, list[dict]] = {}
+    for name in expand_eval_sets(list(dataset.eval_sets)):
+        if name not in ANSWER_KIND:
+            raise DataError(
+                f"dataset.eval_sets: unknown evaluation set {name!r} "
+                f"(known: {sorted(ANSWER_KIND)} and suites {sorted(SUITES)})"
+            )
+        if name == SYNTHETIC:
+            records = list(synthetic_test)
+        else:
+            path = eval_path(name, paths)
+            items = read_json_records(path, f"dataset.eval_sets[{name}]")
+            records = keep(check_records(
+                items, str(path), f"dataset.eval_sets[{name}]", dataset.max_bad_record_share,
+                check_answer=lambda answer, n=name: label_parses(n, answer),
+            ))
+        eval_sets[name] = records[: eval_cfg.limit] if eval_cfg.limit else records
+
+    val: list[dict] = []
+    if needs_train and trainer.val_set_size > 0:
+        if trainer.val_set_size >= len(train):
+            raise DataError(
+                f"trainer.val_set_size={trainer.val_set_size} leaves no training data "
+                f"({len(train)} records in dataset.train={dataset.train})"
+            )
+        order = list(range(len(train)))
+        random.Random(seed).shuffle(order)
+        val_ids = set(order[: trainer.val_set_size])
+        val = [r for i, r in enumerate(train) if i in val_ids]
+        train = [r for i, r in enumerate(train) if i not in val_ids]
+    if needs_train and not train:
+        raise DataError(f"dataset.train={dataset.train}: no training records")
+    return TaskData(train=train, val=val, eval_sets=eval_sets, skipped=skipped)

@@ -1,0 +1,75 @@
+"""Records to training features, upstream's way, and the padded collator.
+
+As in LLM-Adapters' ``finetune.py``: the full prompt is cut at ``cutoff_len``; EOS is
+appended when it fits; with ``train_on_inputs=false`` the user part (the prompt with an
+empty output) is masked out of the loss.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from adapters_lab.data.prompts import train_prompt
+from adapters_lab.data.records import DataError
+
+IGNORE_INDEX = -100
+
+
+@dataclass
+class Features:
+    examples: list[dict]  # input_ids, labels
+    truncated: int  # full texts cut at cutoff_len
+    prompt_overflow: int  # user prompts that alone reach cutoff_len (nothing of the answer left)
+
+
+def tokenize_record(record: dict, tokenizer, cutoff_len: int, train_on_inputs: bool, add_eos: bool) -> tuple[dict, bool, bool]:
+    full = tokenizer(train_prompt(record["instruction"], record["input"], record["output"]))["input_ids"]
+    truncated = len(full) > cutoff_len
+    ids = full[:cutoff_len]
+    if add_eos and ids[-1] != tokenizer.eos_token_id and len(ids) < cutoff_len:
+        ids = ids + [tokenizer.eos_token_id]
+    labels = list(ids)
+    user_len = len(tokenizer(train_prompt(record["instruction"], record["input"], ""))["input_ids"])
+    if not train_on_inputs:
+        user_len = min(user_len, cutoff_len)
+        labels = [IGNORE_INDEX] * user_len + labels[user_len:]
+    return {"input_ids": ids, "labels": labels}, truncated, user_len >= cutoff_len
+
+
+def tokenize_records(records: list[dict], tokenizer, cutoff_len: int, train_on_inputs: bool,
+                     add_eos: bool, max_overflow_share: float, key: str) -> Features:
+    examples, truncated, overflow = [], 0, 0
+    for record in records:
+        example, was_cut, overflowed = tokenize_record(record, tokenizer, cutoff_len, train_on_inputs, add_eos)
+        examples.append(example)
+        truncated += was_cut
+        overflow += overflowed
+    if records and overflow / len(records) > max_overflow_share:
+        raise DataError(
+            f"{key}: {overflow} of {len(records)} prompts reach dataset.cutoff_len={cutoff_len} "
+            f"before the response starts; raise dataset.cutoff_len"
+        )
+    return Features(examples, truncated, overflow)
+
+
+class PaddedCollator:
+    """Right-pads a micro-batch to its longest sequence (rounded up to a multiple)."""
+
+    def __init__(self, pad_token_id: int, pad_to_multiple_of: int = 8):
+        self.pad_token_id = pad_token_id
+        self.multiple = pad_to_multiple_of
+
+    def __call__(self, batch: list[dict]) -> dict[str, torch.Tensor]:
+        longest = max(len(x["input_ids"]) for x in batch)
+        length = -(-longest // self.multiple) * self.multiple
+        input_ids = torch.full((len(batch), length), self.pad_token_id, dtype=torch.long)
+        labels = torch.full((len(batch), length), IGNORE_INDEX, dtype=torch.long)
+        attention_mask = torch.zeros((len(batch), length), dtype=torch.long)
+        for row, example in enumerate(batch):
+            n = len(example["input_ids"])
+            input_ids[row, :n] = torch.tensor(example["input_ids"])
+            labels[row, :n] = torch.tensor(example["labels"])
+            attention_mask[row, :n] = 1
+        return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}

@@ -1,0 +1,7 @@
+"""Errors that mean "your input is wrong": shown as one clear line, not a traceback."""
+
+from adapters_lab.adapters.base import AdapterConfigError
+from adapters_lab.data.records import DataError
+from adapters_lab.train import TrainerConfigError
+
+USER_ERRORS = (AdapterConfigError, DataError, TrainerConfigError, FileNotFoundError, PermissionError)

@@ -1,0 +1,84 @@
+"""Batched generation and scoring of evaluation sets.
+
+Prompts are sorted by length and left-padded with an attention mask, generation uses the KV
+cache and stops at EOS; decoding (beams, new tokens) follows the paper unless configured.
+The text parsed is what follows the prompt's "### Response:" up to any further marker the
+model writes, as upstream's ``output.split("### Response:")[1]``.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+from transformers import GenerationConfig
+
+from adapters_lab.answers import answer_kind, is_correct, parse_paper
+from adapters_lab.config import EvalConfig
+from adapters_lab.data.prompts import RESPONSE_MARKER, eval_prompt
+from adapters_lab.files import write_jsonl_atomic
+
+log = logging.getLogger(__name__)
+
+
+def default_max_new_tokens(dataset: str) -> int:
+    """The paper's budgets: 256 new tokens for math, 32 for commonsense (and the synthetic set)."""
+    return 256 if answer_kind(dataset) in ("number", "letter") and dataset != "arith" else 32
+
+
+def response_text(generated: str) -> str:
+    return generated.split(RESPONSE_MARKER)[0].strip()
+
+
+@torch.no_grad()
+def generate(model: nn.Module, tokenizer, prompts: list[str], batch_size: int, num_beams: int,
+             max_new_tokens: int, device: torch.device) -> list[str]:
+    """Generated continuations (new tokens only, decoded), in the order of ``prompts``."""
+    was_training = model.training
+    model.eval()
+    tokenizer.padding_side = "left"
+    lengths = [len(tokenizer(p)["input_ids"]) for p in prompts]
+    order = sorted(range(len(prompts)), key=lambda i: -lengths[i])
+    config = GenerationConfig(
+        do_sample=False, num_beams=num_beams, max_new_tokens=max_new_tokens, use_cache=True,
+        pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+    )
+    outputs: list[str] = [""] * len(prompts)
+    for start in range(0, len(order), batch_size):
+        chunk = order[start : start + batch_size]
+        enc = tokenizer([prompts[i] for i in chunk], return_tensors="pt", padding=True).to(device)
+        sequences = model.generate(**enc, generation_config=config)
+        new_tokens = sequences[:, enc["input_ids"].shape[1]:]
+        for i, text in zip(chunk, tokenizer.batch_decode(new_tokens, skip_special_tokens=True)):
+            outputs[i] = text
+    model.train(was_training)
+    return outputs
+
+
+def evaluate_sets(model: nn.Module, tokenizer, eval_sets: dict[str, list[dict]], cfg: EvalConfig,
+                  device: torch.device, predictions_dir: Path | None) -> dict:
+    """Accuracy per set (and the average), writing one predictions JSONL per set."""
+    results: dict = {}
+    for name, records in eval_sets.items():
+        prompts = [eval_prompt(r["instruction"], r["input"]) for r in records]
+        max_new = cfg.max_new_tokens or default_max_new_tokens(name)
+        generated = generate(model, tokenizer, prompts, cfg.batch_size, cfg.num_beams, max_new, device)
+        lines, correct = [], 0
+        for record, prompt, text in zip(records, prompts, generated):
+            output = response_text(text)
+            prediction = parse_paper(name, output)
+            ok = is_correct(name, prediction, record["answer"])
+            correct += ok
+            lines.append({"dataset": name, "prompt": prompt, "generated": text, "output": output,
+                          "prediction": prediction, "label": record["answer"], "correct": ok})
+        accuracy = correct / len(records) if records else 0.0
+        results[name] = {"accuracy": accuracy, "correct": correct, "n": len(records)}
+        log.info("eval %s: accuracy %.4f (%d/%d)", name, accuracy, correct, len(records))
+        if predictions_dir is not None:
+            write_jsonl_atomic(predictions_dir / f"{name}.jsonl", lines)
+    if results:
+        results["average"] = sum(r["accuracy"] for r in results.values()) / len(results)
+    return results

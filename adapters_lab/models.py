@@ -1,0 +1,118 @@
+"""Build the base model and tokenizer: a tiny random-init decoder with a locally trained
+tokenizer (no download, the default), or a pretrained model from a local folder or the hub."""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+import torch.nn as nn
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
+
+from adapters_lab.config import ModelConfig, TinyModelConfig
+from adapters_lab.data.arith import ITEMS, NAMES, TEMPLATES
+from adapters_lab.data.prompts import eval_prompt, train_prompt
+
+log = logging.getLogger(__name__)
+
+SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<pad>"]
+
+
+def torch_dtype(name) -> torch.dtype:
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[str(getattr(name, "value", name))]
+
+
+def _tokenizer_corpus() -> list[str]:
+    """Text the tiny tokenizer learns its merges from: the prompt templates and arithmetic words."""
+    words = " ".join(NAMES + ITEMS) + " " + " ".join(TEMPLATES.values())
+    digits = " ".join(str(i) for i in range(200)) + " + - * = . , The answer is"
+    return [train_prompt("question", "", "answer"), eval_prompt("question"), words, digits] * 4
+
+
+def build_tiny_tokenizer(vocab_size: int = 384) -> PreTrainedTokenizerFast:
+    """A byte-level BPE tokenizer (LLaMA-like: BOS prepended, EOS and PAD separate), built in ms.
+
+    Byte-level, so any text (the real benchmark files too) encodes without unknown tokens.
+    """
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(_tokenizer_corpus(), trainer)
+    tok.post_processor = processors.TemplateProcessing(
+        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", tok.token_to_id("<s>"))]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        unk_token="<unk>",
+        bos_token="<s>",
+        eos_token="</s>",
+        pad_token="<pad>",
+        padding_side="left",
+        model_max_length=4096,
+    )
+
+
+def build_tiny_model(tiny: TinyModelConfig, tokenizer, dtype: torch.dtype, attn_implementation: str) -> nn.Module:
+    config = AutoConfig.for_model(
+        tiny.model_type,
+        hidden_size=tiny.hidden_size,
+        intermediate_size=tiny.intermediate_size,
+        num_hidden_layers=tiny.num_hidden_layers,
+        num_attention_heads=tiny.num_attention_heads,
+        num_key_value_heads=tiny.num_key_value_heads,
+        max_position_embeddings=tiny.max_position_embeddings,
+        vocab_size=len(tokenizer),
+        initializer_range=tiny.init_std,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=False,
+    )
+    config._attn_implementation = attn_implementation
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    # With the usual std 0.02 a frozen random head bounds every logit near +-1 (hidden RMS is 1
+    # after the final norm), so no adapter could push the loss far below ln(vocab). A wider head
+    # lets the tiny model become confident, as a pretrained one is.
+    with torch.no_grad():
+        model.get_output_embeddings().weight.normal_(0.0, 2.0 / tiny.hidden_size**0.5)
+    return model
+
+
+def ensure_pad_token(tokenizer, model_name: str) -> None:
+    """Generation pads on the left; a tokenizer without a pad token borrows unk (LLaMA
+    upstream's choice, id 0) or, failing that, eos."""
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token_id is not None:
+        return
+    fallback = "unk_token" if tokenizer.unk_token is not None else "eos_token"
+    if getattr(tokenizer, fallback) is None:
+        raise ValueError(f"model={model_name}: tokenizer has no pad, unk or eos token to pad with")
+    log.warning("model=%s: tokenizer has no pad token; padding with its %s", model_name, fallback)
+    tokenizer.pad_token = getattr(tokenizer, fallback)
+
+
+def build_model(cfg: ModelConfig) -> tuple[nn.Module, object]:
+    """(model, tokenizer) for a model config; only ``tiny`` models are built without files."""
+    dtype = torch_dtype(cfg.dtype)
+    if cfg.tiny is not None:
+        tokenizer = build_tiny_tokenizer(cfg.tiny.vocab_size)
+        model = build_tiny_model(cfg.tiny, tokenizer, dtype, cfg.attn_implementation)
+    else:
+        source = cfg.local_path or cfg.hub_id
+        if not source:
+            raise ValueError(f"model={cfg.name}: set model.local_path or model.hub_id")
+        kwargs = dict(revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
+        tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(
+            source, dtype=dtype, attn_implementation=cfg.attn_implementation, **kwargs
+        )
+    ensure_pad_token(tokenizer, cfg.name)
+    model.config.pad_token_id = tokenizer.pad_token_id
+    return model, tokenizer

@@ -1,0 +1,85 @@
+"""The one orchestration path: compose -> check -> build model -> inject adapter -> data ->
+train -> evaluate -> write and log results. Everything it calls lives elsewhere."""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from transformers import set_seed
+
+from adapters_lab.adapters import build_adapter, count_parameters, freeze
+from adapters_lab.adapters.io import save_adapter
+from adapters_lab.data.sources import load_task_data
+from adapters_lab.data.tokenize import tokenize_records
+from adapters_lab.evaluate import evaluate_sets
+from adapters_lab.files import probe_writable, write_json_atomic, write_text_atomic
+from adapters_lab.models import build_model
+from adapters_lab.tracking import flatten, make_tracker
+from adapters_lab.train import check_trainer_config, make_accelerator, train
+
+log = logging.getLogger(__name__)
+
+
+def run(cfg: DictConfig) -> float | None:
+    """Run one experiment; returns ``metrics[cfg.optimized_metric]`` for sweepers."""
+    out_dir = Path(cfg.paths.output_dir)
+    # 1. Check everything that needs no weights: adapter options, trainer options, data files, disk.
+    adapter = build_adapter(cfg.adapter)
+    if adapter.trains:
+        check_trainer_config(cfg.trainer)
+    data = load_task_data(cfg.dataset, cfg.eval, cfg.trainer, cfg.paths, cfg.seed, needs_train=adapter.trains)
+    probe_writable(out_dir)
+    write_text_atomic(out_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+
+    set_seed(cfg.seed)
+    accelerator = make_accelerator(cfg.trainer)
+    run_name = f"{cfg.model.name}-{adapter.name}-{cfg.dataset.name}"
+    tracker = make_tracker(cfg.logger, OmegaConf.to_container(cfg, resolve=True), str(out_dir), run_name,
+                           accelerator.is_main_process)
+
+    # 2-3. Base model, frozen; the adapter injected into it.
+    model, tokenizer = build_model(cfg.model)
+    freeze(model)
+    report = adapter.inject(model)
+    params = count_parameters(model)
+    log.info("%s", report.summary())
+    log.info("parameters: %s trainable of %s (%.4f%%)", f"{params['trainable']:,}", f"{params['total']:,}",
+             100 * params["trainable"] / params["total"])
+    metrics: dict = {"run": run_name, "params": params,
+                     "adapter": {"modules": len(report.adapted), "summary": report.summary()}}
+    model.to(accelerator.device)
+
+    # 4-5. Data as tokens, then training.
+    if adapter.trains:
+        ds = cfg.dataset
+        features = {split: tokenize_records(records, tokenizer, ds.cutoff_len, ds.train_on_inputs, ds.add_eos_token,
+                                            ds.max_bad_record_share, f"dataset.train={ds.train} ({split})")
+                    for split, records in (("train", data.train), ("val", data.val))}
+        result = train(model, features["train"].examples, features["val"].examples, tokenizer.pad_token_id,
+                       cfg.trainer, accelerator, tracker, cfg.seed)
+        model = accelerator.unwrap_model(model)
+        metrics["train"] = asdict(result)
+        metrics["data"] = {"train_records": len(data.train), "val_records": len(data.val),
+                           "truncated": features["train"].truncated, "prompt_overflow": features["train"].prompt_overflow}
+    metrics.setdefault("data", {})["skipped_malformed"] = data.skipped
+
+    # 6. Evaluation; 7. results (rank 0 only), adapter weights alone.
+    if accelerator.is_main_process:
+        metrics["eval"] = evaluate_sets(model, tokenizer, data.eval_sets, cfg.eval, accelerator.device,
+                                        out_dir / "predictions")
+        if adapter.trains:
+            save_adapter(model, adapter, out_dir / "adapter", base_model=cfg.model.hub_id or cfg.model.name)
+        if torch.cuda.is_available():
+            metrics["peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
+        write_json_atomic(out_dir / "metrics.json", metrics)
+        tracker.summary(flatten(metrics))
+        log.info("metrics written to %s", out_dir / "metrics.json")
+        print(f"metrics.json: {out_dir / 'metrics.json'}")
+    tracker.finish()
+    value = flatten(metrics).get(cfg.optimized_metric)
+    return float(value) if isinstance(value, (int, float)) and math.isfinite(value) else None

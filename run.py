@@ -1,0 +1,30 @@
+"""The single entry point: ``python run.py adapter=lora model=llama7b`` (``-m`` for sweeps)."""
+
+import os
+import sys
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig
+
+os.environ.setdefault("ADAPTERS_LAB_ROOT", str(Path(__file__).resolve().parent))
+
+from adapters_lab.config import register_configs  # noqa: E402
+from adapters_lab.errors import USER_ERRORS  # noqa: E402
+
+register_configs()
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="config")
+def main(cfg: DictConfig) -> float | None:
+    from adapters_lab.pipeline import run
+
+    try:
+        return run(cfg)
+    except USER_ERRORS as err:
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+if __name__ == "__main__":
+    main()
