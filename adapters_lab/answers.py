@@ -1,9 +1,19 @@
-"""Answer parsing for every evaluation set (LLM-Adapters' ``evaluate.py`` and
-``commonsense_evaluate.py``).
+"""Answer parsing for every evaluation set, under two protocols.
 
-``paper`` reproduces upstream, quirks included: numbers are the last match of
-``-?\\d+\\.?\\d*`` after removing commas, correct within 0.001; AQuA takes the first capital
-A-E anywhere; commonsense sets take the first keyword of their family.
+``paper`` reproduces LLM-Adapters' ``evaluate.py`` and ``commonsense_evaluate.py``, quirks
+included: numeric sets take the last match of ``-?\\d+\\.?\\d*`` after removing every comma,
+correct within 0.001 of the label, no number means wrong; AQuA takes the first capital A-E
+anywhere in the text (the "A" of "A train" counts); commonsense sets take the first match of
+their keyword family (case-sensitive, inside words too: "untrue" reads as "true"). Upstream
+has no parser for mawps or mathqa (its ``evaluate.py`` raises for both); ``paper`` applies the
+numeric rule to mawps and AQuA's letter rule to mathqa, whose answers are letters too.
+
+``strict`` reads the answer the model states: "The answer is ..." (also "answer: ...",
+"#### ...", ``\\boxed{...}``), "(B)", or a keyword after "the correct answer is"; words must
+stand alone, numbers keep their thousands commas and may be fractions (mawps), and a letter
+set whose prompt lists numeric options (AQuA, mathqa) maps a stated number to its option.
+Without a stated answer it falls back to the last standalone number, the last "(X)" option
+marker, or the family keyword when exactly one distinct keyword occurs.
 """
 
 from __future__ import annotations
@@ -28,6 +38,7 @@ ANSWER_KIND: dict[str, str] = {
     "hellaswag": "ending1|ending2|ending3|ending4",
     "winogrande": "option1|option2",
 }
+PROTOCOLS = ("paper", "strict")
 
 
 def answer_kind(dataset: str) -> str:
@@ -36,14 +47,12 @@ def answer_kind(dataset: str) -> str:
     return ANSWER_KIND[dataset]
 
 
+# ---------------------------------------------------------------------------- paper (upstream)
+
 def parse_number(text: str) -> float | None:
+    """Upstream's number: commas removed, the last ``-?\\d+\\.?\\d*`` match (None: no number)."""
     matches = NUMBER_RE.findall(text.replace(",", ""))
-    if not matches:
-        return None
-    try:
-        return float(matches[-1])
-    except ValueError:
-        return None
+    return float(matches[-1]) if matches else None
 
 
 def parse_paper(dataset: str, text: str) -> float | str | None:
@@ -57,6 +66,84 @@ def parse_paper(dataset: str, text: str) -> float | str | None:
     found = re.findall(kind, text.strip())
     return found[0] if found else None
 
+
+# ---------------------------------------------------------------------------- strict
+
+# A standalone number: not glued to a letter, digit or dot before it; thousands commas kept
+# only in their proper places ("1,234,567"); a fraction "a/b" is one number.
+_NUM = r"-?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?(?:\s*/\s*\d+(?:\.\d+)?)?"
+STANDALONE_NUMBER_RE = re.compile(rf"(?<![A-Za-z0-9.\-])(?:{_NUM})")
+STATED_NUMBER_RE = re.compile(
+    rf"(?:answer\s+is|answer\s*:|####|\\boxed\{{)\s*[:=]?\s*\$?\s*(?P<value>{_NUM})", re.IGNORECASE
+)
+# Case-sensitive letter after a case-insensitive phrase: "the answer is a lot" states nothing.
+STATED_LETTER_RE = re.compile(r"(?i:answer\s+is|answer\s*:)\s*:?\s*(?i:option\s+)?\(?(?P<letter>[A-E])(?![A-Za-z0-9'’])")
+OPTION_MARKER_RE = re.compile(r"(?<![A-Za-z])\(?([A-E])\s?\)")
+OPTION_LIST_RE = re.compile(r"(?<![A-Za-z])\(?([A-E])\s?\)\s*(.*?)\s*(?=,?\s*\(?[A-E]\s?\)|$)")
+
+
+def number_value(token: str) -> float | None:
+    """A standalone-number token as a float: commas dropped, "a/b" divided (None for "a/0")."""
+    token = re.sub(r"\s+", "", token.replace(",", ""))
+    if "/" in token:
+        numerator, denominator = token.split("/")
+        return float(numerator) / float(denominator) if float(denominator) != 0 else None
+    return float(token)
+
+
+def option_values(prompt: str) -> dict[str, float]:
+    """Letter -> numeric value for options written "(A) 23.65 (B) 1000" or "A ) 38 , B ) 27.675"."""
+    values = {}
+    for letter, body in OPTION_LIST_RE.findall(prompt):
+        body = body.strip().rstrip(",").strip().lstrip("$")
+        if re.fullmatch(_NUM, body):
+            values.setdefault(letter, number_value(body))
+    return values
+
+
+def _strict_number(text: str) -> float | None:
+    stated = STATED_NUMBER_RE.search(text)
+    if stated:
+        return number_value(stated.group("value"))
+    tokens = STANDALONE_NUMBER_RE.findall(text)
+    return number_value(tokens[-1]) if tokens else None
+
+
+def _strict_letter(text: str, prompt: str) -> str | None:
+    stated = STATED_LETTER_RE.search(text)
+    if stated:
+        return stated.group("letter")
+    number = STATED_NUMBER_RE.search(text)
+    if number and prompt:
+        value = number_value(number.group("value"))
+        matches = [k for k, v in option_values(prompt).items() if value is not None and abs(v - value) <= TOLERANCE]
+        if len(matches) == 1:
+            return matches[0]
+    markers = OPTION_MARKER_RE.findall(text)
+    return markers[-1] if markers else None
+
+
+def _strict_keyword(kind: str, text: str) -> str | None:
+    family = rf"\b({kind})\b"
+    stated = re.search(rf"correct\s+answer\s+is\s*:?\s*{family}", text, re.IGNORECASE)
+    if stated:
+        return stated.group(1).lower()
+    distinct = {m.lower() for m in re.findall(family, text, re.IGNORECASE)}
+    return distinct.pop() if len(distinct) == 1 else None
+
+
+def parse_strict(dataset: str, text: str, prompt: str = "") -> float | str | None:
+    """The answer the model states (None when it states none that parses). ``prompt`` lets a
+    letter set map a stated number to the option carrying that value."""
+    kind = answer_kind(dataset)
+    if kind == "number":
+        return _strict_number(text)
+    if kind == "letter":
+        return _strict_letter(text, prompt)
+    return _strict_keyword(kind, text)
+
+
+# ---------------------------------------------------------------------------- scoring
 
 def label_value(dataset: str, answer: str) -> float | str:
     """The gold label as compared: a float for numeric sets, the string otherwise."""
@@ -78,3 +165,10 @@ def is_correct(dataset: str, prediction: float | str | None, answer: str) -> boo
     if isinstance(label, float):
         return isinstance(prediction, float) and abs(prediction - label) <= TOLERANCE
     return prediction == label
+
+
+def score(dataset: str, output: str, answer: str, prompt: str = "") -> dict[str, dict]:
+    """Both protocols' prediction and verdict for one generated answer text."""
+    predictions = {"paper": parse_paper(dataset, output), "strict": parse_strict(dataset, output, prompt)}
+    return {name: {"prediction": value, "correct": is_correct(dataset, value, answer)}
+            for name, value in predictions.items()}

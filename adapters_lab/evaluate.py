@@ -9,13 +9,14 @@ model writes, as upstream's ``output.split("### Response:")[1]``.
 from __future__ import annotations
 
 import logging
+import time
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 from transformers import GenerationConfig
 
-from adapters_lab.answers import answer_kind, is_correct, parse_paper
+from adapters_lab.answers import PROTOCOLS, answer_kind, score
 from adapters_lab.config import EvalConfig
 from adapters_lab.data.prompts import RESPONSE_MARKER, eval_prompt
 from adapters_lab.files import write_jsonl_atomic
@@ -58,27 +59,45 @@ def generate(model: nn.Module, tokenizer, prompts: list[str], batch_size: int, n
     return outputs
 
 
+def score_set(name: str, records: list[dict], prompts: list[str], generated: list[str],
+              protocol: str) -> tuple[dict, list[dict]]:
+    """Accuracy under both protocols (``accuracy`` is ``protocol``'s) and one prediction line
+    per example carrying both parses."""
+    lines, correct = [], {p: 0 for p in PROTOCOLS}
+    for record, prompt, text in zip(records, prompts, generated):
+        output = response_text(text)
+        verdicts = score(name, output, record["answer"], prompt)
+        for p in PROTOCOLS:
+            correct[p] += verdicts[p]["correct"]
+        lines.append({"dataset": name, "prompt": prompt, "generated": text, "output": output,
+                      "label": record["answer"], **verdicts,
+                      "prediction": verdicts[protocol]["prediction"], "correct": verdicts[protocol]["correct"]})
+    n = len(records)
+    result = {f"accuracy_{p}": correct[p] / n if n else 0.0 for p in PROTOCOLS}
+    return {"accuracy": result[f"accuracy_{protocol}"], **result, "correct": correct[protocol], "n": n}, lines
+
+
 def evaluate_sets(model: nn.Module, tokenizer, eval_sets: dict[str, list[dict]], cfg: EvalConfig,
                   device: torch.device, predictions_dir: Path | None) -> dict:
-    """Accuracy per set (and the average), writing one predictions JSONL per set."""
+    """Per set: ``accuracy`` (``eval.protocol``), ``accuracy_paper``, ``accuracy_strict``; the
+    averages over sets likewise; one predictions JSONL per set."""
+    protocol = str(getattr(cfg.protocol, "value", cfg.protocol))
     results: dict = {}
     for name, records in eval_sets.items():
         prompts = [eval_prompt(r["instruction"], r["input"]) for r in records]
         max_new = cfg.max_new_tokens or default_max_new_tokens(name)
+        start = time.perf_counter()
         generated = generate(model, tokenizer, prompts, cfg.batch_size, cfg.num_beams, max_new, device)
-        lines, correct = [], 0
-        for record, prompt, text in zip(records, prompts, generated):
-            output = response_text(text)
-            prediction = parse_paper(name, output)
-            ok = is_correct(name, prediction, record["answer"])
-            correct += ok
-            lines.append({"dataset": name, "prompt": prompt, "generated": text, "output": output,
-                          "prediction": prediction, "label": record["answer"], "correct": ok})
-        accuracy = correct / len(records) if records else 0.0
-        results[name] = {"accuracy": accuracy, "correct": correct, "n": len(records)}
-        log.info("eval %s: accuracy %.4f (%d/%d)", name, accuracy, correct, len(records))
+        results[name], lines = score_set(name, records, prompts, generated, protocol)
+        results[name]["seconds"] = time.perf_counter() - start
+        log.info("eval %s: accuracy %.4f (%s, %d/%d; paper %.4f, strict %.4f) in %.1fs", name,
+                 results[name]["accuracy"], protocol, results[name]["correct"], len(records),
+                 results[name]["accuracy_paper"], results[name]["accuracy_strict"], results[name]["seconds"])
         if predictions_dir is not None:
             write_jsonl_atomic(predictions_dir / f"{name}.jsonl", lines)
     if results:
-        results["average"] = sum(r["accuracy"] for r in results.values()) / len(results)
+        sets = list(results.values())
+        results["average"] = sum(r["accuracy"] for r in sets) / len(sets)
+        for p in PROTOCOLS:
+            results[f"average_{p}"] = sum(r[f"accuracy_{p}"] for r in sets) / len(sets)
     return results

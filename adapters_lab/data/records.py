@@ -8,6 +8,7 @@ all fails at once; malformed records are skipped and counted, unless they exceed
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -18,6 +19,8 @@ class DataError(ValueError):
 
 
 RECORD_KEYS = ("instruction", "input", "output", "answer")
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -56,14 +59,20 @@ def read_json_records(path: Path, key: str) -> list:
 
 
 def record_problem(item, need_output: bool, check_answer: Callable[[str], bool] | None) -> str | None:
-    """Why a raw item is not a usable record, or None."""
+    """Why a raw item is not a usable record, or None.
+
+    Training records need ``instruction`` and ``output``; evaluation records need
+    ``instruction`` and ``answer`` (and an answer that parses for the set). ``input`` may be
+    absent (upstream files always carry it, user files may not); present keys must be strings.
+    """
     if not isinstance(item, dict):
         return f"not an object ({type(item).__name__})"
+    required = ("instruction", "output") if need_output else ("instruction", "answer")
     for key in RECORD_KEYS:
-        if key == "input" and key not in item:
-            continue  # upstream files always carry it, user files may omit it
         if key not in item:
-            return f"missing key {key!r}"
+            if key in required:
+                return f"missing key {key!r}"
+            continue
         if not isinstance(item[key], str):
             return f"key {key!r} is {type(item[key]).__name__}, expected str"
     if not item["instruction"].strip():
@@ -83,20 +92,27 @@ def check_records(
     need_output: bool = False,
     check_answer: Callable[[str], bool] | None = None,
 ) -> RecordSet:
+    """Valid records (``input``/``output``/``answer`` default to "") and the skipped ones, each
+    logged with ``source`` and index; DataError above ``max_bad_share``."""
     result = RecordSet(source=source)
     for index, item in enumerate(items):
         problem = record_problem(item, need_output, check_answer)
         if problem is None:
-            result.records.append({"input": "", **{k: item[k] for k in item if k in RECORD_KEYS}})
+            result.records.append({"input": "", "output": "", "answer": "",
+                                   **{k: item[k] for k in item if k in RECORD_KEYS}})
         else:
             result.skipped.append((index, problem))
     if not items:
         raise DataError(f"{key}: {source}: contains no records")
     share = len(result.skipped) / len(items)
+    examples = "; ".join(f"record {i}: {why}" for i, why in result.skipped[:3])
     if share > max_bad_share:
-        examples = "; ".join(f"record {i}: {why}" for i, why in result.skipped[:3])
         raise DataError(
             f"{key}: {source}: {len(result.skipped)} of {len(items)} records are malformed "
             f"({share:.1%} > dataset.max_bad_record_share={max_bad_share}); {examples}"
         )
+    if result.skipped:
+        log.warning("%s: %s: skipping %d of %d malformed records (%.1f%% <= dataset.max_bad_record_share=%s): %s%s",
+                    key, source, len(result.skipped), len(items), 100 * share, max_bad_share, examples,
+                    "; ..." if len(result.skipped) > 3 else "")
     return result

@@ -1,9 +1,17 @@
 """Where each dataset name lives under ``paths.data_dir`` (the LLM-Adapters repository layout),
-and loading a run's training, validation and evaluation records before any model is built."""
+and loading a run's training, validation and evaluation records before any model is built.
+
+Training sources (``dataset.train``): an upstream training-set name (``ft-training_set/<name>.json``),
+an evaluation set's train split (``dataset/<NAME>/train.json``: boolq, ARC-Easy, ARC-Challenge,
+openbookqa exist), ``gsm8k`` (OpenAI's ``gsm8k/train.jsonl`` under ``paths.data_root``, converted),
+``hf:<id>[:<split>]`` (a hub dataset in the record format, through ``datasets.load_dataset``),
+``arith`` (synthetic), or a path to a JSON/JSONL file in the record format.
+"""
 
 from __future__ import annotations
 
 import random
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,6 +28,9 @@ MATH_SETS = ["gsm8k", "AQuA", "SVAMP", "MultiArith", "AddSub", "SingleEq", "mawp
 COMMONSENSE_SETS = ["boolq", "piqa", "social_i_qa", "hellaswag", "winogrande", "ARC-Easy", "ARC-Challenge", "openbookqa"]
 SUITES = {"math": MATH_SETS, "commonsense": COMMONSENSE_SETS}
 SYNTHETIC = "arith"
+GSM8K_TRAIN = "gsm8k"
+HUB_PREFIX = "hf:"
+CALCULATOR_NOTE_RE = re.compile(r"<<[^<>]*>>")
 
 
 @dataclass
@@ -46,9 +57,51 @@ def train_path(spec: str, paths: PathsConfig) -> Path:
     """A training source name or path as a file path (not checked for existence)."""
     if spec in TRAIN_FILES:
         return Path(paths.data_dir) / TRAIN_FILES[spec]
+    if spec == GSM8K_TRAIN:
+        return Path(paths.data_root) / "gsm8k" / "train.jsonl"
     if spec in ANSWER_KIND:
         return Path(paths.data_dir) / "dataset" / spec / "train.json"
     return Path(spec).expanduser()
+
+
+def gsm8k_record(item):
+    """OpenAI GSM8K ``{"question", "answer": "...<<a*b=c>>...\\n#### N"}`` as a record: calculator
+    notes removed, the rationale ending "The answer is N.". An item without that shape stays
+    as it is, or keeps an unparsable ``answer``, so the record check reports it."""
+    if not (isinstance(item, dict) and isinstance(item.get("question"), str) and isinstance(item.get("answer"), str)):
+        return item
+    rationale, sep, final = item["answer"].rpartition("####")
+    if not sep:
+        rationale, final = final, ""
+    rationale = CALCULATOR_NOTE_RE.sub("", rationale).strip()
+    number = final.strip().replace(",", "")
+    if label_parses(GSM8K_TRAIN, number):
+        rationale = f"{rationale}\nThe answer is {number}."
+    return {"instruction": item["question"], "input": "", "output": rationale, "answer": number}
+
+
+def hub_items(spec: str, key: str) -> list:
+    """``hf:<id>[:<split>]`` through ``datasets.load_dataset`` (needs the network or a local cache)."""
+    dataset_id, _, split = spec[len(HUB_PREFIX):].partition(":")
+    if not dataset_id:
+        raise DataError(f"{key}: expected hf:<dataset id>[:<split>]")
+    from datasets import load_dataset
+
+    try:
+        return list(load_dataset(dataset_id, split=split or "train"))
+    except Exception as err:  # datasets raises many types (connection, missing split, ...)
+        raise DataError(f"{key}: could not load hub dataset {dataset_id!r} split {split or 'train'!r}: {err}") from err
+
+
+def train_items(spec: str, paths: PathsConfig, key: str) -> tuple[list, str]:
+    """Raw training items and the source they came from (file path or hub id)."""
+    if spec.startswith(HUB_PREFIX):
+        return hub_items(spec, key), spec
+    path = train_path(spec, paths)
+    items = read_json_records(path, key)
+    if spec == GSM8K_TRAIN:
+        items = [gsm8k_record(item) for item in items]
+    return items, str(path)
 
 
 def eval_path(name: str, paths: PathsConfig) -> Path:
@@ -58,6 +111,10 @@ def eval_path(name: str, paths: PathsConfig) -> Path:
 def load_task_data(dataset: DatasetConfig, eval_cfg: EvalConfig, trainer: TrainerConfig,
                    paths: PathsConfig, seed: int, needs_train: bool = True) -> TaskData:
     """Read and check every file the run needs; raises DataError naming the key and path."""
+    for key in ("batch_size", "num_beams", "max_new_tokens", "limit"):
+        value = getattr(eval_cfg, key)
+        if value is not None and value < 1:
+            raise DataError(f"eval.{key}={value}: must be at least 1")
     skipped: dict[str, int] = {}
     synthetic_train, synthetic_test = arith_splits(
         dataset.arith.num_train, dataset.arith.num_test, dataset.arith.max_operand, dataset.arith.seed
@@ -73,10 +130,11 @@ def load_task_data(dataset: DatasetConfig, eval_cfg: EvalConfig, trainer: Traine
         if dataset.train == SYNTHETIC:
             train = list(synthetic_train)
         else:
-            path = train_path(dataset.train, paths)
-            items = read_json_records(path, f"dataset.train={dataset.train}")
-            train = keep(check_records(items, str(path), f"dataset.train={dataset.train}",
-                                       dataset.max_bad_record_share, need_output=True))
+            key = f"dataset.train={dataset.train}"
+            items, source = train_items(dataset.train, paths, key)
+            check_answer = (lambda answer: label_parses(GSM8K_TRAIN, answer)) if dataset.train == GSM8K_TRAIN else None
+            train = keep(check_records(items, source, key, dataset.max_bad_record_share, need_output=True,
+                                       check_answer=check_answer))
         if dataset.limit_train is not None:
             train = train[: dataset.limit_train]
 
