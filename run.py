@@ -5,6 +5,8 @@ import sys
 from pathlib import Path
 
 import hydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig
 
 os.environ.setdefault("ADAPTERS_LAB_ROOT", str(Path(__file__).resolve().parent))
@@ -22,6 +24,8 @@ def main(cfg: DictConfig) -> float | None:
     try:
         return run(cfg)
     except USER_ERRORS as err:
+        if HydraConfig.get().mode == RunMode.MULTIRUN:
+            raise  # the sweep records this job as failed (adapters_lab.sweep) and runs the others
         print(f"error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
 
