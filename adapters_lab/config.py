@@ -170,6 +170,7 @@ class Config:
     export: ExportConfig = field(default_factory=ExportConfig)
     seed: int = 42
     optimized_metric: str = "eval/average"
+    overwrite: bool = False  # redo a run whose output dir already holds metrics.json
 
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"

@@ -4,7 +4,6 @@ train -> evaluate -> write and log results. Everything it calls lives elsewhere.
 from __future__ import annotations
 
 import logging
-import math
 from dataclasses import asdict
 from pathlib import Path
 
@@ -19,6 +18,7 @@ from adapters_lab.data.tokenize import tokenize_records
 from adapters_lab.evaluate import evaluate_sets
 from adapters_lab.files import probe_writable, write_json_atomic, write_text_atomic
 from adapters_lab.models import build_model
+from adapters_lab.sweep import finished_metrics, metric_value
 from adapters_lab.tracking import flatten, make_tracker
 from adapters_lab.train import check_trainer_config, make_accelerator, train
 
@@ -28,6 +28,10 @@ log = logging.getLogger(__name__)
 def run(cfg: DictConfig) -> float | None:
     """Run one experiment; returns ``metrics[cfg.optimized_metric]`` for sweepers."""
     out_dir = Path(cfg.paths.output_dir)
+    finished = finished_metrics(out_dir)
+    if finished is not None and not cfg.overwrite:
+        log.warning("%s holds metrics.json: skipping this finished run (overwrite=true redoes it)", out_dir)
+        return metric_value(finished, cfg.optimized_metric)
     # 1. Check everything that needs no weights: adapter options, trainer options, data files, disk.
     adapter = build_adapter(cfg.adapter)
     if adapter.trains:
@@ -81,5 +85,4 @@ def run(cfg: DictConfig) -> float | None:
         log.info("metrics written to %s", out_dir / "metrics.json")
         print(f"metrics.json: {out_dir / 'metrics.json'}")
     tracker.finish()
-    value = flatten(metrics).get(cfg.optimized_metric)
-    return float(value) if isinstance(value, (int, float)) and math.isfinite(value) else None
+    return metric_value(metrics, cfg.optimized_metric)
