@@ -78,6 +78,13 @@ def write_summary(sweep_dir: Path) -> list[dict]:
     return jobs
 
 
+def _relative(path: Path, root: str) -> str:
+    try:
+        return str(path.relative_to(root))
+    except ValueError:
+        return str(path)
+
+
 class SweepSummary(Callback):
     """Records each job's outcome; a failed job does not stop the others (Hydra runs the whole
     batch, then re-raises the first failure), and the summary lists them all."""
@@ -93,7 +100,7 @@ class SweepSummary(Callback):
         out_dir = Path(config.hydra.runtime.output_dir)
         record: dict[str, Any] = {
             "num": int(config.hydra.job.get("num") or 0),
-            "dir": out_dir.name,
+            "dir": _relative(out_dir, config.hydra.sweep.dir) if config.hydra.mode == RunMode.MULTIRUN else str(out_dir),
             "overrides": list(config.hydra.overrides.task),
         }
         if job_return.status == JobStatus.COMPLETED:
