@@ -39,6 +39,19 @@ class Schedule(str, Enum):
     constant = "constant"
 
 
+class Batching(str, Enum):
+    """How training examples form micro-batches (``trainer.batching``)."""
+
+    padded = "padded"  # the paper's: shuffled, right-padded to the longest in the micro-batch
+    length_grouped = "length_grouped"  # shuffled, then similar lengths grouped: less padding
+    packed = "packed"  # padding-free rows of whole examples, no attention across examples
+
+
+class NanPolicy(str, Enum):
+    stop = "stop"  # save the last finite state, then stop with a message
+    skip = "skip"  # drop the optimiser step whose loss was not finite
+
+
 class Protocol(str, Enum):
     paper = "paper"
     strict = "strict"
@@ -122,6 +135,17 @@ class TrainerConfig:
     log_every: int = 10
     device: str = "auto"  # auto | cpu | cuda
     progress_bar: bool = True
+    batching: Batching = Batching.padded
+    pack_length: int = 0  # tokens per packed row; 0: the longest example rounded up to 8
+    gradient_checkpointing: bool = False
+    checkpoint_layers: Optional[int] = None  # recompute only the first N decoder layers (None: all)
+    compile: bool = False  # torch.compile each decoder layer
+    fused_loss: bool = False  # chunked cross-entropy: no full-vocabulary fp32 logits
+    checkpoint_every: int = 200  # save adapter, optimiser, scheduler, RNG, data position (0: only at the end)
+    keep_checkpoints: int = 2
+    resume: str = "auto"  # auto (the run dir's last checkpoint, if any) | never | a checkpoint folder
+    nan_policy: NanPolicy = NanPolicy.stop
+    peak_tflops: Optional[float] = None  # for MFU; None: the device's dense bf16 datasheet peak
 
 
 @dataclass

@@ -49,7 +49,7 @@ def run(cfg: DictConfig) -> float | None:
     # 2-3. Base model, frozen; the adapter injected into it.
     model, tokenizer = build_model(cfg.model)
     freeze(model)
-    report = adapter.inject(model)
+    report = adapter.inject(model, tokenizer)
     params = count_parameters(model)
     log.info("%s", report.summary())
     log.info("parameters: %s trainable of %s (%.4f%%)", f"{params['trainable']:,}", f"{params['total']:,}",
@@ -65,7 +65,7 @@ def run(cfg: DictConfig) -> float | None:
                                             ds.max_bad_record_share, f"dataset.train={ds.train} ({split})")
                     for split, records in (("train", data.train), ("val", data.val))}
         result = train(model, features["train"].examples, features["val"].examples, tokenizer.pad_token_id,
-                       cfg.trainer, accelerator, tracker, cfg.seed)
+                       cfg.trainer, accelerator, tracker, cfg.seed, checkpoint_dir=out_dir / "checkpoints")
         model = accelerator.unwrap_model(model)
         metrics["train"] = asdict(result)
         metrics["data"] = {"train_records": len(data.train), "val_records": len(data.val),

@@ -73,3 +73,56 @@ class PaddedCollator:
             labels[row, :n] = torch.tensor(example["labels"])
             attention_mask[row, :n] = 1
         return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
+
+
+def pack_rows(order: list[int], lengths: list[int], row_length: int, window: int = 1024) -> list[list[int]]:
+    """Bins of example indices whose lengths sum to at most ``row_length``.
+
+    First-fit decreasing inside consecutive windows of ``order``, so a seeded shuffle still
+    decides which examples train together while the rows come out nearly full.
+    """
+    rows: list[list[int]] = []
+    for start in range(0, len(order), window):
+        bins: list[list[int]] = []
+        room: list[int] = []
+        for index in sorted(order[start : start + window], key=lambda i: -lengths[i]):
+            if lengths[index] > row_length:
+                raise ValueError(f"example {index} has {lengths[index]} tokens, more than the packed row length {row_length}")
+            slot = next((b for b, free in enumerate(room) if free >= lengths[index]), None)
+            if slot is None:
+                bins.append([])
+                room.append(row_length)
+                slot = len(bins) - 1
+            bins[slot].append(index)
+            room[slot] -= lengths[index]
+        rows.extend(bins)
+    return rows
+
+
+class PackedCollator:
+    """Padding-free batches: each row concatenates whole examples, with position ids restarting
+    at 0 for every example and no attention mask, so transformers builds a block-diagonal
+    causal mask (no attention across examples). The first label of every example is masked:
+    the token before it belongs to another example. Rows are right-padded to ``row_length``
+    (fixed shapes, so compiled code is reused) with a final filler segment that has no labels.
+    """
+
+    def __init__(self, pad_token_id: int, row_length: int):
+        self.pad_token_id = pad_token_id
+        self.row_length = row_length
+
+    def __call__(self, rows: list[list[dict]]) -> dict[str, torch.Tensor]:
+        shape = (len(rows), self.row_length)
+        input_ids = torch.full(shape, self.pad_token_id, dtype=torch.long)
+        labels = torch.full(shape, IGNORE_INDEX, dtype=torch.long)
+        position_ids = torch.zeros(shape, dtype=torch.long)
+        for row, examples in enumerate(rows):
+            at = 0
+            for example in examples:
+                n = len(example["input_ids"])
+                input_ids[row, at : at + n] = torch.tensor(example["input_ids"])
+                labels[row, at + 1 : at + n] = torch.tensor(example["labels"][1:])
+                position_ids[row, at : at + n] = torch.arange(n)
+                at += n
+            position_ids[row, at:] = torch.arange(self.row_length - at)
+        return {"input_ids": input_ids, "labels": labels, "position_ids": position_ids}
