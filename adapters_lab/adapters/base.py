@@ -21,19 +21,31 @@ class AdapterConfigError(ValueError):
 
 
 @dataclass
-class Placement:
-    """Where a method goes, the same words for every family (AdapterHub / PEFT style).
+class LayerPlacement:
+    """Which decoder layers a method goes into: ``all``, a list of indices, or a ``start:stop``
+    range; ``exclude_layers`` drops some. Methods that are not tied to named modules (prefix
+    tuning) use only this."""
+
+    layers: Any = "all"
+    exclude_layers: list[int] = field(default_factory=list)
+
+
+@dataclass
+class Placement(LayerPlacement):
+    """Where a module-wrapping method goes, the same words for every family (AdapterHub / PEFT style).
 
     ``modules``: generic names (``q k v o gate up down``; ``attn`` / ``mlp`` for sublayers)
     mapped per architecture in ``placement.py``, or raw module-name suffixes.
     ``regex``: a full-match regex over module names, used instead of ``modules``.
-    ``layers``: ``all``, a list of indices, or a ``start:stop`` range; ``exclude_layers`` drops some.
     """
 
     modules: list[str] = field(default_factory=lambda: ["q", "v"])
     regex: Any = None
-    layers: Any = "all"
-    exclude_layers: list[int] = field(default_factory=list)
+
+
+@dataclass
+class NoPlacement:
+    """For methods that act on the input only (prompt tuning): no placement key is accepted."""
 
 
 @dataclass
@@ -84,8 +96,30 @@ class Adapter:
     def validate(self) -> None:
         """Check options that need no model; raise AdapterConfigError naming the key."""
 
-    def inject(self, model: nn.Module) -> InjectionReport:
+    def inject(self, model: nn.Module, tokenizer: Any = None) -> InjectionReport:
+        """Add the method's modules to ``model`` in place; ``tokenizer`` only for text-initialised prompts."""
         raise NotImplementedError
+
+
+@dataclass
+class RankedAdapter(Adapter):
+    """A method with a capacity: ``rank`` is the LoRA rank or the bottleneck width, one word for
+    both so ``adapter.rank=8,16,32`` sweeps across families; ``rank_pattern`` overrides it per
+    module (generic name, module-name suffix or full-match regex -> rank)."""
+
+    rank: int = 8
+    rank_pattern: dict[str, int] = field(default_factory=dict)
+
+    def validate(self) -> None:
+        ranks = {"adapter.rank": self.rank, **{f"adapter.rank_pattern.{k}": v for k, v in self.rank_pattern.items()}}
+        for key, rank in ranks.items():
+            if rank <= 0:
+                raise AdapterConfigError(f"{key}={rank}: rank must be a positive integer")
+
+    def rank_for(self, target) -> int:
+        from adapters_lab.adapters.placement import pattern_value
+
+        return pattern_value(self.rank_pattern, target, self.rank)
 
 
 @dataclass
@@ -96,7 +130,9 @@ class NoAdapter(Adapter):
     def trains(self) -> bool:
         return False
 
-    def inject(self, model: nn.Module) -> InjectionReport:
+    placement: NoPlacement = field(default_factory=NoPlacement)
+
+    def inject(self, model: nn.Module, tokenizer: Any = None) -> InjectionReport:
         return InjectionReport(method=self.name)
 
 

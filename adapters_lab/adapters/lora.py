@@ -1,23 +1,26 @@
-"""LoRA: low-rank updates of frozen linear layers (Hu et al., 2021, arXiv:2106.09685).
+"""LoRA: low-rank updates of frozen linear layers (Hu et al., 2021, arXiv:2106.09685), and DoRA.
 
 ``y = W x + (alpha / r) * B A dropout(x)`` with A Kaiming-uniform and B zero, so the
 adapted model equals the base at step 0. ``use_rslora`` scales by ``alpha / sqrt(r)``
-(Kalajdzievski, 2023). Parameter names follow HF PEFT (``lora_A``, ``lora_B``,
-``base_layer``) so weights export without renaming.
+(Kalajdzievski, 2023). ``use_dora`` (Liu et al., 2024, arXiv:2402.09353) splits the adapted
+weight into a learned magnitude and a direction: ``W' = m * (W + s B A) / ||W + s B A||`` with
+the norm taken per output row and detached from the graph (the paper's section 4.3), and ``m``
+initialised to ``||W||`` so step 0 is again the base. Parameter names follow HF PEFT
+(``lora_A``, ``lora_B``, ``lora_magnitude_vector``, ``base_layer``) so weights export without renaming.
 """
 
 from __future__ import annotations
 
 import math
-import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn as nn
 from transformers.pytorch_utils import Conv1D
 
-from adapters_lab.adapters.base import Adapter, AdapterConfigError, InjectionReport
-from adapters_lab.adapters.placement import Target, select_modules
+from adapters_lab.adapters.base import AdapterConfigError, InjectionReport, RankedAdapter
+from adapters_lab.adapters.placement import Target, check_patterns, select_modules
 
 
 def linear_shape(module: nn.Module) -> tuple[int, int]:
@@ -34,15 +37,30 @@ def dense_weight(module: nn.Module) -> torch.Tensor:
     return module.weight.T if isinstance(module, Conv1D) else module.weight
 
 
+def set_dense_weight(module: nn.Module, dense: torch.Tensor) -> None:
+    """Write an (out, in) matrix back in the layer's own layout and dtype."""
+    module.weight.data.copy_((dense.T if isinstance(module, Conv1D) else dense).to(module.weight.dtype))
+
+
 def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
 
 
-class LoRALinear(nn.Module):
-    """A frozen linear layer plus a trainable low-rank update."""
+def require_linear(target: Target, method: str) -> None:
+    """Methods that wrap a weight matrix cannot go on a whole sublayer or a norm."""
+    if not isinstance(target.module, (nn.Linear, Conv1D)):
+        raise AdapterConfigError(
+            f"adapter.placement.modules: {target.key!r} selects {target.name} "
+            f"({type(target.module).__name__}); {method} adapts linear layers only"
+        )
 
-    def __init__(self, base_layer: nn.Module, rank: int, alpha: float, dropout: float, use_rslora: bool):
+
+class LoRALinear(nn.Module):
+    """A frozen linear layer plus a trainable low-rank update (and, for DoRA, a magnitude)."""
+
+    def __init__(self, base_layer: nn.Module, rank: int, alpha: float, dropout: float, use_rslora: bool,
+                 use_dora: bool = False):
         super().__init__()
         in_features, out_features = linear_shape(base_layer)
         self.base_layer = base_layer
@@ -52,6 +70,9 @@ class LoRALinear(nn.Module):
         device = base_layer.weight.device
         self.lora_A = nn.Linear(in_features, rank, bias=False, device=device, dtype=torch.float32)
         self.lora_B = nn.Linear(rank, out_features, bias=False, device=device, dtype=torch.float32)
+        self.lora_magnitude_vector = (
+            nn.Parameter(torch.empty(out_features, device=device, dtype=torch.float32)) if use_dora else None
+        )
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -59,66 +80,65 @@ class LoRALinear(nn.Module):
             return
         nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
         nn.init.zeros_(self.lora_B.weight)
+        if self.lora_magnitude_vector is not None:
+            with torch.no_grad():
+                self.lora_magnitude_vector.copy_(self.weight_norm())
 
     def delta_weight(self) -> torch.Tensor:
         """The update as a dense (out, in) matrix."""
         return (self.lora_B.weight @ self.lora_A.weight) * self.scaling
 
+    def weight_norm(self) -> torch.Tensor:
+        """Per-output-row L2 norm of ``W + s B A``, detached (DoRA treats it as a constant)."""
+        weight = dense_weight(self.base_layer).float() + self.delta_weight().detach()
+        return weight.norm(p=2, dim=1).detach()
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base_layer(x)
         lora_in = self.lora_dropout(x).to(self.lora_A.weight.dtype)
-        return out + (self.lora_B(self.lora_A(lora_in)) * self.scaling).to(out.dtype)
+        lora_out = self.lora_B(self.lora_A(lora_in)) * self.scaling
+        if self.lora_magnitude_vector is None:
+            return out + lora_out.to(out.dtype)
+        # DoRA: m / ||W'|| * (W x + s B A x) + b, with W x taken on the same (dropped-out) input.
+        scale = self.lora_magnitude_vector / self.weight_norm()
+        weight = dense_weight(self.base_layer)
+        base_out = lora_in @ weight.to(lora_in.dtype).T
+        return out + ((scale - 1) * base_out + scale * lora_out).to(out.dtype)
 
     @torch.no_grad()
     def merged(self) -> nn.Module:
         """The base layer with the update folded into its weight."""
-        delta = self.delta_weight()
-        weight = self.base_layer.weight
-        weight += (delta.T if isinstance(self.base_layer, Conv1D) else delta).to(weight.dtype)
+        weight = dense_weight(self.base_layer).float() + self.delta_weight()
+        if self.lora_magnitude_vector is not None:
+            weight = weight * (self.lora_magnitude_vector / self.weight_norm()).unsqueeze(1)
+        set_dense_weight(self.base_layer, weight)
         return self.base_layer
 
 
 @dataclass
-class LoRA(Adapter):
+class LoRA(RankedAdapter):
+    """LoRA / rsLoRA / DoRA on the linear layers the placement selects."""
+
     rank: int = 8
     alpha: float = 16.0
     dropout: float = 0.05
     use_rslora: bool = False
-    # Per-module rank overrides: generic name, module-name suffix or regex -> rank.
-    rank_pattern: dict[str, int] = field(default_factory=dict)
+    use_dora: bool = False
 
     def validate(self) -> None:
-        for key, rank in {"adapter.rank": self.rank, **{
-            f"adapter.rank_pattern.{k}": v for k, v in self.rank_pattern.items()}}.items():
-            if rank <= 0:
-                raise AdapterConfigError(f"{key}={rank}: rank must be a positive integer")
+        super().validate()
         if not 0.0 <= self.dropout < 1.0:
             raise AdapterConfigError(f"adapter.dropout={self.dropout}: must be in [0, 1)")
 
-    def rank_for(self, target: Target) -> int:
-        for pattern, rank in self.rank_pattern.items():
-            if pattern == target.key or target.name.endswith("." + pattern) or re.fullmatch(pattern, target.name):
-                return rank
-        return self.rank
-
-    def inject(self, model: nn.Module) -> InjectionReport:
+    def inject(self, model: nn.Module, tokenizer: Any = None) -> InjectionReport:
         report = InjectionReport(method=self.name)
-        for target in select_modules(model, self.placement):
-            if not isinstance(target.module, (nn.Linear, Conv1D)):
-                raise AdapterConfigError(
-                    f"adapter.placement.modules: {target.key!r} selects {target.name} "
-                    f"({type(target.module).__name__}); {self.name} adapts linear layers only"
-                )
-            layer = LoRALinear(target.module, self.rank_for(target), self.alpha, self.dropout, self.use_rslora)
+        targets = select_modules(model, self.placement)
+        check_patterns(self.rank_pattern, targets, "adapter.rank_pattern")
+        for target in targets:
+            require_linear(target, self.name)
+            layer = LoRALinear(target.module, self.rank_for(target), self.alpha, self.dropout, self.use_rslora,
+                               self.use_dora)
             replace_module(model, target.name, layer)
             report.adapted.append(target.name)
             report.layers.append(target.layer)
         return report
-
-
-def merge_lora(model: nn.Module) -> nn.Module:
-    """Fold every LoRA update into its base weight and drop the adapter modules."""
-    for name, module in list(model.named_modules()):
-        if isinstance(module, LoRALinear):
-            replace_module(model, name, module.merged())
-    return model

@@ -196,3 +196,34 @@ def _generic_path(arch: Architecture | None, word: str, model: nn.Module,
             f"(it has: {sorted(arch.modules)})"
         )
     return path
+
+
+def matches(pattern: str, target: Target) -> bool:
+    """A per-module override key matches a target by generic name, name suffix or full-match regex."""
+    return pattern == target.key or target.name.endswith("." + pattern) or re.fullmatch(pattern, target.name) is not None
+
+
+def pattern_value(patterns: dict[str, Any], target: Target, default: Any) -> Any:
+    """The value of the first key of ``patterns`` matching ``target`` (``rank_pattern`` semantics), else ``default``."""
+    for pattern, value in patterns.items():
+        if matches(pattern, target):
+            return value
+    return default
+
+
+def check_patterns(patterns: dict[str, Any], targets: list[Target], key: str) -> None:
+    """Every override key must match at least one selected module, else it is a typo."""
+    for pattern in patterns:
+        if not any(matches(pattern, t) for t in targets):
+            raise AdapterConfigError(
+                f"{key}.{pattern}: matches none of the adapted modules {sorted({t.key for t in targets})}"
+            )
+
+
+def kv_shape(model: nn.Module) -> tuple[int, int, int]:
+    """(num_layers, num_key_value_heads, head_dim) of the language model, for per-layer key/value prefixes."""
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    heads = config.num_attention_heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    return config.num_hidden_layers, kv_heads, head_dim

@@ -1,0 +1,68 @@
+"""Shared machinery of prompt tuning and prefix tuning: ``num_virtual_tokens`` positions that sit
+before every sequence, in the KV cache (prefix) or as input embeddings (prompt).
+
+The model object is never replaced: a forward pre-hook on the causal LM rewrites the call's
+arguments, so ``model(**batch).loss``, ``model.generate(...)`` and ``model.named_parameters()``
+work unchanged. On every call the attention mask gains ``num_virtual_tokens`` ones in front and
+``cache_position`` is dropped, so the model counts positions from the cache, which holds the
+virtual tokens too. Position ids are rebuilt from that mask (``cumsum - 1``), so a left-padded
+prompt gets the same positions as the unpadded one, in training and in every generation step.
+With an all-ones mask this is exactly HF PEFT's layout (virtual tokens at 0..n-1).
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Callable
+
+import torch
+import torch.nn as nn
+
+
+def is_first_step(kwargs: dict) -> bool:
+    """No cache yet, or an empty one (``generate`` passes an empty cache to its first call)."""
+    cache = kwargs.get("past_key_values")
+    return cache is None or cache.get_seq_length() == 0
+
+
+def install(model: nn.Module, num_virtual_tokens: int, first_step: Callable[[dict, int], None],
+            inserts_tokens: bool) -> None:
+    """Hook ``model`` so that ``first_step(kwargs, batch_size)`` adds the virtual tokens on the first call of
+    a sequence. ``inserts_tokens``: they enter as input positions (prompt tuning), so the logits
+    returned are cut back to the caller's length; otherwise they live only in the cache (prefix)."""
+    n = num_virtual_tokens
+    takes_positions = "position_ids" in inspect.signature(model.forward).parameters
+    call = {"length": 0}  # the caller's sequence length of the call in flight
+
+    def pre_hook(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        if args:
+            if len(args) > 1:
+                raise TypeError("prompt/prefix tuning: pass model inputs as keywords (input_ids=..., attention_mask=...)")
+            kwargs = {"input_ids": args[0], **kwargs}
+        tokens = kwargs.get("input_ids") if kwargs.get("input_ids") is not None else kwargs["inputs_embeds"]
+        batch, length = tokens.shape[:2]
+        first = is_first_step(kwargs)
+        kwargs.pop("cache_position", None)
+        mask = kwargs.get("attention_mask")
+        if mask is not None:
+            mask = torch.cat([mask.new_ones(batch, n), mask], dim=1)
+            kwargs["attention_mask"] = mask
+            if takes_positions:
+                current = length + (n if first and inserts_tokens else 0)
+                kwargs["position_ids"] = (mask.long().cumsum(-1) - 1).clamp(min=0)[:, -current:]
+        elif kwargs.get("position_ids") is not None:
+            kwargs["position_ids"] = kwargs["position_ids"] + n if not inserts_tokens else None
+        if first:
+            first_step(kwargs, batch)
+        call["length"] = length
+        return (), kwargs
+
+    def post_hook(module: nn.Module, args: tuple, kwargs: dict, output):
+        length = call["length"]
+        logits = getattr(output, "logits", None)
+        if inserts_tokens and logits is not None and logits.shape[1] > length:
+            output.logits = logits[:, -length:]
+        return output
+
+    model.register_forward_pre_hook(pre_hook, with_kwargs=True)
+    model.register_forward_hook(post_hook, with_kwargs=True)
