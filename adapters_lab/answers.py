@@ -72,7 +72,7 @@ def parse_paper(dataset: str, text: str) -> float | str | None:
 # A standalone number: not glued to a letter, digit or dot before it; thousands commas kept
 # only in their proper places ("1,234,567"); a fraction "a/b" is one number.
 _NUM = r"-?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?(?:\s*/\s*\d+(?:\.\d+)?)?"
-STANDALONE_NUMBER_RE = re.compile(rf"(?<![A-Za-z0-9.\-])(?:{_NUM})")
+STANDALONE_NUMBER_RE = re.compile(rf"(?<![A-Za-z0-9.])(?:{_NUM})")
 STATED_NUMBER_RE = re.compile(
     rf"(?:answer\s+is|answer\s*:|####|\\boxed\{{)\s*[:=]?\s*\$?\s*(?P<value>{_NUM})", re.IGNORECASE
 )
