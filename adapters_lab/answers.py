@@ -79,7 +79,7 @@ STATED_NUMBER_RE = re.compile(
 # Case-sensitive letter after a case-insensitive phrase: "the answer is a lot" states nothing.
 STATED_LETTER_RE = re.compile(r"(?i:answer\s+is|answer\s*:)\s*:?\s*(?i:option\s+)?\(?(?P<letter>[A-E])(?![A-Za-z0-9'’])")
 OPTION_MARKER_RE = re.compile(r"(?<![A-Za-z])\(?([A-E])\s?\)")
-OPTION_LIST_RE = re.compile(r"(?<![A-Za-z])\(?([A-E])\s?\)\s*(.*?)\s*(?=,?\s*\(?[A-E]\s?\)|$)")
+OPTION_LIST_RE = re.compile(r"(?<![A-Za-z])\(?([A-E])\s?\)\s*(.*?)\s*(?=,?\s*\(?[A-E]\s?\)|$)", re.MULTILINE)
 
 
 def number_value(token: str) -> float | None:

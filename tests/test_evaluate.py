@@ -1,0 +1,118 @@
+"""Batched generation equals one-at-a-time generation; both protocols reach metrics and
+prediction lines; the benchmark script's smoke mode reports its table."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+
+import pytest
+import torch
+
+from adapters_lab import evaluate
+from adapters_lab.config import EvalConfig, TinyModelConfig
+from adapters_lab.data.prompts import eval_prompt
+from adapters_lab.models import build_tiny_model, build_tiny_tokenizer
+from tests.conftest import REPO
+
+CPU = torch.device("cpu")
+QUESTIONS = ["Tom has 3 apples.", "Ana has 12 pens and gets 7 more pens. How many pens does Ana have now?",
+             "Mia", "Lee has 5 bags with 4 coins in each bag. How many coins does Lee have in all?",
+             "Sam has 19 cards. Sam gives away 2 cards."]
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    torch.manual_seed(0)
+    tokenizer = build_tiny_tokenizer()
+    model = build_tiny_model(TinyModelConfig(), tokenizer, torch.float32, "sdpa")
+    model.config.pad_token_id = tokenizer.pad_token_id
+    return model, tokenizer
+
+
+def test_batched_generation_equals_batch_size_one(tiny):
+    model, tokenizer = tiny
+    prompts = [eval_prompt(q) for q in QUESTIONS]
+    lengths = {len(tokenizer(p)["input_ids"]) for p in prompts}
+    assert len(lengths) == len(prompts)  # every batch pads something
+    one_by_one = evaluate.generate(model, tokenizer, prompts, 1, 1, 10, CPU)
+    batched = evaluate.generate(model, tokenizer, prompts, 3, 1, 10, CPU)
+    assert batched == one_by_one
+    assert len(set(one_by_one)) > 1  # outputs depend on the prompt, so the comparison means something
+    model.train()
+    evaluate.generate(model, tokenizer, prompts[:1], 1, 1, 2, CPU)
+    assert model.training  # generate restores the caller's train/eval mode
+
+
+def test_generation_stops_at_eos(tiny):
+    model, tokenizer = tiny
+    bias = torch.full((len(tokenizer),), -1e4)
+    bias[tokenizer.eos_token_id] = 1e4  # the model can only say EOS
+    head = model.get_output_embeddings()
+    head.bias = torch.nn.Parameter(bias)
+    prompts = [eval_prompt("Q?"), eval_prompt("A longer question?")]
+    calls = {}
+    hook = model.register_forward_hook(lambda *_: calls.__setitem__(beams, calls.get(beams, 0) + 1))
+    try:
+        outputs = {}
+        for beams in (1, 4):
+            outputs[beams] = evaluate.generate(model, tokenizer, prompts, 2, beams, 16, CPU)
+    finally:
+        hook.remove()
+        del head.bias
+        head.register_parameter("bias", None)
+    assert outputs == {1: ["", ""], 4: ["", ""]}
+    assert calls[1] == 1  # greedy: one forward pass, both rows ended at the first token
+    assert calls[4] < 16  # beam search stops once every beam has finished, well before the budget
+
+
+def test_scores_both_protocols_into_metrics_and_lines(tmp_path, monkeypatch):
+    records = [{"instruction": "A train ... Answer Choices: (A) 1 (B) 2", "input": "", "answer": "B"},
+               {"instruction": "Another ... Answer Choices: (A) 1 (B) 2", "input": "", "answer": "A"}]
+    continuations = {0: "A train moves. The answer is (B).### Response: (A)", 1: "Answer is (A)"}
+
+    def canned(model, tokenizer, prompts, *args):
+        return [continuations[i] for i in range(len(prompts))]
+
+    monkeypatch.setattr(evaluate, "generate", canned)
+    cfg = EvalConfig(protocol="strict")
+    metrics = evaluate.evaluate_sets(None, None, {"AQuA": records}, cfg, CPU, tmp_path)
+    # paper: first capital A-E -> "A" (wrong) for the first, "A" (right) for the second.
+    # strict: "(B)" (right), then "A" after "Answer is" (right); text after a second marker is ignored.
+    assert metrics["AQuA"]["accuracy_paper"] == 0.5
+    assert metrics["AQuA"]["accuracy_strict"] == 1.0
+    assert metrics["AQuA"]["accuracy"] == 1.0 and metrics["AQuA"]["n"] == 2
+    assert metrics["average"] == 1.0 and metrics["average_paper"] == 0.5
+    lines = [json.loads(x) for x in (tmp_path / "AQuA.jsonl").read_text().splitlines()]
+    assert lines[0]["output"] == "A train moves. The answer is (B)."
+    assert lines[0]["paper"] == {"prediction": "A", "correct": False}
+    assert lines[0]["strict"] == {"prediction": "B", "correct": True}
+    assert lines[0]["correct"] is True and lines[0]["prediction"] == "B"
+
+
+def test_default_budgets_follow_the_paper():
+    assert evaluate.default_max_new_tokens("gsm8k") == 256
+    assert evaluate.default_max_new_tokens("AQuA") == 256
+    assert evaluate.default_max_new_tokens("boolq") == 32
+    assert EvalConfig().num_beams == 4
+
+
+def test_bench_eval_tiny_prints_and_writes_its_table(tmp_path, capsys):
+    spec = importlib.util.spec_from_file_location("bench_eval", REPO / "scripts" / "bench_eval.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = tmp_path / "bench.json"
+    result = bench.main(["--tiny", "--out", str(out), "--prompts", "3", "--upstream-prompts", "1",
+                         "--max-new-tokens", "3", "--data-dir", str(tmp_path / "absent")])
+    assert json.loads(out.read_text()) == json.loads(json.dumps(result))
+    rows = {(r["procedure"], r["num_beams"]): r for r in result["rows"]}
+    assert set(rows) == {("ours", 4), ("ours", 1), ("upstream", 4)}
+    assert rows[("upstream", 4)]["batch_size"] == 1 and rows[("upstream", 4)]["use_cache"] is False
+    assert rows[("ours", 4)]["examples"] == 3 and rows[("upstream", 4)]["examples"] == 1
+    for r in rows.values():
+        assert r["examples_per_s"] == pytest.approx(r["examples"] / r["seconds"])
+        assert r["math_suite_minutes"] == pytest.approx(result["math_suite_questions"] / r["examples_per_s"] / 60)
+    assert result["speedup_4beam"] == pytest.approx(rows[("ours", 4)]["examples_per_s"] / rows[("upstream", 4)]["examples_per_s"])
+    table = capsys.readouterr().out
+    assert "| procedure | beams | batch | KV cache |" in table and table.count("\n| ours |") == 2
+    assert "Speed-up over upstream" in table
