@@ -51,6 +51,11 @@ def install(model: nn.Module, num_virtual_tokens: int, first_step: Callable[[dic
                 current = length + (n if first and inserts_tokens else 0)
                 kwargs["position_ids"] = (mask.long().cumsum(-1) - 1).clamp(min=0)[:, -current:]
         elif kwargs.get("position_ids") is not None:
+            if first and bool((kwargs["position_ids"][:, 1:] <= kwargs["position_ids"][:, :-1]).any()):
+                raise ValueError(
+                    "prompt/prefix tuning puts virtual tokens before each sequence, and a packed row holds several "
+                    "(position ids restart): use trainer.batching=padded, not trainer.batching=packed"
+                )
             kwargs["position_ids"] = kwargs["position_ids"] + n if not inserts_tokens else None
         if first:
             first_step(kwargs, batch)
