@@ -5,11 +5,11 @@ included: numeric sets take the last match of ``-?\\d+\\.?\\d*`` after removing 
 correct within 0.001 of the label, no number means wrong; AQuA takes the first capital A-E
 anywhere in the text (the "A" of "A train" counts); commonsense sets take the first match of
 their keyword family (case-sensitive, inside words too: "untrue" reads as "true"). Upstream
-has no parser for mawps or mathqa (its ``evaluate.py`` raises for both); ``paper`` applies the
-numeric rule to mawps and AQuA's letter rule to mathqa, whose answers are letters too.
+has no parser for mawps or mathqa (its ``evaluate.py`` raises for mawps and does not accept
+mathqa); ``paper`` applies the numeric rule to mawps and AQuA's letter rule to mathqa.
 
-``strict`` reads the answer the model states: "The answer is ..." (also "answer: ...",
-"#### ...", ``\\boxed{...}``), "(B)", or a keyword after "the correct answer is"; words must
+``strict`` reads the answer the model states: the last number of the sentence after "The answer
+is" (also "answer:", "####", ``\\boxed{``), "(B)", or a keyword after "the correct answer is"; words must
 stand alone, numbers keep their thousands commas and may be fractions (mawps), and a letter
 set whose prompt lists numeric options (AQuA, mathqa) maps a stated number to its option.
 Without a stated answer it falls back to the last standalone number, the last "(X)" option
@@ -73,9 +73,10 @@ def parse_paper(dataset: str, text: str) -> float | str | None:
 # only in their proper places ("1,234,567"); a fraction "a/b" is one number.
 _NUM = r"-?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?(?:\s*/\s*\d+(?:\.\d+)?)?"
 STANDALONE_NUMBER_RE = re.compile(rf"(?<![A-Za-z0-9.])(?:{_NUM})")
-STATED_NUMBER_RE = re.compile(
-    rf"(?:answer\s+is|answer\s*:|####|\\boxed\{{)\s*[:=]?\s*\$?\s*(?P<value>{_NUM})", re.IGNORECASE
-)
+# The clause after a stated answer, up to the end of its sentence: its last number is the
+# answer ("The answer is 220 + 90 + 60 = 370.", "The answer is 6 pieces, or 15 ounces.").
+STATED_CLAUSE_RE = re.compile(r"(?:answer\s+is|answer\s*:|####|\\boxed\{)(?P<clause>[^\n]*?)(?=\.(?!\d)|\n|$)",
+                              re.IGNORECASE)
 # Case-sensitive letter after a case-insensitive phrase: "the answer is a lot" states nothing.
 STATED_LETTER_RE = re.compile(r"(?i:answer\s+is|answer\s*:)\s*:?\s*(?i:option\s+)?\(?(?P<letter>[A-E])(?![A-Za-z0-9'’])")
 OPTION_MARKER_RE = re.compile(r"(?<![A-Za-z])\(?([A-E])\s?\)")
@@ -101,10 +102,19 @@ def option_values(prompt: str) -> dict[str, float]:
     return values
 
 
+def stated_number(text: str) -> float | None:
+    """The last number of the first stated-answer clause that has one."""
+    for stated in STATED_CLAUSE_RE.finditer(text):
+        tokens = STANDALONE_NUMBER_RE.findall(stated.group("clause"))
+        if tokens:
+            return number_value(tokens[-1])
+    return None
+
+
 def _strict_number(text: str) -> float | None:
-    stated = STATED_NUMBER_RE.search(text)
-    if stated:
-        return number_value(stated.group("value"))
+    stated = stated_number(text)
+    if stated is not None:
+        return stated
     tokens = STANDALONE_NUMBER_RE.findall(text)
     return number_value(tokens[-1]) if tokens else None
 
@@ -113,10 +123,9 @@ def _strict_letter(text: str, prompt: str) -> str | None:
     stated = STATED_LETTER_RE.search(text)
     if stated:
         return stated.group("letter")
-    number = STATED_NUMBER_RE.search(text)
-    if number and prompt:
-        value = number_value(number.group("value"))
-        matches = [k for k, v in option_values(prompt).items() if value is not None and abs(v - value) <= TOLERANCE]
+    value = stated_number(text) if prompt else None
+    if value is not None:
+        matches = [k for k, v in option_values(prompt).items() if abs(v - value) <= TOLERANCE]
         if len(matches) == 1:
             return matches[0]
     markers = OPTION_MARKER_RE.findall(text)

@@ -103,3 +103,25 @@ def test_every_set_has_a_kind_and_labels_are_checked():
         answer_kind("nope")
     assert label_parses("gsm8k", "1,000") and not label_parses("gsm8k", "ten") and not label_parses("gsm8k", "inf")
     assert label_parses("boolq", "true")
+
+
+@pytest.mark.parametrize("dataset", ["gsm8k", "SVAMP", "MultiArith", "AddSub", "SingleEq", "AQuA", "boolq", "piqa"])
+def test_protocols_on_the_shipped_reference_outputs(dataset, shared_data):
+    """The upstream test files carry reference outputs ending in a stated answer ("The answer is
+    N.", "The answer is (B).", "the correct answer is true"): strict reads that statement, so it
+    agrees with paper wherever paper's last-number rule lands on it, and beats paper on AQuA,
+    whose first-capital rule is fooled by the words before the statement."""
+    import json
+
+    from adapters_lab.data.prompts import eval_prompt
+
+    records = json.loads((shared_data / "llm_adapters" / "dataset" / dataset / "test.json").read_text())
+    verdicts = [score(dataset, r["output"], r["answer"], eval_prompt(r["instruction"])) for r in records if r["output"].strip()]
+    paper = sum(v["paper"]["correct"] for v in verdicts) / len(verdicts)
+    strict = sum(v["strict"]["correct"] for v in verdicts) / len(verdicts)
+    if dataset == "AQuA":
+        assert strict > paper + 0.03
+    elif answer_kind(dataset) == "number":
+        assert strict == pytest.approx(paper, abs=0.005)
+    else:
+        assert paper == strict == 1.0
