@@ -25,7 +25,7 @@ from transformers.activations import ACT2FN
 
 from adapters_lab.adapters.base import AdapterConfigError, InjectionReport, Placement, RankedAdapter
 from adapters_lab.adapters.lora import linear_shape, replace_module, require_linear
-from adapters_lab.adapters.placement import Target, check_patterns, pattern_value, select_modules
+from adapters_lab.adapters.placement import Target, check_patterns, pattern_value, select_modules, series_site
 
 
 class Position(str, Enum):
@@ -168,12 +168,21 @@ class Bottleneck(RankedAdapter):
         report = InjectionReport(method=self.name)
         p = self.placement
         if p.position in SUBLAYER_POSITIONS:
-            sublayers = Placement(modules=SUBLAYER_POSITIONS[p.position], layers=p.layers,
-                                  exclude_layers=list(p.exclude_layers))
+            words = SUBLAYER_POSITIONS[p.position]
+            if not self.parallel:
+                words = [series_site(model, w) for w in words]
+            sublayers = Placement(modules=words, layers=p.layers, exclude_layers=list(p.exclude_layers))
             targets = select_modules(model, sublayers)
             check_patterns(self.rank_pattern, targets, "adapter.rank_pattern")
             hidden = model.get_input_embeddings().embedding_dim
             for target in targets:
+                if target.key not in ("attn", "mlp"):  # a residual-inside sublayer: its output projection
+                    _, out_features = linear_shape(target.module)
+                    adapter = self._adapter(target, out_features, out_features)
+                    replace_module(model, target.name, BottleneckLinear(target.module, adapter, "output"))
+                    report.adapted.append(f"{target.name}[output]")
+                    report.layers.append(target.layer)
+                    continue
                 adapter = self._adapter(target, hidden, hidden)
                 target.module.add_module("bottleneck", adapter)
                 target.module.register_forward_hook(_sublayer_hook(adapter, self.parallel), with_kwargs=True)

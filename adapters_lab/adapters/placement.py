@@ -37,6 +37,9 @@ class Architecture:
     layers: str  # attribute of the decoder (``model.get_decoder()``) holding the layer list
     modules: dict[str, str] = field(default_factory=dict)  # generic name -> path inside a layer
     fused_qkv: bool = False  # q, k and v share one projection
+    # Sublayers that add the residual inside their own forward (BLOOM): a series adapter "after" such a
+    # sublayer goes on the output of the projection named here, the last op before the residual add.
+    series_sites: dict[str, str] = field(default_factory=dict)
 
 
 ARCHITECTURES: dict[str, Architecture] = {
@@ -62,6 +65,7 @@ ARCHITECTURES: dict[str, Architecture] = {
         {"qkv": "self_attention.query_key_value", "o": "self_attention.dense",
          "up": "mlp.dense_h_to_4h", "down": "mlp.dense_4h_to_h", "attn": "self_attention", "mlp": "mlp"},
         fused_qkv=True,
+        series_sites={"attn": "o", "mlp": "down"},
     ),
     "gpt_neox": Architecture(
         "layers",
@@ -227,3 +231,9 @@ def kv_shape(model: nn.Module) -> tuple[int, int, int]:
     kv_heads = getattr(config, "num_key_value_heads", None) or heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
     return config.num_hidden_layers, kv_heads, head_dim
+
+
+def series_site(model: nn.Module, sublayer: str) -> str:
+    """The placement word a series adapter after ``sublayer`` (``attn``/``mlp``) attaches to."""
+    arch = architecture(model)
+    return arch.series_sites.get(sublayer, sublayer) if arch is not None else sublayer
