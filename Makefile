@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 TORCH_VERSION ?= 2.13.0
 
-.PHONY: install demo test
+.PHONY: install demo test table-math table-commonsense table-placement table-capacity smoke-tables
 install: $(VENV)/.installed
 
 # Torch first, pinned, so pip takes the local CPU wheel instead of pulling CUDA packages.
@@ -20,3 +20,22 @@ demo: install
 
 test: install
 	$(PY) -m pytest -q
+	$(MAKE) smoke-tables
+
+# The LLM-Adapters tables (README "Sweeps and tables"): run the sweep, skipping finished cells,
+# then write outputs/tables/<table>_<MODEL>.{md,csv,tex,png}. Extra Hydra overrides: ARGS="...".
+MODEL ?= llama7b
+ARGS  ?=
+table-math: install
+	$(PY) scripts/make_table.py math_main --model $(MODEL) --run -- $(ARGS)
+table-commonsense: install
+	$(PY) scripts/make_table.py commonsense_main --model $(MODEL) --run -- $(ARGS)
+table-placement: install
+	$(PY) scripts/make_table.py placement --model $(MODEL) --run -- $(ARGS)
+table-capacity: install
+	$(PY) scripts/make_table.py capacity --model $(MODEL) --run -- $(ARGS)
+
+# All four on tiny_llama, synthetic data, a few CPU steps each; fails unless every cell is filled.
+smoke-tables: install
+	rm -rf outputs/tables/smoke
+	$(PY) scripts/make_table.py all --model tiny_llama --run --smoke --check --out outputs/tables/smoke
