@@ -106,7 +106,8 @@ class DatasetConfig:
     name: str = MISSING
     # Training source: "arith" (synthetic), an upstream training set name (math_10k,
     # math_data, commonsense_170k, ...), an evaluation-set name's train split
-    # (boolq, ARC-Easy, ...), "gsm8k" (OpenAI jsonl), or a path to a .json/.jsonl file.
+    # (boolq, ARC-Easy, ARC-Challenge, openbookqa), "gsm8k" (OpenAI jsonl under paths.data_root),
+    # "hf:<id>[:<split>]" (datasets.load_dataset, online), or a path to a .json/.jsonl file.
     train: str = MISSING
     # Evaluation sets by upstream folder name, a suite name (math, commonsense), or "arith".
     eval_sets: list[str] = field(default_factory=list)
@@ -179,7 +180,8 @@ class PathsConfig:
 
 @dataclass
 class ExportConfig:
-    peft: bool = False  # also write the adapter in HF PEFT format (peft_adapter/)
+    peft: bool = False  # also write the adapter in HF PEFT format (peft_adapter/): LoRA, DoRA, IA3, prompt
+    merged: bool = False  # also write the base with the adapter folded in (merged_model/): LoRA, DoRA, IA3
 
 
 @dataclass
