@@ -35,10 +35,11 @@ def test_batched_generation_equals_batch_size_one(tiny):
     prompts = [eval_prompt(q) for q in QUESTIONS]
     lengths = {len(tokenizer(p)["input_ids"]) for p in prompts}
     assert len(lengths) == len(prompts)  # every batch pads something
-    one_by_one = evaluate.generate(model, tokenizer, prompts, 1, 1, 10, CPU)
-    batched = evaluate.generate(model, tokenizer, prompts, 3, 1, 10, CPU)
-    assert batched == one_by_one
-    assert len(set(one_by_one)) > 1  # outputs depend on the prompt, so the comparison means something
+    for beams in (1, 4):  # greedy, and the paper's beam search
+        one_by_one = evaluate.generate(model, tokenizer, prompts, 1, beams, 8, CPU)
+        batched = evaluate.generate(model, tokenizer, prompts, 3, beams, 8, CPU)
+        assert batched == one_by_one
+        assert len(set(one_by_one)) > 1  # outputs depend on the prompt, so the comparison means something
     model.train()
     evaluate.generate(model, tokenizer, prompts[:1], 1, 1, 2, CPU)
     assert model.training  # generate restores the caller's train/eval mode
