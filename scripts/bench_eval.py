@@ -20,7 +20,6 @@ Prints a Markdown table and writes the same figures as JSON to ``--out``.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time

@@ -36,7 +36,8 @@ MATHQA_PROMPT = "what would ... ? The options: A ) 38 , B ) 27.675 , C ) 30 , D 
 ])
 def test_numeric_parsers(text, paper, strict):
     assert parse_paper("gsm8k", text) == paper
-    assert parse_strict("gsm8k", text) == pytest.approx(strict) if strict is not None else parse_strict("gsm8k", text) is None
+    got = parse_strict("gsm8k", text)
+    assert (got is None) if strict is None else got == pytest.approx(strict)
 
 
 def test_numeric_correctness_uses_upstream_tolerance():
