@@ -76,6 +76,7 @@ def run(cfg: DictConfig) -> float | None:
     if accelerator.is_main_process:
         metrics["eval"] = evaluate_sets(model, tokenizer, data.eval_sets, cfg.eval, accelerator.device,
                                         out_dir / "predictions")
+        tracker.log_predictions(out_dir / "predictions")
         if adapter.trains:
             save_adapter(model, adapter, out_dir / "adapter", base_model=cfg.model.hub_id or cfg.model.name)
         if torch.cuda.is_available():

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+from pathlib import Path
 from typing import Any
 
 from adapters_lab.config import LoggerConfig, WandbMode
@@ -11,8 +13,14 @@ from adapters_lab.config import LoggerConfig, WandbMode
 log = logging.getLogger(__name__)
 
 
+PREDICTION_COLUMNS = ("dataset", "prompt", "output", "label", "prediction", "correct")
+
+
 class NullTracker:
     def log(self, metrics: dict[str, Any], step: int | None = None) -> None:
+        pass
+
+    def log_predictions(self, predictions_dir: Path, per_set: int = 20) -> None:
         pass
 
     def summary(self, metrics: dict[str, Any]) -> None:
@@ -31,7 +39,7 @@ class WandbTracker(NullTracker):
             has_key = bool(os.environ.get("WANDB_API_KEY")) or os.path.exists(os.path.expanduser("~/.netrc"))
             mode = WandbMode.online if has_key else WandbMode.offline
         self.run = wandb.init(
-            project=cfg.project, entity=cfg.entity, group=cfg.group, job_type=cfg.job_type,
+            project=cfg.project, entity=cfg.entity, group=cfg.group or default_group(), job_type=cfg.job_type,
             name=cfg.name or default_name, tags=list(cfg.tags), config=config, dir=run_dir,
             mode=mode.value, reinit="finish_previous",
         )
@@ -39,12 +47,39 @@ class WandbTracker(NullTracker):
     def log(self, metrics: dict[str, Any], step: int | None = None) -> None:
         self.run.log(metrics, step=step)
 
+    def log_predictions(self, predictions_dir: Path, per_set: int = 20) -> None:
+        """The first ``per_set`` predictions of each evaluation set as one W&B Table."""
+        import wandb
+
+        table = wandb.Table(columns=list(PREDICTION_COLUMNS))
+        for path in sorted(Path(predictions_dir).glob("*.jsonl")):
+            with path.open(encoding="utf-8") as lines:
+                for _, line in zip(range(per_set), lines):
+                    row = json.loads(line)
+                    table.add_data(*(str(row.get(column)) for column in PREDICTION_COLUMNS))
+        self.run.log({"eval/predictions": table})
+
     def summary(self, metrics: dict[str, Any]) -> None:
         for key, value in metrics.items():
             self.run.summary[key] = value
 
     def finish(self) -> None:
         self.run.finish()
+
+
+def default_group() -> str | None:
+    """W&B group when ``logger.group`` is unset: the sweep, search or experiment chosen, else a
+    multirun's folder name, so the runs of one sweep sit together."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if not HydraConfig.initialized():
+        return None
+    hydra = HydraConfig.get()
+    for group in ("sweep", "hparams_search", "experiment"):
+        if hydra.runtime.choices.get(group) not in (None, "null"):
+            return str(hydra.runtime.choices[group])
+    return Path(hydra.sweep.dir).name if hydra.mode == RunMode.MULTIRUN else None
 
 
 def make_tracker(cfg: LoggerConfig, config: dict, run_dir: str, default_name: str, is_main: bool = True):
