@@ -19,11 +19,12 @@ class _LinearCrossEntropySum(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, chunk: int):
-        total = torch.zeros((), device=hidden.device, dtype=torch.float32)
+        accumulate = torch.promote_types(hidden.dtype, torch.float32)  # fp32, or fp64 for fp64 inputs
+        total = torch.zeros((), device=hidden.device, dtype=accumulate)
         grad = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
         for start in range(0, hidden.shape[0], chunk):
             h, y = hidden[start : start + chunk], labels[start : start + chunk]
-            logits = (h @ weight.T).float()
+            logits = (h @ weight.T).to(accumulate)
             valid = y != IGNORE_INDEX
             target = y.clamp(min=0)
             lse = torch.logsumexp(logits, dim=-1)
@@ -91,7 +92,7 @@ def flops_per_token(model: nn.Module) -> int:
 
 
 # Dense bf16 tensor-core peak by device name (datasheets, without sparsity), TFLOP/s.
-PEAK_BF16_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 125.0, "RTX 4090": 165.0}
+PEAK_BF16_TFLOPS = {"H200": 989.0, "H100 PCIe": 756.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 125.0, "RTX 4090": 165.0}
 
 
 def default_peak_tflops(device: torch.device) -> float | None:

@@ -1,0 +1,292 @@
+"""Training throughput, one process: HF PEFT with the paper's recipe, tuned HF PEFT, adapters_lab.
+
+    python scripts/bench_train.py                 # LLaMA-7B shape, bf16, one GPU (make bench-train)
+    python scripts/bench_train.py --tiny          # CPU smoke run of every variant (tests use it)
+
+Every variant trains LoRA r=32 alpha=64 dropout=0.05 on q,k,v,up,down of a random-init model
+(random weights cost the same FLOPs as real ones) on random token ids whose lengths follow
+``math_data.json`` under the paper's prompt cut at 256 (``scripts/math_data_lengths.json``).
+Real tokens exclude padding; MFU counts 4N FLOPs per token for frozen weights and 6N for
+trainable ones (N = matmul weights), against the datasheet peak and the measured bf16 matmul
+ceiling. Each variant runs on a freshly built model; the first steps (compilation) are not timed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import math
+import random
+import re
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from adapters_lab.kernels import compile_decoder_layers, default_peak_tflops, flops_per_token  # noqa: E402
+
+LENGTHS_FILE = ROOT / "scripts" / "math_data_lengths.json"
+MATH_DATA = ROOT.parent / "shared" / "data" / "llm_adapters" / "ft-training_set" / "math_data.json"
+LLAMA_7B = dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+                num_key_value_heads=32, vocab_size=32000)
+TINY = dict(hidden_size=48, intermediate_size=76, num_hidden_layers=2, num_attention_heads=3,
+            num_key_value_heads=1, vocab_size=384)
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"]
+PIECE = re.compile(r"[A-Za-z]+|\d| {2,}|\n|[^\sA-Za-z\d]")
+
+
+def estimate_llama_tokens(text: str) -> int:
+    """LLaMA-tokenizer length estimate (no tokenizer file is available offline): SentencePiece
+    splits every digit, keeps common words whole (about one token per 6 letters), gives each
+    symbol and newline a token, and has single tokens for runs of up to 16 spaces."""
+    count = 0
+    for match in PIECE.finditer(text):
+        piece = match.group()
+        if piece[0].isalpha():
+            count += math.ceil(len(piece) / 6)
+        elif piece.startswith("  "):
+            count += math.ceil(len(piece) / 16)
+        else:
+            count += 1
+    return count
+
+
+def write_lengths(cutoff: int = 256) -> list[int]:
+    from adapters_lab.data.prompts import train_prompt
+
+    records = json.loads(MATH_DATA.read_text())
+    # BOS + text, cut at cutoff; EOS appended when it fits (as tokenize_record does).
+    lengths = [min(cutoff, 1 + estimate_llama_tokens(train_prompt(r["instruction"], r["input"], r["output"])) + 1)
+               for r in records]
+    LENGTHS_FILE.write_text(json.dumps({"source": "math_data.json, paper prompt, estimated LLaMA tokens, cut at 256",
+                                        "lengths": lengths}) + "\n")
+    return lengths
+
+
+@dataclass
+class Row:
+    name: str
+    tokens_per_second: float
+    padded_share: float
+    mfu: float | None
+    mfu_measured: float | None
+    peak_gib: float | None
+    note: str = ""
+
+
+def build_model(shape: dict, device: torch.device, dtype: torch.dtype, attn: str = "sdpa"):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(**shape, max_position_embeddings=4096, tie_word_embeddings=False, use_cache=False)
+    config._attn_implementation = attn
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = LlamaForCausalLM(config).to(dtype)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+def examples_from(lengths: list[int], vocab: int, count: int, seed: int) -> list[dict]:
+    rng = random.Random(seed)
+    picked = [rng.choice(lengths) for _ in range(count)]
+    out = []
+    for n in picked:
+        ids = [1] + [rng.randrange(3, vocab) for _ in range(n - 1)]
+        out.append({"input_ids": ids, "labels": list(ids)})
+    return out
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def peak_gib(device) -> float | None:
+    return torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
+
+
+def free(device):
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    torch._dynamo.reset()
+
+
+def peft_steps(model, batches, device, warmup: int, compile_layers: bool) -> tuple[float, float, float]:
+    """HF PEFT LoRA, a plain loop as HF Trainer runs it: autocast bf16, fused AdamW, clipping.
+    Returns (seconds, real tokens, padded tokens) over the timed steps."""
+    from peft import LoraConfig, get_peft_model
+
+    peft_model = get_peft_model(model, LoraConfig(r=32, lora_alpha=64, lora_dropout=0.05,
+                                                  target_modules=LORA_TARGETS, task_type="CAUSAL_LM"))
+    if compile_layers:
+        compile_decoder_layers(peft_model.get_base_model())
+    params = [p for p in peft_model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=3e-4, fused=device.type == "cuda")
+    peft_model.train()
+    real = padded = 0.0
+    start = None
+    for index, batch in enumerate(batches):
+        if index == warmup:
+            sync(device)
+            start = time.perf_counter()
+        tensors = {k: v.to(device) for k, v in batch.items()}
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            loss = peft_model(**tensors).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if index >= warmup:
+            real += float(batch["attention_mask"].sum())
+            padded += batch["input_ids"].numel()
+    sync(device)
+    return time.perf_counter() - start, real, padded
+
+
+def padded_batches(examples, micro: int, fixed: int | None = None):
+    from adapters_lab.data.tokenize import PaddedCollator
+
+    collate = PaddedCollator(pad_token_id=0)
+    if fixed:  # tuned PEFT: every sequence exactly `fixed` real tokens
+        examples = [{"input_ids": (x["input_ids"] * 3)[:fixed], "labels": (x["labels"] * 3)[:fixed]} for x in examples]
+    return [collate(examples[i : i + micro]) for i in range(0, len(examples) - micro + 1, micro)]
+
+
+def ours(model, adapter_node: dict, examples, trainer_overrides: dict, steps: int, device):
+    """adapters_lab's own trainer on the same model: returns its TrainResult."""
+    from omegaconf import OmegaConf
+
+    from adapters_lab.adapters.base import build_adapter
+    from adapters_lab.config import TrainerConfig, adapter_classes
+    from adapters_lab.tracking import NullTracker
+    from adapters_lab.train import make_accelerator, train
+
+    cls = adapter_classes()[adapter_node["config"]]
+    yaml = OmegaConf.load(ROOT / "conf" / "adapter" / f"{adapter_node['config']}.yaml")
+    yaml.pop("defaults", None)
+    adapter = build_adapter(OmegaConf.merge(OmegaConf.structured(cls), yaml, adapter_node.get("overrides", {})))
+    adapter.inject(model)
+    cfg = TrainerConfig(max_steps=steps, warmup_steps=0, progress_bar=False, checkpoint_every=0, log_every=10**6,
+                        device=device.type, lr=3e-4, **trainer_overrides)
+    accelerator = make_accelerator(cfg)
+    flops = flops_per_token(model)
+    result = train(model, examples, [], 0, cfg, accelerator, NullTracker(), seed=0)
+    return result, flops
+
+
+def matmul_tflops(device) -> float | None:
+    if device.type != "cuda":
+        return None
+    a, b = (torch.randn(8192, 8192, device=device, dtype=torch.bfloat16) for _ in range(2))
+    for _ in range(3):
+        a @ b
+    sync(device)
+    start = time.perf_counter()
+    for _ in range(20):
+        a @ b
+    sync(device)
+    return 20 * 2 * 8192**3 / (time.perf_counter() - start) / 1e12
+
+
+def main(argv=None) -> list[Row]:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tiny", action="store_true", help="tiny model on CPU, a few steps (smoke test)")
+    parser.add_argument("--variants", default="paper,tuned,ours,series,parallel",
+                        help="comma list of paper, tuned, ours, ours_padded, series, parallel")
+    parser.add_argument("--steps", type=int, default=12, help="timed optimiser steps per variant")
+    parser.add_argument("--pack-length", type=int, default=1024)
+    parser.add_argument("--rows", type=int, default=8, help="packed rows per micro-batch")
+    parser.add_argument("--write-lengths", action="store_true", help="regenerate the length list from math_data.json")
+    parser.add_argument("--attn", default="sdpa", help="attention of adapters_lab variants: sdpa or flex_attention")
+    parser.add_argument("--profile", action="store_true", help="print the top GPU kernels of each variant")
+    parser.add_argument("--json", type=Path, help="also write the rows here")
+    args = parser.parse_args(argv)
+
+    lengths = write_lengths() if args.write_lengths else json.loads(LENGTHS_FILE.read_text())["lengths"]
+    device = torch.device("cpu" if args.tiny or not torch.cuda.is_available() else "cuda")
+    shape, dtype = (TINY, torch.float32) if args.tiny else (LLAMA_7B, torch.bfloat16)
+    steps, warmup = (2, 1) if args.tiny else (args.steps, 3)
+    datasheet = default_peak_tflops(device)
+    measured = matmul_tflops(device)
+    print(f"device: {torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'}; torch {torch.__version__}; "
+          f"bf16 8192^3 matmul {measured or 0:.0f} TFLOP/s; datasheet {datasheet} TFLOP/s", flush=True)
+    rows: list[Row] = []
+
+    def add(name, tokens_per_second, padded_share, flops, peak, note=""):
+        mfu = tokens_per_second * flops / (datasheet * 1e12) if datasheet else None
+        mfu_m = tokens_per_second * flops / (measured * 1e12) if measured else None
+        rows.append(Row(name, tokens_per_second, padded_share, mfu, mfu_m, peak, note))
+        print(f"  {name}: {tokens_per_second:,.0f} real tok/s, {peak or 0:.1f} GiB {note}", flush=True)
+
+    variants = args.variants.split(",")
+    compiled = not args.tiny
+    pack_overrides = dict(batching="packed", pack_length=args.pack_length if not args.tiny else 0,
+                          micro_batch_size=args.rows if not args.tiny else 2,
+                          batch_size=args.rows if not args.tiny else 2, compile=compiled, fused_loss=True)
+    def run_variant(variant, model):
+        if variant in ("paper", "tuned"):
+            micro, fixed = (4, None) if variant == "paper" else ((32, 256) if not args.tiny else (4, 32))
+            examples = examples_from(lengths, shape["vocab_size"], micro * (steps + warmup), seed=1)
+            batches = padded_batches(examples, micro, fixed)
+            seconds, real, padded = peft_steps(model, batches, device, warmup, compile_layers=variant == "tuned" and compiled)
+            add(f"HF PEFT, {'paper recipe (micro-batch 4, padded)' if variant == 'paper' else f'tuned (micro-batch {micro} x {fixed}, compiled)'}",
+                real / seconds, 1 - real / padded, flops_per_token(model), peak_gib(device))
+        else:
+            adapter = {"ours": {"config": "lora"}, "ours_padded": {"config": "lora"},
+                       "series": {"config": "series", "overrides": {"rank": 256}},
+                       "parallel": {"config": "parallel", "overrides": {"rank": 256}}}[variant]
+            overrides = dict(pack_overrides) if variant != "ours_padded" else dict(micro_batch_size=4, batch_size=4)
+            rows_per_step = overrides["micro_batch_size"] * (args.pack_length if "pack_length" in overrides and not args.tiny else 180)
+            examples = examples_from(lengths, shape["vocab_size"], max(64, int(1.3 * rows_per_step * (steps + warmup) / 171)), seed=1)
+            result, flops = ours(model, adapter, examples, overrides, steps + warmup, device)
+            label = {"ours": "adapters_lab LoRA", "ours_padded": "adapters_lab LoRA, paper batching",
+                     "series": "adapters_lab series bottleneck 256", "parallel": "adapters_lab parallel bottleneck 256"}[variant]
+            add(label, result.steady_tokens_per_second, 1 - result.tokens / result.padded_tokens, flops,
+                result.peak_memory_gib, f"({overrides.get('batching', 'padded')}, {overrides['micro_batch_size']} rows"
+                + (f" x {args.pack_length})" if "pack_length" in overrides and not args.tiny else ")"))
+
+
+    for variant in variants:
+        free(device)
+        model = build_model(shape, device, dtype, "sdpa" if variant in ("paper", "tuned") else args.attn)
+        try:
+            if args.profile:
+                with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+                    run_variant(variant, model)
+                print(prof.key_averages().table(sort_by="self_device_time_total", row_limit=25, max_name_column_width=70))
+            else:
+                run_variant(variant, model)
+        except Exception as err:  # keep measuring the other variants; the table says what failed
+            import traceback
+
+            traceback.print_exc()
+            rows.append(Row(variant, 0.0, 0.0, None, None, None, f"FAILED: {type(err).__name__}: {err}"[:200]))
+        del model
+    free(device)
+
+    base = {r.name.split(",")[0] + (" paper" if "paper" in r.name else " tuned"): r.tokens_per_second
+            for r in rows if r.name.startswith("HF PEFT")}
+    paper, tuned = base.get("HF PEFT paper"), base.get("HF PEFT tuned")
+    print("\n| variant | real tok/s | padding | MFU (datasheet) | MFU (measured matmul) | peak GiB | x paper | x tuned |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    for r in rows:
+        pct = lambda v: f"{v:.1%}" if v is not None else "-"  # noqa: E731
+        ratio = lambda b: f"{r.tokens_per_second / b:.2f}" if b else "-"  # noqa: E731
+        print(f"| {r.name} {r.note} | {r.tokens_per_second:,.0f} | {r.padded_share:.0%} | {pct(r.mfu)} | {pct(r.mfu_measured)} | "
+              f"{r.peak_gib or 0:.1f} | {ratio(paper)} | {ratio(tuned)} |")
+    if args.json:
+        args.json.write_text(json.dumps([r.__dict__ for r in rows], indent=2))
+    return rows
+
+
+if __name__ == "__main__":
+    main()
