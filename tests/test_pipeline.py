@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 from adapters_lab import pipeline
 from adapters_lab.data.arith import arith_splits
 from adapters_lab.data.records import DataError
-from tests.conftest import REPO
+from tests.conftest import REPO, compose_config
 
 
 def test_run_writes_every_result(make_cfg, tmp_path):
@@ -64,8 +64,9 @@ def test_memorising_a_handful_scores_full_marks_only_after_training(make_cfg, tm
     pipeline.run(before)
     assert _accuracy(before) <= 0.25
 
-    after = make_cfg(*data, "adapter.rank=16", "adapter.dropout=0.0", "trainer.max_steps=150", "trainer.lr=1e-2",
-                     "trainer.batch_size=4", "trainer.micro_batch_size=4", "trainer.warmup_steps=5")
+    after = compose_config([*data, "adapter.rank=16", "adapter.dropout=0.0", "trainer.max_steps=150", "trainer.lr=1e-2",
+                            "trainer.batch_size=4", "trainer.micro_batch_size=4", "trainer.warmup_steps=5"],
+                           output_dir=tmp_path / "after")
     pipeline.run(after)
     assert _accuracy(after) == 1.0
 
