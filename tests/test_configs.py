@@ -1,0 +1,122 @@
+"""Every file under conf/ composes against the schemas; the paper's hyper-parameters are what the
+sweeps run; typos fail at compose time."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from hydra.errors import ConfigCompositionException
+from hydra.utils import get_class
+from omegaconf import OmegaConf
+
+from adapters_lab.sweep import sweep_cells
+from conftest import CONF_DIR
+
+GROUPS = ["model", "adapter", "dataset", "trainer", "eval", "logger", "paths", "experiment", "sweep",
+          "hparams_search", "launcher"]
+PLUGINS = {"optuna": "hydra_plugins.hydra_optuna_sweeper", "slurm": "hydra_plugins.hydra_submitit_launcher",
+           "local": "hydra_plugins.hydra_joblib_launcher"}  # Hydra plugins from the `sweeps` extra
+
+
+def compose_hydra(overrides: list[str]):
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return compose("config", overrides=overrides, return_hydra_config=True)
+
+
+def options(group: str) -> list[str]:
+    return sorted(str(p.relative_to(CONF_DIR / group).with_suffix("")) for p in (CONF_DIR / group).rglob("*.yaml"))
+
+
+@pytest.mark.parametrize("group,name", [(g, n) for g in GROUPS for n in options(g)])
+def test_every_conf_file_composes(group, name):
+    plugin = PLUGINS.get(name) if group in ("hparams_search", "launcher") else None
+    if plugin and importlib.util.find_spec(plugin) is None:
+        pytest.skip(f"{plugin} not installed (pip install -e '.[sweeps]')")
+    cfg = compose_hydra([f"{group}={name}"])
+    OmegaConf.to_container(cfg, resolve=False)  # the whole tree is valid against the schemas
+    assert cfg.hydra.runtime.choices[group] == name
+    if group == "experiment" and name != "demo":
+        assert cfg.model.name == "tiny_llama"  # experiments never pin a model: tables run any model
+
+
+@pytest.mark.parametrize("sweep", options("sweep"))
+def test_every_sweep_cell_composes_and_gets_its_run_dir(sweep):
+    cells = sweep_cells(sweep)
+    assert all((CONF_DIR / "experiment" / f"{cell}.yaml").is_file() for cell in cells)
+    for cell in (cells[0], cells[-1]):  # every cell file composes in test_every_conf_file_composes
+        cfg = compose_hydra([f"sweep={sweep}", f"experiment={cell}", "model=llama7b"])
+        assert str(cfg.hydra.mode) == "RunMode.MULTIRUN"
+        assert cfg.logger.group == sweep
+        assert cfg.hydra.sweep.dir.endswith(f"outputs/tables/runs/{sweep}/llama7b")
+        subdir = OmegaConf.to_container(cfg.hydra.sweep, resolve=False)["subdir"]
+        assert subdir.startswith("${hydra:runtime.choices.experiment}/")
+
+
+PAPER = {  # LLM-Adapters README / paper, LLaMA-7B
+    "paper/lora": dict(name="lora", rank=32, alpha=64, modules=["q", "k", "v", "up", "down"], lr=3e-4, batch=16, epochs=3),
+    "paper/prefix": dict(name="prefix", num_virtual_tokens=10, lr=3e-2, batch=8, epochs=5),
+    "paper/series": dict(name="adapterp", rank=256, modules=["up", "gate"], lr=3e-4, batch=16, epochs=3),
+    "paper/parallel": dict(name="parallel", rank=256, modules=["up", "down"], lr=3e-4, batch=16, epochs=3),
+}
+
+
+@pytest.mark.parametrize("cell", sorted(PAPER))
+def test_paper_hyperparameters(cell):
+    want = PAPER[cell]
+    cfg = compose_hydra([f"experiment={cell}"])
+    assert cfg.adapter.name == want["name"]
+    for key in ("rank", "alpha", "num_virtual_tokens"):
+        if key in want:
+            assert cfg.adapter[key] == want[key]
+    if "modules" in want:
+        assert list(cfg.adapter.placement.modules) == want["modules"]
+    assert (cfg.trainer.lr, cfg.trainer.batch_size, cfg.trainer.micro_batch_size, cfg.trainer.epochs) == (
+        want["lr"], want["batch"], 4, want["epochs"])
+    assert cfg.dataset.cutoff_len == 256
+
+
+def test_capacity_and_placement_cells_change_only_their_axis():
+    base = compose_hydra(["experiment=paper/lora"])
+    r8 = compose_hydra(["experiment=capacity/lora_r8"])
+    assert (r8.adapter.rank, r8.adapter.alpha) == (8, 16)  # alpha = 2 * rank, as the paper's 32/64
+    assert r8.trainer == base.trainer
+    attn = compose_hydra(["experiment=placement/lora_attn"])
+    assert list(attn.adapter.placement.modules) == ["q", "k", "v"] and attn.adapter.rank == 32
+    mlp = compose_hydra(["experiment=placement/series_mlp"])
+    assert str(mlp.adapter.placement.position) in ("after_mlp", "Position.after_mlp")
+
+
+@pytest.mark.skipif(importlib.util.find_spec("hydra_plugins.hydra_optuna_sweeper") is None, reason="optuna sweeper")
+def test_hparams_search_uses_optuna_over_lr_and_rank():
+    cfg = compose_hydra(["hparams_search=optuna"])
+    assert get_class(cfg.hydra.sweeper._target_).__name__ == "OptunaSweeper"
+    assert cfg.hydra.sweeper.direction == "maximize"
+    assert set(cfg.hydra.sweeper.params) == {"trainer.lr", "adapter.rank"}
+    assert cfg.optimized_metric == "eval/average"
+
+
+@pytest.mark.parametrize("launcher,cls", [("slurm", "SlurmLauncher"), ("local", "JoblibLauncher")])
+def test_launchers_are_the_hydra_plugins(launcher, cls):
+    if importlib.util.find_spec(PLUGINS[launcher]) is None:
+        pytest.skip(f"{PLUGINS[launcher]} not installed")
+    cfg = compose_hydra([f"launcher={launcher}", "hydra.launcher.partition=gpu"] if launcher == "slurm"
+                        else [f"launcher={launcher}"])
+    assert get_class(cfg.hydra.launcher._target_).__name__ == cls
+    if launcher == "slurm":
+        assert (cfg.hydra.launcher.gpus_per_node, cfg.hydra.launcher.partition) == (1, "gpu")
+        assert cfg.hydra.launcher.timeout_min > 0
+
+
+@pytest.mark.parametrize("override,needle", [
+    ("adapter.rnak=4", "rnak"), ("trainer.lrr=1", "lrr"), ("model=nope", "nope"), ("adapter=nope", "nope"),
+    ("dataset=nope", "nope"), ("sweep=nope", "nope"), ("launcher=nope", "nope"), ("trainer.lr=abc", "abc"),
+])
+def test_unknown_names_and_typos_fail_at_compose(override, needle):
+    with pytest.raises(ConfigCompositionException, match=needle) as info:
+        compose_hydra([override])
+    assert needle in str(info.value) or needle in str(info.value.__cause__)
+
