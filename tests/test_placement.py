@@ -3,6 +3,8 @@ raw suffixes and regex, rank_pattern; and every bad placement fails before train
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from hydra.errors import ConfigCompositionException
@@ -119,3 +121,20 @@ def test_meaningless_keys_fail_at_compose_time(make_cfg, overrides):
 def test_bad_rank_from_the_command_line_names_the_key(make_cfg):
     with pytest.raises(AdapterConfigError, match=r"adapter\.rank=-2"):
         build_adapter(make_cfg("adapter=series", "adapter.rank=-2").adapter)
+
+
+def test_multimodal_placement_stays_in_the_language_model():
+    """A LLaVA-style model: even a raw name its vision tower also has (``q_proj``) adapts only the decoder."""
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+
+    config = LlavaConfig(
+        text_config=LlamaConfig(hidden_size=48, intermediate_size=76, num_hidden_layers=2, num_attention_heads=3,
+                                num_key_value_heads=1, vocab_size=97),
+        vision_config=CLIPVisionConfig(hidden_size=32, intermediate_size=40, num_hidden_layers=2, num_attention_heads=2,
+                                       image_size=28, patch_size=14, projection_dim=32),
+        image_token_index=96)
+    model = LlavaForConditionalGeneration(config)
+    freeze(model)
+    for words in (["q_proj"], ["q", "down"]):
+        report = LoRA(name="lora", rank=2, placement=Placement(modules=words)).inject(copy.deepcopy(model))
+        assert report.adapted and all(".language_model.layers." in name for name in report.adapted), report.adapted
