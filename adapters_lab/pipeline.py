@@ -12,7 +12,7 @@ from omegaconf import DictConfig, OmegaConf
 from transformers import set_seed
 
 from adapters_lab.adapters import build_adapter, count_parameters, freeze
-from adapters_lab.adapters.io import save_adapter
+from adapters_lab.adapters.io import check_export, save_adapter, save_base_model, write_exports
 from adapters_lab.data.sources import load_task_data
 from adapters_lab.data.tokenize import tokenize_records
 from adapters_lab.evaluate import evaluate_sets
@@ -34,6 +34,7 @@ def run(cfg: DictConfig) -> float | None:
         return metric_value(finished, cfg.optimized_metric)
     # 1. Check everything that needs no weights: adapter options, trainer options, data files, disk.
     adapter = build_adapter(cfg.adapter)
+    check_export(adapter, cfg.export.peft, cfg.export.merged)
     if adapter.trains:
         check_trainer_config(cfg.trainer)
     data = load_task_data(cfg.dataset, cfg.eval, cfg.trainer, cfg.paths, cfg.seed, needs_train=adapter.trains)
@@ -49,6 +50,8 @@ def run(cfg: DictConfig) -> float | None:
     # 2-3. Base model, frozen; the adapter injected into it.
     model, tokenizer = build_model(cfg.model)
     freeze(model)
+    if cfg.model.tiny is not None and adapter.trains and accelerator.is_main_process:
+        save_base_model(model, tokenizer, out_dir / "base_model")  # random init: others need it to load the adapter
     report = adapter.inject(model, tokenizer)
     params = count_parameters(model)
     log.info("%s", report.summary())
@@ -79,6 +82,7 @@ def run(cfg: DictConfig) -> float | None:
         tracker.log_predictions(out_dir / "predictions")
         if adapter.trains:
             save_adapter(model, adapter, out_dir / "adapter", base_model=cfg.model.hub_id or cfg.model.name)
+            write_exports(model, adapter, out_dir, cfg.export, base_model=cfg.model.hub_id or cfg.model.name)
         if torch.cuda.is_available():
             metrics["peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
         write_json_atomic(out_dir / "metrics.json", metrics)
