@@ -2,7 +2,7 @@
 
 ``conf/adapter/<name>.yaml`` names the class in ``_target_``; Hydra validates the YAML
 against the class's fields, and :func:`build_adapter` turns the composed node into an
-instance. ``inject(model)`` freezes nothing by itself: the pipeline freezes the base first,
+instance. ``inject(model, tokenizer)`` freezes nothing by itself: the pipeline freezes the base first,
 then the method adds trainable modules and reports where it put them.
 """
 
@@ -115,11 +115,6 @@ class RankedAdapter(Adapter):
         for key, rank in ranks.items():
             if rank <= 0:
                 raise AdapterConfigError(f"{key}={rank}: rank must be a positive integer")
-
-    def rank_for(self, target) -> int:
-        from adapters_lab.adapters.placement import pattern_value
-
-        return pattern_value(self.rank_pattern, target, self.rank)
 
 
 @dataclass

@@ -161,8 +161,9 @@ class Bottleneck(RankedAdapter):
 
     def _adapter(self, target: Target, in_features: int, out_features: int) -> BottleneckAdapter:
         device = next(target.module.parameters()).device
-        return BottleneckAdapter(in_features, out_features, self.rank_for(target), self.activation, self.dropout,
-                                 self.scaling, self.bias, self.init, device)
+        rank = pattern_value(self.rank_pattern, target, self.rank)
+        return BottleneckAdapter(in_features, out_features, rank, self.activation, self.dropout, self.scaling,
+                                 self.bias, self.init, device)
 
     def inject(self, model: nn.Module, tokenizer: Any = None) -> InjectionReport:
         report = InjectionReport(method=self.name)

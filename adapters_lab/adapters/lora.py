@@ -20,7 +20,7 @@ import torch.nn as nn
 from transformers.pytorch_utils import Conv1D
 
 from adapters_lab.adapters.base import AdapterConfigError, InjectionReport, RankedAdapter
-from adapters_lab.adapters.placement import Target, check_patterns, select_modules
+from adapters_lab.adapters.placement import Target, check_patterns, pattern_value, select_modules
 
 
 def linear_shape(module: nn.Module) -> tuple[int, int]:
@@ -119,7 +119,6 @@ class LoRALinear(nn.Module):
 class LoRA(RankedAdapter):
     """LoRA / rsLoRA / DoRA on the linear layers the placement selects."""
 
-    rank: int = 8
     alpha: float = 16.0
     dropout: float = 0.05
     use_rslora: bool = False
@@ -136,8 +135,8 @@ class LoRA(RankedAdapter):
         check_patterns(self.rank_pattern, targets, "adapter.rank_pattern")
         for target in targets:
             require_linear(target, self.name)
-            layer = LoRALinear(target.module, self.rank_for(target), self.alpha, self.dropout, self.use_rslora,
-                               self.use_dora)
+            rank = pattern_value(self.rank_pattern, target, self.rank)
+            layer = LoRALinear(target.module, rank, self.alpha, self.dropout, self.use_rslora, self.use_dora)
             replace_module(model, target.name, layer)
             report.adapted.append(target.name)
             report.layers.append(target.layer)
