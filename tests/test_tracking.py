@@ -115,3 +115,24 @@ def test_disabled_and_none_write_nothing(tmp_path, make_cfg, no_network):
     assert not (tmp_path / "wandb").exists()
     assert isinstance(make_tracker(make_cfg("logger=none").logger, {}, str(tmp_path), "n"), NullTracker)
     assert isinstance(make_tracker(cfg.logger, {}, str(tmp_path), "n", is_main=False), NullTracker)
+
+
+@pytest.mark.parametrize("overrides,group", [
+    (["sweep=placement"], "placement"), (["experiment=paper/lora"], "paper/lora"), ([], None),
+])
+def test_default_group_is_the_sweep_or_experiment(overrides, group):
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.hydra_config import HydraConfig
+
+    from adapters_lab.tracking import default_group
+    from conftest import CONF_DIR
+
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose("config", overrides=overrides, return_hydra_config=True)
+    HydraConfig.instance().set_config(cfg)
+    try:
+        assert default_group() == group
+    finally:
+        HydraConfig.instance().cfg = None
