@@ -1,0 +1,107 @@
+"""Trainer behaviour on CPU: determinism, the NaN policy, SIGTERM, batching modes, bad options."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+
+import pytest
+import torch
+
+from adapters_lab.config import TrainerConfig
+from adapters_lab.train import NonFiniteLossError, TrainerConfigError, check_trainer_config, latest_checkpoint
+from tests.train_helpers import run, token_examples, trainable, trainer_cfg
+
+
+def test_same_seed_same_loss_trajectory_and_weights():
+    examples = token_examples(16, seed=0)
+    cfg = trainer_cfg(max_steps=5)
+    model_a, a = run(cfg, examples, seed=3, dropout=0.1)
+    model_b, b = run(cfg, examples, seed=3, dropout=0.1)
+    _, c = run(cfg, examples, seed=4, dropout=0.1)
+    assert len(a.loss_history) == 5 and a.loss_history == b.loss_history
+    assert a.loss_history != c.loss_history
+    for name, value in trainable(model_a).items():
+        assert torch.equal(value, trainable(model_b)[name]), name
+    assert a.loss_history[-1] < a.loss_history[0]  # it learns
+
+
+@pytest.mark.parametrize("batching", ["padded", "length_grouped", "packed"])
+def test_every_batching_trains_on_real_tokens(batching):
+    examples = token_examples(12, seed=1)
+    _, result = run(trainer_cfg(max_steps=3, batching=batching, pack_length=48), examples)
+    assert result.steps == 3 and all(math.isfinite(x) for x in result.loss_history)
+    assert 0 < result.tokens <= result.padded_tokens
+    if batching == "packed":
+        assert result.padded_tokens == 3 * 2 * 2 * 48  # steps x accumulation x rows x row length
+
+
+class PoisonAt:
+    """Poisons the output head's logits on chosen forward calls, as an fp16 overflow would."""
+
+    def __init__(self, model, calls):
+        self.calls, self.count = set(calls), 0
+        model.get_output_embeddings().register_forward_hook(self)
+
+    def __call__(self, module, args, output):
+        self.count += 1
+        return output * float("nan") if self.count in self.calls else output
+
+
+def test_nan_loss_stops_naming_the_step_after_saving_the_last_finite_state(tmp_path):
+    from tests.train_helpers import tiny_lora_model
+
+    model = tiny_lora_model()
+    PoisonAt(model, calls={7})  # micro-batch 7 = step 4 (2 micro-batches a step)
+    cfg = trainer_cfg(max_steps=6, checkpoint_every=2)
+    with pytest.raises(NonFiniteLossError) as err:
+        run(cfg, token_examples(16), model=model, checkpoint_dir=tmp_path)
+    message = str(err.value)
+    assert "optimiser step 4" in message and "trainer.lr=0.01" in message and "fp16" in message and "padding" in message
+    assert json.loads((tmp_path / "latest.json").read_text())["step"] == 3  # the last finite state
+    saved = torch.load(latest_checkpoint(tmp_path) / "trainer_state.pt", weights_only=False)
+    assert saved["loop"]["position"] == 6  # resumes at the batch that failed
+
+
+def test_nan_policy_skip_drops_the_step_and_goes_on():
+    from tests.train_helpers import tiny_lora_model
+
+    model = tiny_lora_model()
+    PoisonAt(model, calls={3})
+    _, result = run(trainer_cfg(max_steps=4, nan_policy="skip"), token_examples(16), model=model)
+    assert result.steps == 4 and result.skipped_steps == 1
+    assert all(math.isfinite(x) for x in result.loss_history)
+    assert all(torch.isfinite(p).all() for p in trainable(model).values())
+
+
+def test_sigterm_saves_a_checkpoint_then_exits(tmp_path):
+    class SendTerm:
+        def log(self, metrics, step=None):
+            if step == 2:
+                os.kill(os.getpid(), signal.SIGTERM)
+
+    cfg = trainer_cfg(max_steps=6, log_every=1)
+    with pytest.raises(SystemExit) as exit_info:
+        run(cfg, token_examples(16), checkpoint_dir=tmp_path, tracker=SendTerm())
+    assert exit_info.value.code == 128 + signal.SIGTERM
+    assert json.loads((tmp_path / "latest.json").read_text())["step"] == 2
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL or callable(signal.getsignal(signal.SIGTERM))
+
+
+@pytest.mark.parametrize("key, value, match", [
+    ("pack_length", 12, "trainer.pack_length=12"),
+    ("checkpoint_layers", -1, "trainer.checkpoint_layers=-1"),
+    ("resume", "/no/such/folder", "trainer.resume='/no/such/folder'"),
+    ("keep_checkpoints", 0, "trainer.keep_checkpoints=0"),
+    ("peak_tflops", 0.0, "trainer.peak_tflops=0.0"),
+])
+def test_bad_trainer_options_name_the_key(key, value, match):
+    with pytest.raises(TrainerConfigError, match=match.replace("[", r"\[")):
+        check_trainer_config(TrainerConfig(**{key: value}))
+
+
+def test_pack_length_shorter_than_an_example_is_refused():
+    with pytest.raises(TrainerConfigError, match="trainer.pack_length=16: shorter than the longest"):
+        run(trainer_cfg(batching="packed", pack_length=16), token_examples(8, longest=20, shortest=18))
