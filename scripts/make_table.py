@@ -305,7 +305,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("overrides", nargs="*", default=[], help="extra Hydra overrides after --")
     args, extra = parser.parse_known_args(argv)
     tables = list(TABLES) if "all" in args.tables else args.tables
-    runs_dir = args.runs_dir or args.out / "runs"
+    args.out = args.out.resolve()  # the sweep runs in the repository root
+    runs_dir = (args.runs_dir or args.out / "runs").resolve()
     overrides = list(args.overrides) + extra
     if args.smoke:
         data_dir = args.out / "smoke_data"
