@@ -37,6 +37,7 @@ def run(cfg: DictConfig) -> float | None:
     check_export(adapter, cfg.export.peft, cfg.export.merged)
     if adapter.trains:
         check_trainer_config(cfg.trainer)
+        adapter.check_training(cfg.trainer)
     data = load_task_data(cfg.dataset, cfg.eval, cfg.trainer, cfg.paths, cfg.seed, needs_train=adapter.trains)
     probe_writable(out_dir)
     write_text_atomic(out_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))

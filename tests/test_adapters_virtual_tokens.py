@@ -38,7 +38,7 @@ def greedy_without_cache(model, ids: list[int]) -> list[int]:
     return seq[len(ids):]
 
 
-@pytest.mark.parametrize("model_type", ["llama", "gpt2", "opt"])
+@pytest.mark.parametrize("model_type", ["llama", "gpt2", "opt", "bloom"])  # bloom: alibi, no position ids
 @pytest.mark.parametrize("method", ["prompt", "prefix", "prefix_mlp"])
 def test_left_padded_batched_generate_matches_unpadded_greedy(method, model_type):
     model = adapted(method, model_type)
@@ -70,7 +70,16 @@ def test_beam_search_runs_and_logits_keep_the_callers_length(method):
     assert seqs.shape[0] == 2 and seqs.shape[1] > 5
 
 
-def test_packed_rows_are_refused():
+@pytest.mark.parametrize("name", ["prompt", "prefix"])
+def test_packed_training_is_refused_before_any_weights(make_cfg, name):
+    from adapters_lab.adapters import AdapterConfigError, build_adapter
+
+    cfg = make_cfg(f"adapter={name}", "trainer.batching=packed")
+    with pytest.raises(AdapterConfigError, match=r"trainer\.batching=packed"):
+        build_adapter(cfg.adapter).check_training(cfg.trainer)
+
+
+def test_packed_rows_are_refused_at_forward_too():
     model = adapted("prompt", "llama")
     ids = torch.randint(3, VOCAB, (1, 6))
     with pytest.raises(ValueError, match="trainer.batching=packed"):

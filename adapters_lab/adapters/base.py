@@ -96,6 +96,9 @@ class Adapter:
     def validate(self) -> None:
         """Check options that need no model; raise AdapterConfigError naming the key."""
 
+    def check_training(self, trainer: Any) -> None:
+        """Refuse trainer options this method cannot train with (before any weight loads)."""
+
     def inject(self, model: nn.Module, tokenizer: Any = None) -> InjectionReport:
         """Add the method's modules to ``model`` in place; ``tokenizer`` only for text-initialised prompts."""
         raise NotImplementedError

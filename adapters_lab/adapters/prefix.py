@@ -68,6 +68,9 @@ class PrefixTuning(Adapter):
                 "which covers the prefix, is shared by all layers); use layers=all"
             )
 
+    def check_training(self, trainer: Any) -> None:
+        virtual_tokens.refuse_packing(trainer, self.name)
+
     def inject(self, model: nn.Module, tokenizer: Any = None) -> InjectionReport:
         num_layers, kv_heads, head_dim = kv_shape(model)
         prefix_layers = len(decoder_layers(model)[1])

@@ -53,6 +53,9 @@ class PromptTuning(Adapter):
         ids = tokenizer(self.init_text)["input_ids"]
         return (ids * math.ceil(self.num_virtual_tokens / len(ids)))[: self.num_virtual_tokens]
 
+    def check_training(self, trainer: Any) -> None:
+        virtual_tokens.refuse_packing(trainer, self.name)
+
     def inject(self, model: nn.Module, tokenizer: Any = None) -> InjectionReport:
         words = model.get_input_embeddings()
         prompt = PromptEmbedding(self.num_virtual_tokens, words.embedding_dim, words.weight.device)

@@ -13,10 +13,21 @@ With an all-ones mask this is exactly HF PEFT's layout (virtual tokens at 0..n-1
 from __future__ import annotations
 
 import inspect
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 import torch.nn as nn
+
+from adapters_lab.adapters.base import AdapterConfigError
+
+
+def refuse_packing(trainer: Any, method: str) -> None:
+    """Virtual tokens go before each sequence; a packed row holds several."""
+    if str(getattr(trainer.batching, "value", trainer.batching)) == "packed":
+        raise AdapterConfigError(
+            f"trainer.batching=packed: {method} puts virtual tokens before each sequence and a packed row holds "
+            "several; use trainer.batching=padded"
+        )
 
 
 def is_first_step(kwargs: dict) -> bool:
