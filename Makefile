@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 TORCH_VERSION ?= 2.13.0
 
-.PHONY: install demo test table-math table-commonsense table-placement table-capacity smoke-tables
+.PHONY: install demo test bench-train table-math table-commonsense table-placement table-capacity smoke-tables
 install: $(VENV)/.installed
 
 # Torch first, pinned, so pip takes the local CPU wheel instead of pulling CUDA packages.
@@ -39,3 +39,7 @@ table-capacity: install
 smoke-tables: install
 	rm -rf outputs/tables/smoke
 	$(PY) scripts/make_table.py all --model tiny_llama --run --smoke --check --out outputs/tables/smoke
+
+# Training throughput on one GPU: HF PEFT (paper recipe, tuned) vs adapters_lab; see docs/benchmarks.md.
+bench-train:
+	$(PY) scripts/bench_train.py

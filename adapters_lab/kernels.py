@@ -111,6 +111,12 @@ def compile_decoder_layers(model: nn.Module) -> int:
     return len(layers)
 
 
+def uncompile_decoder_layers(model: nn.Module) -> None:
+    """Back to eager layers after training: generation's changing shapes would recompile them."""
+    for layer in decoder_layers(model):
+        layer._compiled_call_impl = None
+
+
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
     decoder = model.get_decoder()
     layers = getattr(decoder, "layers", None) or getattr(decoder, "h", None)

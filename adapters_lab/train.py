@@ -36,7 +36,8 @@ from adapters_lab.config import Batching, NanPolicy, Precision, TrainerConfig
 from adapters_lab.data.tokenize import PackedCollator, PaddedCollator, pack_rows
 from adapters_lab.files import atomic_path, write_json_atomic
 from adapters_lab.kernels import (check_fused_loss_supported, chunked_causal_lm_loss, compile_decoder_layers,
-                                  decoder_layers, default_peak_tflops, flops_per_token)
+                                  decoder_layers, default_peak_tflops, flops_per_token,
+                                  uncompile_decoder_layers)
 
 log = logging.getLogger(__name__)
 
@@ -213,6 +214,8 @@ def prepare_model(model: nn.Module, cfg: TrainerConfig) -> None:
         reason = check_fused_loss_supported(model)
         if reason:
             raise TrainerConfigError(f"trainer.fused_loss=true: {reason}")
+    if cfg.attn_implementation:
+        model.set_attn_implementation(cfg.attn_implementation)
     if cfg.compile:
         log.info("compiled %d decoder layers", compile_decoder_layers(model))
 
@@ -361,15 +364,30 @@ def nan_message(value: float, step: int, loop: LoopState, cfg: TrainerConfig, sa
 def train(model: nn.Module, train_examples: list[dict], val_examples: list[dict], pad_token_id: int,
           cfg: TrainerConfig, accelerator: Accelerator, tracker, seed: int,
           checkpoint_dir: Path | None = None) -> TrainResult:
+    """Train the trainable (adapter) parameters of ``model``; checkpoints go to ``checkpoint_dir``
+    and ``trainer.resume=auto`` continues from the last one there."""
     accumulation = check_trainer_config(cfg)
     plan = BatchPlan(train_examples, cfg, pad_token_id, seed)
-    val_collate = PaddedCollator(pad_token_id)
-    params = [p for p in model.parameters() if p.requires_grad]
-    if not params:
+    if not any(p.requires_grad for p in model.parameters()):
         raise TrainerConfigError("the adapter added no trainable parameter")
+    evaluation_attention = model.config._attn_implementation
+    prepare_model(model, cfg)
+    try:
+        return _train_loop(model, plan, val_examples, cfg, accelerator, tracker, seed, checkpoint_dir, accumulation)
+    finally:  # generation afterwards runs eager layers and the model's own attention
+        if cfg.compile:
+            uncompile_decoder_layers(model)
+        if cfg.attn_implementation:
+            model.set_attn_implementation(evaluation_attention)
+
+
+def _train_loop(model: nn.Module, plan: BatchPlan, val_examples: list[dict], cfg: TrainerConfig,
+                accelerator: Accelerator, tracker, seed: int, checkpoint_dir: Path | None,
+                accumulation: int) -> TrainResult:
+    val_collate = PaddedCollator(plan.collate.pad_token_id)
+    params = [p for p in model.parameters() if p.requires_grad]
     flops = flops_per_token(model)
     peak_tflops = cfg.peak_tflops or default_peak_tflops(accelerator.device)
-    prepare_model(model, cfg)
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay,
                                   fused=accelerator.device.type == "cuda")
     updates = total_updates(cfg, plan.micro_batches_per_epoch(), accumulation)
@@ -378,7 +396,7 @@ def train(model: nn.Module, train_examples: list[dict], val_examples: list[dict]
     model, optimizer = accelerator.prepare(model, optimizer)
     core = accelerator.unwrap_model(model)
     model.train()
-    fingerprint = {"examples": len(train_examples), "updates": updates, "batch_size": cfg.batch_size,
+    fingerprint = {"examples": len(plan.examples), "updates": updates, "batch_size": cfg.batch_size,
                    "micro_batch_size": cfg.micro_batch_size, "batching": plan.batching.value, "seed": seed}
 
     loop, resumed_from = LoopState(), None

@@ -80,11 +80,11 @@ class Row:
     note: str = ""
 
 
-def build_model(shape: dict, device: torch.device, dtype: torch.dtype, attn: str = "sdpa"):
+def build_model(shape: dict, device: torch.device, dtype: torch.dtype):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(**shape, max_position_embeddings=4096, tie_word_embeddings=False, use_cache=False)
-    config._attn_implementation = attn
+    config._attn_implementation = "sdpa"
     torch.manual_seed(0)
     with torch.device(device):
         model = LlamaForCausalLM(config).to(dtype)
@@ -120,12 +120,12 @@ def free(device):
     torch._dynamo.reset()
 
 
-def peft_steps(model, batches, device, warmup: int, compile_layers: bool) -> tuple[float, float, float]:
+def peft_steps(model, batches, device, warmup: int, compile_layers: bool, dropout: float) -> tuple[float, float, float]:
     """HF PEFT LoRA, a plain loop as HF Trainer runs it: autocast bf16, fused AdamW, clipping.
     Returns (seconds, real tokens, padded tokens) over the timed steps."""
     from peft import LoraConfig, get_peft_model
 
-    peft_model = get_peft_model(model, LoraConfig(r=32, lora_alpha=64, lora_dropout=0.05,
+    peft_model = get_peft_model(model, LoraConfig(r=32, lora_alpha=64, lora_dropout=dropout,
                                                   target_modules=LORA_TARGETS, task_type="CAUSAL_LM"))
     if compile_layers:
         compile_decoder_layers(peft_model.get_base_model())
@@ -203,10 +203,11 @@ def main(argv=None) -> list[Row]:
     parser.add_argument("--variants", default="paper,tuned,ours,series,parallel",
                         help="comma list of paper, tuned, ours, ours_padded, series, parallel")
     parser.add_argument("--steps", type=int, default=12, help="timed optimiser steps per variant")
-    parser.add_argument("--pack-length", type=int, default=1024)
-    parser.add_argument("--rows", type=int, default=8, help="packed rows per micro-batch")
+    parser.add_argument("--pack-length", type=int, default=2048)
+    parser.add_argument("--rows", type=int, default=4, help="packed rows per micro-batch")
     parser.add_argument("--write-lengths", action="store_true", help="regenerate the length list from math_data.json")
-    parser.add_argument("--attn", default="sdpa", help="attention of adapters_lab variants: sdpa or flex_attention")
+    parser.add_argument("--attn", default="flex_attention", help="trainer.attn_implementation of the adapters_lab variants")
+    parser.add_argument("--lora-dropout", type=float, default=0.05, help="LoRA dropout of every variant (diagnostics)")
     parser.add_argument("--profile", action="store_true", help="print the top GPU kernels of each variant")
     parser.add_argument("--json", type=Path, help="also write the rows here")
     args = parser.parse_args(argv)
@@ -230,6 +231,7 @@ def main(argv=None) -> list[Row]:
     variants = args.variants.split(",")
     compiled = not args.tiny
     pack_overrides = dict(batching="packed", pack_length=args.pack_length if not args.tiny else 0,
+                          attn_implementation=args.attn if not args.tiny else None,
                           micro_batch_size=args.rows if not args.tiny else 2,
                           batch_size=args.rows if not args.tiny else 2, compile=compiled, fused_loss=True)
     def run_variant(variant, model):
@@ -237,11 +239,13 @@ def main(argv=None) -> list[Row]:
             micro, fixed = (4, None) if variant == "paper" else ((32, 256) if not args.tiny else (4, 32))
             examples = examples_from(lengths, shape["vocab_size"], micro * (steps + warmup), seed=1)
             batches = padded_batches(examples, micro, fixed)
-            seconds, real, padded = peft_steps(model, batches, device, warmup, compile_layers=variant == "tuned" and compiled)
+            seconds, real, padded = peft_steps(model, batches, device, warmup, compile_layers=variant == "tuned" and compiled,
+                                               dropout=args.lora_dropout)
             add(f"HF PEFT, {'paper recipe (micro-batch 4, padded)' if variant == 'paper' else f'tuned (micro-batch {micro} x {fixed}, compiled)'}",
                 real / seconds, 1 - real / padded, flops_per_token(model), peak_gib(device))
         else:
-            adapter = {"ours": {"config": "lora"}, "ours_padded": {"config": "lora"},
+            lora = {"config": "lora", "overrides": {"dropout": args.lora_dropout}}
+            adapter = {"ours": lora, "ours_padded": lora,
                        "series": {"config": "series", "overrides": {"rank": 256}},
                        "parallel": {"config": "parallel", "overrides": {"rank": 256}}}[variant]
             overrides = dict(pack_overrides) if variant != "ours_padded" else dict(micro_batch_size=4, batch_size=4)
@@ -257,7 +261,7 @@ def main(argv=None) -> list[Row]:
 
     for variant in variants:
         free(device)
-        model = build_model(shape, device, dtype, "sdpa" if variant in ("paper", "tuned") else args.attn)
+        model = build_model(shape, device, dtype)
         try:
             if args.profile:
                 with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:

@@ -81,3 +81,16 @@ def test_batch_plans_cover_each_example_once_per_epoch():
     plan = packed_batches(lengths, rows=3, row_length=64, seed=0, epoch=0)
     assert sorted(i for mb in plan for row in mb for i in row) == list(range(50))
     assert all(len(mb) <= 3 for mb in plan)
+
+
+def test_flex_attention_on_packed_rows_gives_the_padded_sdpa_loss():
+    """The fast recipe's attention (trainer.attn_implementation=flex_attention): block-sparse
+    over the packed examples, the same loss as plain padded batches."""
+    model = tiny_lora_model().eval()
+    examples = token_examples(6, seed=8)
+    rows = pack_rows(list(range(6)), [len(x["input_ids"]) for x in examples], row_length=48)
+    with torch.no_grad():
+        padded_loss = forward_loss(model, PaddedCollator(PAD)(examples), fused=False)
+        model.set_attn_implementation("flex_attention")
+        packed_loss = forward_loss(model, packed(examples, rows, 48), fused=True)
+    torch.testing.assert_close(packed_loss, padded_loss, rtol=1e-5, atol=1e-5)
