@@ -299,6 +299,17 @@ def save_checkpoint(directory: Path, model: nn.Module, optimizer, scheduler, loo
     return folder
 
 
+def clear_checkpoints(directory: Path) -> None:
+    """A fresh start: drop another run's (or a half-written) checkpoints, so that pruning by step
+    number can never delete this run's newest one."""
+    stale = sorted(Path(directory).glob("step-*"))
+    if stale:
+        log.warning("trainer.resume: starting fresh; removing %d old checkpoint(s) in %s", len(stale), directory)
+    for folder in stale:
+        shutil.rmtree(folder, ignore_errors=True)
+    (Path(directory) / LATEST).unlink(missing_ok=True)
+
+
 def latest_checkpoint(directory: Path | None) -> Path | None:
     if directory is None or not (Path(directory) / LATEST).is_file():
         return None
@@ -406,6 +417,8 @@ def _train_loop(model: nn.Module, plan: BatchPlan, val_examples: list[dict], cfg
         loop = load_checkpoint(source, core, optimizer, scheduler, fingerprint)
         resumed_from = loop.step
         log.info("resumed from %s (step %d of %d)", source, loop.step, updates)
+    elif checkpoint_dir is not None and accelerator.is_main_process:
+        clear_checkpoints(checkpoint_dir)
     if accelerator.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
 

@@ -56,8 +56,11 @@ def test_resume_refuses_a_checkpoint_made_with_other_settings(tmp_path):
     run(trainer_cfg(max_steps=2, checkpoint_every=1), examples, checkpoint_dir=tmp_path)
     with pytest.raises(TrainerConfigError, match="micro_batch_size: 2 -> 4"):
         run(trainer_cfg(max_steps=2, micro_batch_size=4), examples, checkpoint_dir=tmp_path)
-    _, fresh = run(trainer_cfg(max_steps=2, micro_batch_size=4, resume="never"), examples, checkpoint_dir=tmp_path)
+    (tmp_path / "step-0000050").mkdir()  # a later step of another run must not outlive this one's
+    _, fresh = run(trainer_cfg(max_steps=2, micro_batch_size=4, resume="never", checkpoint_every=1), examples,
+                   checkpoint_dir=tmp_path)
     assert fresh.resumed_from_step is None
+    assert sorted(p.name for p in tmp_path.glob("step-*")) == ["step-0000001", "step-0000002"]
 
 
 RUN = [sys.executable, "run.py", "experiment=demo", "trainer.device=cpu", "trainer.progress_bar=false",
