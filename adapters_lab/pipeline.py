@@ -20,7 +20,7 @@ from adapters_lab.files import probe_writable, write_json_atomic, write_text_ato
 from adapters_lab.models import build_model
 from adapters_lab.sweep import finished_metrics, metric_value
 from adapters_lab.tracking import flatten, make_tracker
-from adapters_lab.train import check_trainer_config, make_accelerator, train
+from adapters_lab.train import check_trainer_config, clear_checkpoints, make_accelerator, train
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +32,8 @@ def run(cfg: DictConfig) -> float | None:
     if finished is not None and not cfg.overwrite:
         log.warning("%s holds metrics.json: skipping this finished run (overwrite=true redoes it)", out_dir)
         return metric_value(finished, cfg.optimized_metric)
+    if finished is not None:  # overwrite=true redoes the training too, not a resume from its final checkpoint
+        clear_checkpoints(out_dir / "checkpoints")
     # 1. Check everything that needs no weights: adapter options, trainer options, data files, disk.
     adapter = build_adapter(cfg.adapter)
     check_export(adapter, cfg.export.peft, cfg.export.merged)

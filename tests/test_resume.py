@@ -108,3 +108,16 @@ def test_sigkill_mid_training_then_rerun_reaches_the_uninterrupted_result(tmp_pa
     assert timeless(got["eval"]) == timeless(expected["eval"])
     for name, tensor in expected_weights.items():
         assert torch.equal(tensor, got_weights[name]), name
+
+
+def test_overwrite_redoes_training_instead_of_resuming_from_the_final_checkpoint(make_cfg):
+    from adapters_lab import pipeline
+
+    cfg = make_cfg("trainer.checkpoint_every=1", "dataset.arith.num_test=2", "eval.max_new_tokens=2")
+    pipeline.run(cfg)
+    out = Path(cfg.paths.output_dir)
+    assert json.loads((out / "checkpoints" / "latest.json").read_text())["step"] == 3
+    cfg.overwrite = True
+    pipeline.run(cfg)
+    train = json.loads((out / "metrics.json").read_text())["train"]
+    assert train["resumed_from_step"] is None and train["steps"] == 3 and len(train["loss_history"]) == 3
