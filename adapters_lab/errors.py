@@ -2,6 +2,7 @@
 
 from adapters_lab.adapters.base import AdapterConfigError
 from adapters_lab.data.records import DataError
+from adapters_lab.files import OutputDirError
 from adapters_lab.train import TrainerConfigError
 
-USER_ERRORS = (AdapterConfigError, DataError, TrainerConfigError, FileNotFoundError, PermissionError)
+USER_ERRORS = (AdapterConfigError, DataError, TrainerConfigError, OutputDirError, FileNotFoundError, PermissionError)

@@ -39,6 +39,10 @@ def write_jsonl_atomic(path: Path, rows: list[dict]) -> None:
     write_text_atomic(path, "".join(json.dumps(row, ensure_ascii=False, default=str) + "\n" for row in rows))
 
 
+class OutputDirError(OSError):
+    """The output folder cannot take results; raised at start, before any training."""
+
+
 def probe_writable(directory: Path) -> None:
     """Fail at start, not after training, when results could not be written."""
     directory = Path(directory)
@@ -49,4 +53,4 @@ def probe_writable(directory: Path) -> None:
             handle.flush()
             os.fsync(handle.fileno())
     except OSError as err:
-        raise OSError(f"paths.output_dir={directory}: not writable ({err.strerror or err})") from err
+        raise OutputDirError(f"paths.output_dir={directory}: not writable ({err.strerror or err})") from err

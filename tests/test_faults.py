@@ -22,7 +22,7 @@ from adapters_lab.adapters.base import AdapterConfigError
 from adapters_lab.answers import ANSWER_KIND, is_correct, label_parses, parse_paper, parse_strict, score
 from adapters_lab.data.records import RECORD_KEYS, DataError, check_records, read_json_records
 from adapters_lab.data.tokenize import tokenize_records
-from adapters_lab.files import probe_writable, write_json_atomic, write_text_atomic
+from adapters_lab.files import OutputDirError, probe_writable, write_json_atomic, write_text_atomic
 from adapters_lab.models import build_tiny_tokenizer, ensure_pad_token
 from adapters_lab.train import TrainerConfigError
 from conftest import CONF_DIR, REPO
@@ -118,8 +118,6 @@ def test_prefix_with_a_layer_subset_conflicts(make_cfg, no_weights):
         pipeline.run(make_cfg("adapter=prefix", "adapter.placement.layers=[0]"))
 
 
-@pytest.mark.xfail(strict=True, reason="prefix/prompt + trainer.batching=packed is refused only at the first forward "
-                   "(adapters/virtual_tokens.py), after the weights load; the check belongs before build_model")
 def test_prefix_with_packed_rows_conflicts_before_weights(make_cfg, no_weights):
     if not (CONF_DIR / "adapter" / "prefix.yaml").is_file():
         pytest.skip("prefix adapter not there yet")
@@ -141,7 +139,7 @@ def test_unwritable_output_dir_is_reported_at_start(make_cfg, tmp_path, no_weigh
     blocker.write_text("not a folder")
     cfg = make_cfg()
     cfg.paths.output_dir = str(blocker / "run")
-    with pytest.raises(OSError, match=r"paths.output_dir=.*a-file/run: not writable"):
+    with pytest.raises(OutputDirError, match=r"paths.output_dir=.*a-file/run: not writable"):
         pipeline.run(cfg)
 
 
@@ -150,7 +148,7 @@ def test_full_disk_is_reported_at_start(make_cfg, monkeypatch, no_weights):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
     monkeypatch.setattr(os, "fsync", no_space)
-    with pytest.raises(OSError, match=r"paths.output_dir=.*: not writable \(No space left on device\)"):
+    with pytest.raises(OutputDirError, match=r"paths.output_dir=.*: not writable \(No space left on device\)"):
         pipeline.run(make_cfg())
 
 
@@ -250,9 +248,6 @@ def test_reader_never_crashes_on_arbitrary_text(tmp_path, text, suffix):
         assert "dataset.train=x" in str(err) and str(path) in str(err)
 
 
-@pytest.mark.xfail(strict=True, raises=UnicodeDecodeError,
-                   reason="records.read_json_records reads with read_text: a non-UTF-8 file raises "
-                          "UnicodeDecodeError instead of a DataError naming the file (data/records.py owner)")
 def test_reader_names_a_file_that_is_not_utf8(tmp_path):
     path = tmp_path / "latin1.json"
     path.write_bytes('[{"instruction": "caf\u00e9"}]'.encode("latin-1"))

@@ -36,7 +36,10 @@ def read_json_records(path: Path, key: str) -> list:
     """A JSON array or JSON Lines file as a list of raw items; DataError names ``key`` and the path."""
     if not path.is_file():
         raise DataError(f"{key}: file not found: {path}")
-    text = path.read_text(encoding="utf-8")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise DataError(f"{key}: {path}: not UTF-8 text (byte {err.start}: {err.reason})") from None
     if not text.strip():
         raise DataError(f"{key}: file is empty: {path}")
     if path.suffix == ".jsonl":
