@@ -48,10 +48,24 @@ def generate(model: nn.Module, tokenizer, prompts: list[str], batch_size: int, n
         bos_token_id=tokenizer.bos_token_id,
     )
     outputs: list[str] = [""] * len(prompts)
-    for start in range(0, len(order), batch_size):
-        chunk = order[start : start + batch_size]
+    pending = [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
+    while pending:
+        chunk = pending.pop(0)
         enc = tokenizer([prompts[i] for i in chunk], return_tensors="pt", padding=True).to(device)
-        sequences = model.generate(**enc, generation_config=config)
+        try:
+            sequences = model.generate(**enc, generation_config=config)
+        except torch.OutOfMemoryError:
+            if len(chunk) == 1:
+                raise
+            # The KV cache of the longest prompts (they come first) did not fit: halve and go on.
+            del enc
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+            half = len(chunk) // 2
+            log.warning("eval: out of memory at batch %d x %d beams; retrying as two of %d and %d",
+                        len(chunk), num_beams, half, len(chunk) - half)
+            pending[:0] = [chunk[:half], chunk[half:]]
+            continue
         new_tokens = sequences[:, enc["input_ids"].shape[1]:]
         for i, text in zip(chunk, tokenizer.batch_decode(new_tokens, skip_special_tokens=True)):
             outputs[i] = text

@@ -45,6 +45,25 @@ def test_batched_generation_equals_batch_size_one(tiny):
     assert model.training  # generate restores the caller's train/eval mode
 
 
+def test_out_of_memory_halves_the_batch_and_keeps_every_answer(tiny, monkeypatch, caplog):
+    model, tokenizer = tiny
+    prompts = [eval_prompt(q) for q in QUESTIONS]
+    expected = evaluate.generate(model, tokenizer, prompts, 5, 1, 6, CPU)
+    real_generate, tried, generated = model.generate, [], []
+
+    def generate_that_fits_two(**kwargs):
+        tried.append(kwargs["input_ids"].shape[0])
+        if tried[-1] > 2:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        generated.append(tried[-1])
+        return real_generate(**kwargs)
+
+    monkeypatch.setattr(model, "generate", generate_that_fits_two)
+    assert evaluate.generate(model, tokenizer, prompts, 5, 1, 6, CPU) == expected
+    assert tried == [5, 2, 3, 1, 2] and generated == [2, 1, 2]  # 5 -> 2+3, then 3 -> 1+2
+    assert "out of memory at batch 5" in caplog.text
+
+
 def test_generation_stops_at_eos(tiny):
     model, tokenizer = tiny
     bias = torch.full((len(tokenizer),), -1e4)
