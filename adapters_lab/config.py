@@ -57,6 +57,11 @@ class Protocol(str, Enum):
     strict = "strict"
 
 
+class KVCache(str, Enum):
+    dynamic = "dynamic"  # grows with each token (transformers' default)
+    static = "static"  # fixed size: transformers compiles the decoding step on a GPU
+
+
 class WandbMode(str, Enum):
     auto = "auto"  # online when an API key is configured, else offline
     online = "online"
@@ -157,6 +162,8 @@ class EvalConfig:
     max_new_tokens: Optional[int] = None  # None: per-set default (math 256, commonsense 32)
     limit: Optional[int] = None  # first N examples of each set
     protocol: Protocol = Protocol.paper  # which parse `eval.<set>.accuracy` reports
+    # static: prompts are padded to a multiple of 64 to bound recompilations.
+    cache_implementation: KVCache = KVCache.dynamic
 
 
 @dataclass

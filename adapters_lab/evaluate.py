@@ -17,7 +17,7 @@ import torch.nn as nn
 from transformers import GenerationConfig
 
 from adapters_lab.answers import PROTOCOLS, answer_kind, score
-from adapters_lab.config import EvalConfig
+from adapters_lab.config import EvalConfig, KVCache
 from adapters_lab.data.prompts import RESPONSE_MARKER, eval_prompt
 from adapters_lab.files import write_jsonl_atomic
 
@@ -35,7 +35,7 @@ def response_text(generated: str) -> str:
 
 @torch.no_grad()
 def generate(model: nn.Module, tokenizer, prompts: list[str], batch_size: int, num_beams: int,
-             max_new_tokens: int, device: torch.device) -> list[str]:
+             max_new_tokens: int, device: torch.device, cache_implementation: str = "dynamic") -> list[str]:
     """Generated continuations (new tokens only, decoded), in the order of ``prompts``."""
     was_training = model.training
     model.eval()
@@ -45,13 +45,15 @@ def generate(model: nn.Module, tokenizer, prompts: list[str], batch_size: int, n
     config = GenerationConfig(
         do_sample=False, num_beams=num_beams, max_new_tokens=max_new_tokens, use_cache=True,
         pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
-        bos_token_id=tokenizer.bos_token_id,
+        bos_token_id=tokenizer.bos_token_id, cache_implementation=cache_implementation,
     )
+    pad_multiple = 64 if cache_implementation == "static" else None
     outputs: list[str] = [""] * len(prompts)
     pending = [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
     while pending:
         chunk = pending.pop(0)
-        enc = tokenizer([prompts[i] for i in chunk], return_tensors="pt", padding=True).to(device)
+        enc = tokenizer([prompts[i] for i in chunk], return_tensors="pt", padding=True,
+                        pad_to_multiple_of=pad_multiple).to(device)
         try:
             sequences = model.generate(**enc, generation_config=config)
         except torch.OutOfMemoryError:
@@ -101,7 +103,8 @@ def evaluate_sets(model: nn.Module, tokenizer, eval_sets: dict[str, list[dict]],
         prompts = [eval_prompt(r["instruction"], r["input"]) for r in records]
         max_new = cfg.max_new_tokens or default_max_new_tokens(name)
         start = time.perf_counter()
-        generated = generate(model, tokenizer, prompts, cfg.batch_size, cfg.num_beams, max_new, device)
+        generated = generate(model, tokenizer, prompts, cfg.batch_size, cfg.num_beams, max_new, device,
+                             KVCache(cfg.cache_implementation).value)
         results[name], lines = score_set(name, records, prompts, generated, protocol)
         results[name]["seconds"] = time.perf_counter() - start
         log.info("eval %s: accuracy %.4f (%s, %d/%d; paper %.4f, strict %.4f) in %.1fs", name,

@@ -45,6 +45,13 @@ def test_batched_generation_equals_batch_size_one(tiny):
     assert model.training  # generate restores the caller's train/eval mode
 
 
+def test_static_cache_gives_the_dynamic_cache_answers(tiny):
+    model, tokenizer = tiny
+    prompts = [eval_prompt(q) for q in QUESTIONS]
+    dynamic = evaluate.generate(model, tokenizer, prompts, 3, 1, 8, CPU)
+    assert evaluate.generate(model, tokenizer, prompts, 3, 1, 8, CPU, cache_implementation="static") == dynamic
+
+
 def test_out_of_memory_halves_the_batch_and_keeps_every_answer(tiny, monkeypatch, caplog):
     model, tokenizer = tiny
     prompts = [eval_prompt(q) for q in QUESTIONS]
@@ -127,7 +134,7 @@ def test_bench_eval_tiny_prints_and_writes_its_table(tmp_path, capsys):
     assert json.loads(out.read_text()) == json.loads(json.dumps(result))
     rows = {(r["procedure"], r["num_beams"]): r for r in result["rows"]}
     assert set(rows) == {("ours", 4), ("ours", 1), ("upstream", 4)}
-    assert rows[("upstream", 4)]["batch_size"] == 1 and rows[("upstream", 4)]["use_cache"] is False
+    assert rows[("upstream", 4)]["batch_size"] == 1 and rows[("upstream", 4)]["kv_cache"] == "none"
     assert rows[("ours", 4)]["examples"] == 3 and rows[("upstream", 4)]["examples"] == 1
     for r in rows.values():
         assert r["examples_per_s"] == pytest.approx(r["examples"] / r["seconds"])
