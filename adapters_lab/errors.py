@@ -1,8 +1,8 @@
-"""Errors that mean "your input is wrong": shown as one clear line, not a traceback."""
+"""Errors that mean "your input or settings are wrong": shown as one clear line, not a traceback."""
 
 from adapters_lab.adapters.base import AdapterConfigError
 from adapters_lab.data.records import DataError
 from adapters_lab.files import OutputDirError
-from adapters_lab.train import TrainerConfigError
+from adapters_lab.train import NonFiniteLossError, TrainerConfigError
 
-USER_ERRORS = (AdapterConfigError, DataError, TrainerConfigError, OutputDirError, FileNotFoundError, PermissionError)
+USER_ERRORS = (AdapterConfigError, DataError, TrainerConfigError, OutputDirError, NonFiniteLossError, FileNotFoundError, PermissionError)
