@@ -5,4 +5,7 @@ from adapters_lab.data.records import DataError
 from adapters_lab.files import OutputDirError
 from adapters_lab.train import NonFiniteLossError, TrainerConfigError
 
-USER_ERRORS = (AdapterConfigError, DataError, TrainerConfigError, OutputDirError, NonFiniteLossError, FileNotFoundError, PermissionError)
+USER_ERRORS = (
+    AdapterConfigError, DataError, TrainerConfigError, OutputDirError, NonFiniteLossError,
+    FileNotFoundError, PermissionError,
+)

@@ -84,8 +84,9 @@ def run(cfg: DictConfig) -> float | None:
                                         out_dir / "predictions")
         tracker.log_predictions(out_dir / "predictions")
         if adapter.trains:
-            save_adapter(model, adapter, out_dir / "adapter", base_model=cfg.model.hub_id or cfg.model.name)
-            write_exports(model, adapter, out_dir, cfg.export, base_model=cfg.model.hub_id or cfg.model.name)
+            base_model = cfg.model.hub_id or cfg.model.name
+            save_adapter(model, adapter, out_dir / "adapter", base_model=base_model)
+            write_exports(model, adapter, out_dir, cfg.export, base_model=base_model)
         if torch.cuda.is_available():
             metrics["peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
         write_json_atomic(out_dir / "metrics.json", metrics)
