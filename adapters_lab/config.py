@@ -146,7 +146,9 @@ class TrainerConfig:
     gradient_checkpointing: bool = False
     checkpoint_layers: Optional[int] = None  # recompute only the first N decoder layers (None: all)
     compile: bool = False  # torch.compile each decoder layer
-    attn_implementation: Optional[str] = None  # attention while training (e.g. flex_attention); None: the model's
+    # attention while training: flex_attention, sdpa, varlen (packed rows as cu_seqlens segments; CUDA:
+    # torch.nn.attention.varlen), ...; None: the model's
+    attn_implementation: Optional[str] = None
     fused_loss: bool = False  # chunked cross-entropy: no full-vocabulary fp32 logits
     checkpoint_every: int = 200  # save adapter, optimiser, scheduler, RNG, data position (0: only at the end)
     keep_checkpoints: int = 2

@@ -3,9 +3,10 @@ warm-up then linear/cosine decay; validation loss; checkpoints that resume exact
 
 The plain path is LLM-Adapters' ``finetune.py`` recipe (HF Trainer: warm-up 100 steps,
 AdamW, gradient clipping at 1.0, loss averaged per micro-batch, padded batches). Speed paths
-(``trainer.batching=packed``, ``trainer.compile``, ``trainer.fused_loss``) are config choices,
-each tested equal to the plain path. One host synchronisation per optimiser step reads the
-step's loss: it feeds the NaN policy, the log and the loss history.
+(``trainer.batching=packed``, ``trainer.compile``, ``trainer.fused_loss``,
+``trainer.attn_implementation=varlen``) are config choices, each tested equal to the plain path.
+One host synchronisation per optimiser step reads the step's loss: it feeds the NaN policy, the
+log and the loss history.
 """
 
 from __future__ import annotations
@@ -35,9 +36,10 @@ from adapters_lab.adapters.base import adapter_state_dict
 from adapters_lab.config import Batching, NanPolicy, Precision, TrainerConfig
 from adapters_lab.data.tokenize import PackedCollator, PaddedCollator, pack_rows
 from adapters_lab.files import atomic_path, write_json_atomic
-from adapters_lab.kernels import (check_fused_loss_supported, chunked_causal_lm_loss, compile_decoder_layers,
-                                  decoder_layers, default_peak_tflops, flops_per_token,
-                                  uncompile_decoder_layers)
+from adapters_lab.kernels import (VARLEN, VARLEN_ATTENTION, check_fused_loss_supported, check_varlen_supported,
+                                  chunked_causal_lm_loss, compile_decoder_layers, decoder_layers,
+                                  default_peak_tflops, flops_per_token, padded_position_ids,
+                                  register_varlen_attention, uncompile_decoder_layers, varlen_batch_kwargs)
 
 log = logging.getLogger(__name__)
 
@@ -155,6 +157,10 @@ class BatchPlan:
         self.examples, self.seed, self.cfg = examples, seed, cfg
         self.lengths = [len(x["input_ids"]) for x in examples]
         self.batching = Batching(cfg.batching)
+        self.varlen = cfg.attn_implementation == VARLEN
+        # varlen: a fixed bound on segment lengths (the kernel's max_seqlen, static for compiled code);
+        # longer filler segments of packed rows are cut at it (kernels.varlen_cu_seqlens).
+        self.max_segment = -(-max(self.lengths) // 8) * 8 if self.lengths else 8
         if self.batching == Batching.packed:
             self.row_length = cfg.pack_length or -(-max(self.lengths) // 8) * 8
             if max(self.lengths) > self.row_length:
@@ -173,12 +179,18 @@ class BatchPlan:
             return length_grouped_batches(self.lengths, mbs, self.seed, epoch)
         return epoch_batches(len(self.examples), mbs, self.seed, epoch)
 
-    def batch(self, micro: list) -> tuple[dict[str, torch.Tensor], int]:
-        """The collated tensors (on the CPU) and their real token count (no device sync)."""
+    def batch(self, micro: list) -> tuple[dict, int]:
+        """The collated tensors (on the CPU) and their real token count (no device sync); with
+        varlen attention also the segment boundaries (computed here, on the CPU)."""
         if self.batching == Batching.packed:
             rows = [[self.examples[i] for i in row] for row in micro]
-            return self.collate(rows), sum(self.lengths[i] for row in micro for i in row)
-        return self.collate([self.examples[i] for i in micro]), sum(self.lengths[i] for i in micro)
+            batch, real = self.collate(rows), sum(self.lengths[i] for row in micro for i in row)
+        else:
+            batch, real = self.collate([self.examples[i] for i in micro]), sum(self.lengths[i] for i in micro)
+        if self.varlen:
+            positions = batch["position_ids"] if "position_ids" in batch else padded_position_ids(batch["attention_mask"])
+            batch.update(varlen_batch_kwargs(positions, self.max_segment))
+        return batch, real
 
     def micro_batches_per_epoch(self) -> int:
         return len(self.epoch(0))
@@ -214,19 +226,33 @@ def prepare_model(model: nn.Module, cfg: TrainerConfig) -> None:
         reason = check_fused_loss_supported(model)
         if reason:
             raise TrainerConfigError(f"trainer.fused_loss=true: {reason}")
-    if cfg.attn_implementation:
+    if cfg.attn_implementation == VARLEN:
+        device = "cuda" if cfg.device != "cpu" and torch.cuda.is_available() else "cpu"
+        reason = check_varlen_supported(torch.device(device))
+        if reason:
+            raise TrainerConfigError(f"trainer.attn_implementation=varlen: {reason}")
+        model.set_attn_implementation(register_varlen_attention())
+    elif cfg.attn_implementation:
         model.set_attn_implementation(cfg.attn_implementation)
     if cfg.compile:
         log.info("compiled %d decoder layers", compile_decoder_layers(model))
 
 
-def forward_loss(model: nn.Module, batch: dict[str, torch.Tensor], fused: bool) -> torch.Tensor:
-    """Mean next-token loss of a batch (padded: attention_mask; packed: position_ids)."""
+def forward_loss(model: nn.Module, batch: dict, fused: bool) -> torch.Tensor:
+    """Mean next-token loss of a batch (padded: attention_mask; packed: position_ids; varlen
+    attention: also varlen_cu_seqlens and varlen_max_seqlen)."""
     inputs = {k: v for k, v in batch.items() if k != "labels"}
+    if "varlen_cu_seqlens" in inputs:  # its length changes per batch: one compiled graph for all
+        torch._dynamo.maybe_mark_dynamic(inputs["varlen_cu_seqlens"], 0)
     if not fused:
         return model(**inputs, labels=batch["labels"], use_cache=False).loss
     hidden = model.get_decoder()(**inputs, use_cache=False).last_hidden_state
     return chunked_causal_lm_loss(hidden, model.get_output_embeddings(), batch["labels"])
+
+
+def to_device(batch: dict, device: torch.device) -> dict:
+    """Tensors to ``device`` (asynchronously from the CPU); other entries (ints) unchanged."""
+    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
 @torch.no_grad()
@@ -236,10 +262,18 @@ def validation_loss(model: nn.Module, examples: list[dict], collate, micro_batch
     was_training = model.training
     model.eval()
     total, count = torch.zeros((), device=accelerator.device), 0
+    core = getattr(model, "module", model)  # under a distributed wrapper
+    varlen = getattr(getattr(core, "config", None), "_attn_implementation", None) == VARLEN_ATTENTION
     for start in range(0, len(examples), micro_batch_size):
-        batch = {k: v.to(accelerator.device) for k, v in collate(examples[start : start + micro_batch_size]).items()}
+        batch = collate(examples[start : start + micro_batch_size])
+        extra = (varlen_batch_kwargs(padded_position_ids(batch["attention_mask"]), batch["input_ids"].shape[1])
+                 if varlen else {})
+        batch = to_device({**batch, **extra}, accelerator.device)
+        if varlen:
+            torch._dynamo.maybe_mark_dynamic(batch["varlen_cu_seqlens"], 0)
         with accelerator.autocast():
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False,
+                           **{k: batch[k] for k in extra}).logits
         labels = batch["labels"][:, 1:]
         losses = nn.functional.cross_entropy(
             logits[:, :-1].float().reshape(-1, logits.shape[-1]), labels.reshape(-1), reduction="sum"
@@ -441,17 +475,17 @@ def _train_loop(model: nn.Module, plan: BatchPlan, val_examples: list[dict], cfg
                 loop.epoch, loop.position = loop.epoch + 1, 0
                 batches = plan.epoch(loop.epoch)
             group = batches[loop.position : loop.position + accumulation]
-            step_loss = torch.zeros((), device=accelerator.device)
+            step_loss = None  # the sum of the micro-batch losses, on the device (no fill kernel)
             step_tokens = step_padded = 0
             for micro in group:
                 batch, real = plan.batch(micro)
                 step_tokens += real
                 step_padded += batch["input_ids"].numel()
-                batch = {k: v.to(accelerator.device, non_blocking=True) for k, v in batch.items()}
+                batch = to_device(batch, accelerator.device)
                 with accelerator.autocast():
                     loss = forward_loss(core, batch, cfg.fused_loss)
                 accelerator.backward(loss / len(group))
-                step_loss += loss.detach()
+                step_loss = loss.detach() if step_loss is None else step_loss + loss.detach()
             value = float(step_loss) / len(group)  # the one host sync of the step
             if not math.isfinite(value):
                 optimizer.zero_grad(set_to_none=True)

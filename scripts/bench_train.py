@@ -2,6 +2,15 @@
 
     python scripts/bench_train.py                 # LLaMA-7B shape, bf16, one GPU (make bench-train)
     python scripts/bench_train.py --tiny          # CPU smoke run of every variant (tests use it)
+    python scripts/bench_train.py --variants check_varlen,ours,ours_varlen,ours_liger,tuned
+
+Variants: paper, tuned (HF PEFT); ours, ours_padded, series, parallel (adapters_lab's trainer);
+``ours`` takes suffixes: ``_varlen`` (trainer.attn_implementation=varlen instead of --attn),
+``_liger`` (liger-kernel's RMSNorm, SwiGLU and RoPE for LLaMA; needs CUDA and the optional
+liger-kernel package), ``_nocompile`` (eager layers), e.g. ``ours_varlen_liger``.
+``check_varlen`` trains nothing: on one packed batch of a 4-layer model of the same shape it
+prints the loss and LoRA-gradient differences of varlen vs flex attention (and SDPA vs flex, the
+bf16 noise floor), checking the CUDA varlen kernel.
 
 Every variant trains LoRA r=32 alpha=64 dropout=0.05 on q,k,v,up,down of a random-init model
 (random weights cost the same FLOPs as real ones) on random token ids whose lengths follow
@@ -14,7 +23,9 @@ ceiling. Each variant runs on a freshly built model; the first steps (compilatio
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
+import importlib.util
 import json
 import math
 import random
@@ -67,6 +78,10 @@ def write_lengths(cutoff: int = 256) -> list[int]:
     LENGTHS_FILE.write_text(json.dumps({"source": "math_data.json, paper prompt, estimated LLaMA tokens, cut at 256",
                                         "lengths": lengths}) + "\n")
     return lengths
+
+
+class Skipped(Exception):
+    """A variant that cannot run here (missing optional package, needs a GPU)."""
 
 
 @dataclass
@@ -183,6 +198,100 @@ def ours(model, adapter_node: dict, examples, trainer_overrides: dict, steps: in
     return result, flops
 
 
+def ours_variant(variant: str) -> dict | None:
+    """``ours`` plus suffixes -> its switches, or None for other variant names."""
+    parts = variant.split("_")
+    if parts[0] != "ours" or variant == "ours_padded":
+        return None
+    flags = set(parts[1:])
+    unknown = flags - {"varlen", "liger", "nocompile"}
+    if unknown:
+        raise SystemExit(f"--variants: {variant!r} has unknown suffixes {sorted(unknown)} (varlen, liger, nocompile)")
+    return {"varlen": "varlen" in flags, "liger": "liger" in flags, "compile": "nocompile" not in flags}
+
+
+@contextlib.contextmanager
+def liger_kernels(model, device):
+    """liger-kernel's Triton RMSNorm, SwiGLU MLP and RoPE on this LLaMA model (its loss kernels
+    stay off: our trainer computes the loss). liger patches transformers' llama module globals as
+    well as the instance; they are restored afterwards so later variants run plain LLaMA."""
+    if device.type != "cuda":
+        raise Skipped("liger kernels need a CUDA GPU (Triton); --tiny runs on the CPU")
+    if importlib.util.find_spec("liger_kernel") is None:
+        raise Skipped("liger-kernel not installed")
+    try:
+        from liger_kernel.transformers import apply_liger_kernel_to_llama
+    except Exception as err:  # installed but unusable (no Triton, transformers mismatch)
+        raise Skipped(f"liger-kernel not importable: {type(err).__name__}: {err}") from err
+    from transformers.models.llama import modeling_llama
+
+    saved = {name: getattr(modeling_llama, name) for name in ("apply_rotary_pos_emb", "LlamaRMSNorm", "LlamaMLP")}
+    saved_forward = modeling_llama.LlamaForCausalLM.forward
+    try:
+        apply_liger_kernel_to_llama(rope=True, rms_norm=True, swiglu=True, cross_entropy=False,
+                                    fused_linear_cross_entropy=False, model=model)
+        yield
+    finally:
+        for name, value in saved.items():
+            setattr(modeling_llama, name, value)
+        modeling_llama.LlamaForCausalLM.forward = saved_forward
+
+
+def check_varlen(shape: dict, device, dtype, lengths: list[int], rows: int, pack_length: int) -> dict:
+    """Loss and LoRA gradients of one packed batch under flex attention (CUDA only), SDPA with the
+    position-id mask, and varlen attention, on a 4-layer model of ``shape`` with eager layers;
+    prints the differences against the first of them and returns them."""
+    from omegaconf import OmegaConf
+
+    from adapters_lab.adapters.base import build_adapter
+    from adapters_lab.config import TrainerConfig, adapter_classes
+    from adapters_lab.train import BatchPlan, forward_loss, prepare_model, to_device
+
+    model = build_model({**shape, "num_hidden_layers": min(4, shape["num_hidden_layers"])}, device, dtype)
+    yaml = OmegaConf.load(ROOT / "conf" / "adapter" / "lora.yaml")
+    yaml.pop("defaults", None)
+    build_adapter(OmegaConf.merge(OmegaConf.structured(adapter_classes()["lora"]), yaml, {"dropout": 0.0})).inject(model)
+    generator = torch.Generator(device="cpu").manual_seed(0)
+    with torch.no_grad():  # non-zero B, so that A gets a gradient too
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.copy_(torch.randn(param.shape, generator=generator) * 0.02)
+    examples = examples_from(lengths, shape["vocab_size"], 4 * rows * pack_length // 150, seed=2)
+    cfg = TrainerConfig(batching="packed", pack_length=pack_length, micro_batch_size=rows, batch_size=rows,
+                        attn_implementation="varlen", device=device.type, fused_loss=True)
+    plan = BatchPlan(examples, cfg, 0, seed=0)
+    batch = to_device(plan.batch(plan.epoch(0)[0])[0], device)
+    plain = {k: v for k, v in batch.items() if not k.startswith("varlen_")}
+    results = {}
+    for attn in (["flex_attention"] if device.type == "cuda" else []) + ["sdpa", "varlen"]:
+        if attn == "varlen":
+            prepare_model(model, cfg)
+        else:
+            model.set_attn_implementation(attn)
+        model.zero_grad(set_to_none=True)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            loss = forward_loss(model, batch if attn == "varlen" else plain, fused=True)
+        loss.backward()
+        results[attn] = (float(loss.detach()), {n: p.grad.float() for n, p in model.named_parameters() if p.grad is not None})
+    base = next(iter(results))
+    ref_loss, ref_grads = results[base]
+    scale = max(float(g.abs().max()) for g in ref_grads.values())
+    report = {}
+    for attn, (loss_value, grads) in results.items():
+        grad_diff = max(float((grads[n] - ref_grads[n]).abs().max()) for n in ref_grads) / scale
+        report[attn] = {"loss": loss_value, "loss_diff": abs(loss_value - ref_loss), "grad_rel_diff": grad_diff}
+    tokens = batch["input_ids"].numel()
+    print(f"varlen check ({model.config.num_hidden_layers} layers, {rows} x {pack_length} tokens, {tokens} total, "
+          f"{int(batch['varlen_cu_seqlens'].numel()) - 1} segments, {str(dtype).replace('torch.', '')}): "
+          + "; ".join(f"{a} loss {r['loss']:.6f}" for a, r in report.items()), flush=True)
+    for attn, r in report.items():
+        if attn != base:
+            print(f"varlen check: {attn} vs {base}: |loss diff| {r['loss_diff']:.2e}, "
+                  f"LoRA grads max|diff|/max|grad| {r['grad_rel_diff']:.2e}", flush=True)
+    del model
+    return report
+
+
 def matmul_tflops(device) -> float | None:
     if device.type != "cuda":
         return None
@@ -197,18 +306,66 @@ def matmul_tflops(device) -> float | None:
     return 20 * 2 * 8192**3 / (time.perf_counter() - start) / 1e12
 
 
+FILL_OPS = ("aten::fill_", "aten::zero_")
+
+
+@contextlib.contextmanager
+def profiled(device, warmup: int, steps: int):
+    """torch.profiler over the timed optimiser steps only (after warm-up and compilation, which
+    launch their own kernels, autotuning benchmarks among them); prints the top kernels per step,
+    the fill kernels per step and the Python call sites of the fill/zero ops."""
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if device.type == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    active = max(1, min(steps - 1, 4))
+    schedule = torch.profiler.schedule(wait=warmup, warmup=1, active=active, repeat=1)
+    prof = torch.profiler.profile(activities=activities, schedule=schedule, with_stack=True,
+                                  experimental_config=torch._C._profiler._ExperimentalConfig(verbose=True))
+    from torch.optim.optimizer import register_optimizer_step_post_hook
+
+    handle = register_optimizer_step_post_hook(lambda *_: prof.step())
+    prof.start()
+    try:
+        yield
+    finally:
+        handle.remove()
+        prof.stop()
+    sort = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    print(f"profile of {active} timed steps (totals; divide by {active} for one step):")
+    print(prof.key_averages().table(sort_by=sort, row_limit=25, max_name_column_width=70))
+    averages = prof.key_averages()
+    if device.type == "cuda":
+        for what, words in (("fill/zero kernels", ("fill", "zero")), ("memsets", ("memset",)), ("copies", ("memcpy", "copy"))):
+            hits = [e for e in averages if e.device_type == torch.autograd.DeviceType.CUDA
+                    and any(w in e.key.lower() for w in words)]
+            print(f"{what} per step: {sum(e.count for e in hits) / active:.0f}, "
+                  f"{sum(e.self_device_time_total for e in hits) / active / 1e3:.2f} ms")
+    sites: dict[str, int] = {}
+    for event in prof.events():
+        if event.name in FILL_OPS:
+            frames = [f for f in event.stack if not f.startswith("<built-in") and "torch/nn/modules/module.py" not in f]
+            site = " <- ".join(frames[:4]) or "(no Python frame: autograd engine or C++)"
+            sites[site] = sites.get(site, 0) + 1
+    print("fill/zero ops per step by Python call site:")
+    for site, count in sorted(sites.items(), key=lambda kv: -kv[1])[:12]:
+        print(f"  {count / active:7.1f}  {site}")
+
+
 def main(argv=None) -> list[Row]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tiny", action="store_true", help="tiny model on CPU, a few steps (smoke test)")
     parser.add_argument("--variants", default="paper,tuned,ours,series,parallel",
-                        help="comma list of paper, tuned, ours, ours_padded, series, parallel")
+                        help="comma list of paper, tuned, ours[_varlen][_liger][_nocompile], ours_padded, series, "
+                             "parallel, check_varlen (see the module docstring)")
     parser.add_argument("--steps", type=int, default=12, help="timed optimiser steps per variant")
     parser.add_argument("--pack-length", type=int, default=2048)
     parser.add_argument("--rows", type=int, default=4, help="packed rows per micro-batch")
     parser.add_argument("--write-lengths", action="store_true", help="regenerate the length list from math_data.json")
     parser.add_argument("--attn", default="flex_attention", help="trainer.attn_implementation of the adapters_lab variants")
     parser.add_argument("--lora-dropout", type=float, default=0.05, help="LoRA dropout of every variant (diagnostics)")
-    parser.add_argument("--profile", action="store_true", help="print the top GPU kernels of each variant")
+    parser.add_argument("--profile", action="store_true",
+                        help="profile the timed steps (after warm-up and compilation) of each variant: top kernels per "
+                             "step, fill kernels per step and the Python call sites of the fills")
     parser.add_argument("--json", type=Path, help="also write the rows here")
     args = parser.parse_args(argv)
 
@@ -234,6 +391,8 @@ def main(argv=None) -> list[Row]:
                           attn_implementation=args.attn if not args.tiny else None,
                           micro_batch_size=args.rows if not args.tiny else 2,
                           batch_size=args.rows if not args.tiny else 2, compile=compiled, fused_loss=True)
+    first_losses: dict[str, float] = {}
+
     def run_variant(variant, model):
         if variant in ("paper", "tuned"):
             micro, fixed = (4, None) if variant == "paper" else ((32, 256) if not args.tiny else (4, 32))
@@ -243,32 +402,56 @@ def main(argv=None) -> list[Row]:
                                                dropout=args.lora_dropout)
             add(f"HF PEFT, {'paper recipe (micro-batch 4, padded)' if variant == 'paper' else f'tuned (micro-batch {micro} x {fixed}, compiled)'}",
                 real / seconds, 1 - real / padded, flops_per_token(model), peak_gib(device))
-        else:
-            lora = {"config": "lora", "overrides": {"dropout": args.lora_dropout}}
-            adapter = {"ours": lora, "ours_padded": lora,
-                       "series": {"config": "series", "overrides": {"rank": 256}},
-                       "parallel": {"config": "parallel", "overrides": {"rank": 256}}}[variant]
-            overrides = dict(pack_overrides) if variant != "ours_padded" else dict(micro_batch_size=4, batch_size=4)
-            rows_per_step = overrides["micro_batch_size"] * (args.pack_length if "pack_length" in overrides and not args.tiny else 180)
-            examples = examples_from(lengths, shape["vocab_size"], max(64, int(1.3 * rows_per_step * (steps + warmup) / 171)), seed=1)
+            return
+        switches = ours_variant(variant)
+        lora = {"config": "lora", "overrides": {"dropout": args.lora_dropout}}
+        adapter = {"ours_padded": lora, "series": {"config": "series", "overrides": {"rank": 256}},
+                   "parallel": {"config": "parallel", "overrides": {"rank": 256}}}.get(variant, lora)
+        overrides = dict(pack_overrides) if variant != "ours_padded" else dict(micro_batch_size=4, batch_size=4)
+        label = {"ours_padded": "adapters_lab LoRA, paper batching", "series": "adapters_lab series bottleneck 256",
+                 "parallel": "adapters_lab parallel bottleneck 256"}.get(variant, "adapters_lab LoRA")
+        liger = contextlib.nullcontext()
+        if switches:
+            if switches["varlen"]:
+                overrides["attn_implementation"] = "varlen"
+            overrides["compile"] = compiled and switches["compile"]
+            extras = [name for name, on in (("liger kernels", switches["liger"]),
+                                            ("eager layers", not switches["compile"] and compiled)) if on]
+            label += "".join(f", {e}" for e in extras)
+            if switches["liger"]:
+                liger = liger_kernels(model, device)
+        rows_per_step = overrides["micro_batch_size"] * (args.pack_length if "pack_length" in overrides and not args.tiny else 180)
+        examples = examples_from(lengths, shape["vocab_size"], max(64, int(1.3 * rows_per_step * (steps + warmup) / 171)), seed=1)
+        with liger:
             result, flops = ours(model, adapter, examples, overrides, steps + warmup, device)
-            label = {"ours": "adapters_lab LoRA", "ours_padded": "adapters_lab LoRA, paper batching",
-                     "series": "adapters_lab series bottleneck 256", "parallel": "adapters_lab parallel bottleneck 256"}[variant]
-            add(label, result.steady_tokens_per_second, 1 - result.tokens / result.padded_tokens, flops,
-                result.peak_memory_gib, f"({overrides.get('batching', 'padded')}, {overrides['micro_batch_size']} rows"
-                + (f" x {args.pack_length})" if "pack_length" in overrides and not args.tiny else ")"))
-
+        first_losses[variant] = result.loss_history[0]
+        add(label, result.steady_tokens_per_second, 1 - result.tokens / result.padded_tokens, flops,
+            result.peak_memory_gib, f"({overrides.get('batching', 'padded')}, {overrides['micro_batch_size']} rows"
+            + (f" x {args.pack_length})" if "pack_length" in overrides and not args.tiny else ")")
+            + (f"; {overrides['attn_implementation'] or 'sdpa'}" if "attn_implementation" in overrides else "")
+            + f"; step-1 loss {result.loss_history[0]:.5f}")
 
     for variant in variants:
         free(device)
+        if variant == "check_varlen":
+            try:
+                check_varlen(shape, device, dtype, lengths, rows=pack_overrides["micro_batch_size"],
+                             pack_length=args.pack_length if not args.tiny else 512)
+            except Exception:  # a failed check is printed; the timings still run
+                import traceback
+
+                traceback.print_exc()
+                print("varlen check: FAILED (traceback above)", flush=True)
+            continue
         model = build_model(shape, device, dtype)
         try:
             if args.profile:
-                with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+                with profiled(device, warmup, steps):
                     run_variant(variant, model)
-                print(prof.key_averages().table(sort_by="self_device_time_total", row_limit=25, max_name_column_width=70))
             else:
                 run_variant(variant, model)
+        except Skipped as reason:
+            print(f"  {variant}: skipped: {reason}", flush=True)
         except Exception as err:  # keep measuring the other variants; the table says what failed
             import traceback
 
@@ -276,6 +459,14 @@ def main(argv=None) -> list[Row]:
             rows.append(Row(variant, 0.0, 0.0, None, None, None, f"FAILED: {type(err).__name__}: {err}"[:200]))
         del model
     free(device)
+
+    # Step 1 runs before any update with LoRA B = 0, so its loss is the base model's whatever the
+    # dropout draws: varlen and flex (or SDPA) must agree up to bf16 rounding.
+    for variant, loss in first_losses.items():
+        plain = variant.replace("_varlen", "")
+        if "_varlen" in variant and plain in first_losses:
+            print(f"varlen vs {args.attn if not args.tiny else 'sdpa'}: step-1 loss {variant} {loss:.5f}, {plain} "
+                  f"{first_losses[plain]:.5f}, |diff| {abs(loss - first_losses[plain]):.2e}", flush=True)
 
     base = {r.name.split(",")[0] + (" paper" if "paper" in r.name else " tuned"): r.tokens_per_second
             for r in rows if r.name.startswith("HF PEFT")}

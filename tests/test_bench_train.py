@@ -1,0 +1,92 @@
+"""`scripts/bench_train.py` variants added for issue 5: varlen attention, liger kernels, the
+varlen check and the steady-step profile, on the CPU (`--tiny`)."""
+
+from __future__ import annotations
+
+import importlib.machinery
+import importlib.util
+import re
+import sys
+import types
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("bench_train", REPO / "scripts" / "bench_train.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["bench_train"] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_tiny_varlen_variants_check_and_liger_skip(bench, capsys):
+    rows = bench.main(["--tiny", "--variants", "check_varlen,ours,ours_varlen,ours_liger,ours_varlen_nocompile"])
+    out = capsys.readouterr().out
+    assert [r.note.startswith("FAILED") for r in rows] == [False] * 3, [r.note for r in rows]
+    assert all(r.tokens_per_second > 0 for r in rows)
+    assert "ours_liger: skipped: liger kernels need a CUDA GPU" in out
+    check = re.search(r"varlen check: varlen vs sdpa: \|loss diff\| (\S+), LoRA grads max\|diff\|/max\|grad\| (\S+)", out)
+    assert check and float(check.group(1)) < 1e-5 and float(check.group(2)) < 1e-5, out
+    step1 = re.search(r"varlen vs sdpa: step-1 loss ours_varlen (\S+), ours (\S+), \|diff\| (\S+)", out)
+    assert step1 and float(step1.group(3)) < 1e-4, out
+    losses = [float(re.search(r"step-1 loss (\S+)", r.note).group(1)) for r in rows]
+    assert max(losses) - min(losses) < 1e-4  # same batch, same base model: same first loss
+
+
+def test_ours_variant_suffixes(bench):
+    assert bench.ours_variant("ours") == {"varlen": False, "liger": False, "compile": True}
+    assert bench.ours_variant("ours_varlen_liger") == {"varlen": True, "liger": True, "compile": True}
+    assert bench.ours_variant("ours_liger_nocompile") == {"varlen": False, "liger": True, "compile": False}
+    assert bench.ours_variant("ours_padded") is None and bench.ours_variant("tuned") is None
+    with pytest.raises(SystemExit, match="unknown suffixes"):
+        bench.ours_variant("ours_fast")
+
+
+def test_liger_skips_when_not_installed(bench, monkeypatch):
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None)
+    with pytest.raises(bench.Skipped, match="liger-kernel not installed"):
+        with bench.liger_kernels(torch.nn.Module(), torch.device("cuda")):
+            pass
+
+
+def test_liger_patches_are_undone_after_the_variant(bench, monkeypatch):
+    from transformers.models.llama import modeling_llama
+
+    before = (modeling_llama.apply_rotary_pos_emb, modeling_llama.LlamaRMSNorm, modeling_llama.LlamaMLP,
+              modeling_llama.LlamaForCausalLM.forward)
+    calls = []
+
+    def fake_apply(**kwargs):  # what liger does: module globals and the class forward
+        calls.append(kwargs)
+        modeling_llama.apply_rotary_pos_emb = modeling_llama.LlamaRMSNorm = modeling_llama.LlamaMLP = "liger"
+        modeling_llama.LlamaForCausalLM.forward = lambda self: None
+
+    package = types.ModuleType("liger_kernel")
+    package.__spec__ = importlib.machinery.ModuleSpec("liger_kernel", None)
+    package.__path__ = []
+    sub = types.ModuleType("liger_kernel.transformers")
+    sub.apply_liger_kernel_to_llama = fake_apply
+    package.transformers = sub
+    monkeypatch.setitem(sys.modules, "liger_kernel", package)
+    monkeypatch.setitem(sys.modules, "liger_kernel.transformers", sub)
+    with bench.liger_kernels("model", torch.device("cuda")):
+        assert modeling_llama.LlamaMLP == "liger"
+    assert calls == [dict(rope=True, rms_norm=True, swiglu=True, cross_entropy=False,
+                          fused_linear_cross_entropy=False, model="model")]
+    assert (modeling_llama.apply_rotary_pos_emb, modeling_llama.LlamaRMSNorm, modeling_llama.LlamaMLP,
+            modeling_llama.LlamaForCausalLM.forward) == before
+
+
+def test_profile_covers_the_timed_steps_and_names_fill_sites(bench, capsys):
+    rows = bench.main(["--tiny", "--variants", "ours", "--profile"])
+    out = capsys.readouterr().out
+    assert not rows[0].note.startswith("FAILED"), rows[0].note
+    assert "profile of 1 timed steps" in out
+    assert "fill/zero ops per step by Python call site:" in out
+    assert "adapters_lab/train.py" in out.split("fill/zero ops per step by Python call site:")[1]
