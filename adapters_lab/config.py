@@ -57,9 +57,9 @@ class Protocol(str, Enum):
     strict = "strict"
 
 
-class KVCache(str, Enum):
-    dynamic = "dynamic"  # grows with each token (transformers' default)
-    static = "static"  # fixed size: transformers compiles the decoding step on a GPU
+class DecoderKind(str, Enum):
+    adapters_lab = "adapters_lab"  # adapters_lab/decoding.py: grouped beam cache, CUDA graphs on a GPU
+    transformers = "transformers"  # transformers' generate (used anyway where ours does not apply)
 
 
 class WandbMode(str, Enum):
@@ -164,8 +164,8 @@ class EvalConfig:
     max_new_tokens: Optional[int] = None  # None: per-set default (math 256, commonsense 32)
     limit: Optional[int] = None  # first N examples of each set
     protocol: Protocol = Protocol.paper  # which parse `eval.<set>.accuracy` reports
-    # static: prompts are padded to a multiple of 64 to bound recompilations.
-    cache_implementation: KVCache = KVCache.dynamic
+    # Same tokens either way (tests/test_decoding.py); adapters_lab's is the fast one.
+    decoder: DecoderKind = DecoderKind.adapters_lab
 
 
 @dataclass

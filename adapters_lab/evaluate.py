@@ -8,7 +8,9 @@ model writes, as upstream's ``output.split("### Response:")[1]``.
 
 from __future__ import annotations
 
+import gc
 import logging
+import math
 import time
 from pathlib import Path
 
@@ -17,11 +19,15 @@ import torch.nn as nn
 from transformers import GenerationConfig
 
 from adapters_lab.answers import PROTOCOLS, answer_kind, score
-from adapters_lab.config import EvalConfig, KVCache
+from adapters_lab import decoding
+from adapters_lab.config import EvalConfig
 from adapters_lab.data.prompts import RESPONSE_MARKER, eval_prompt
 from adapters_lab.files import write_jsonl_atomic
 
 log = logging.getLogger(__name__)
+# Prompt lengths are rounded up to this for our decoder, so batches of similar length share its
+# buffers and CUDA graphs.
+PROMPT_SLOT_MULTIPLE = 32
 
 
 def default_max_new_tokens(dataset: str) -> int:
@@ -35,44 +41,82 @@ def response_text(generated: str) -> str:
 
 @torch.no_grad()
 def generate(model: nn.Module, tokenizer, prompts: list[str], batch_size: int, num_beams: int,
-             max_new_tokens: int, device: torch.device, cache_implementation: str = "dynamic") -> list[str]:
-    """Generated continuations (new tokens only, decoded), in the order of ``prompts``."""
+             max_new_tokens: int, device: torch.device, decoder: str = "adapters_lab") -> list[str]:
+    """Generated continuations (new tokens only, decoded), in the order of ``prompts``.
+
+    ``decoder``: ``adapters_lab`` (``decoding.Decoder``, where ``decoding.supports`` the model)
+    or ``transformers`` (``generate``); both give the same tokens. A batch that runs out of GPU
+    memory is halved and retried."""
     was_training = model.training
     model.eval()
     tokenizer.padding_side = "left"
     lengths = [len(tokenizer(p)["input_ids"]) for p in prompts]
     order = sorted(range(len(prompts)), key=lambda i: -lengths[i])
-    config = GenerationConfig(
-        do_sample=False, num_beams=num_beams, max_new_tokens=max_new_tokens, use_cache=True,
-        pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
-        bos_token_id=tokenizer.bos_token_id, cache_implementation=cache_implementation,
-    )
-    pad_multiple = 64 if cache_implementation == "static" else None
+    ours = decoder == "adapters_lab" and decoding.supports(model)
+    if decoder == "adapters_lab" and not ours:
+        log.info("eval: %s model with this adapter decodes through transformers' generate", model.config.model_type)
     outputs: list[str] = [""] * len(prompts)
     pending = [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
+    built: dict[str, decoding.Decoder] = {}  # the decoder of the last batch, reused while shapes fit
     while pending:
         chunk = pending.pop(0)
-        enc = tokenizer([prompts[i] for i in chunk], return_tensors="pt", padding=True,
-                        pad_to_multiple_of=pad_multiple).to(device)
         try:
-            sequences = model.generate(**enc, generation_config=config)
+            if ours:
+                new_tokens = _decode(model, tokenizer, [prompts[i] for i in chunk], built, num_beams, max_new_tokens)
+            else:
+                new_tokens = _generate(model, tokenizer, [prompts[i] for i in chunk], num_beams, max_new_tokens,
+                                       device)
         except torch.OutOfMemoryError:
             if len(chunk) == 1:
                 raise
-            # The KV cache of the longest prompts (they come first) did not fit: halve and go on.
-            del enc
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
+            new_tokens = None
+        if new_tokens is None:
+            # The KV cache of the longest prompts (they come first) did not fit: halve and go on. Out of
+            # the except block, so the failed attempt's tensors (held by the traceback) are free.
+            built.clear()
+            release_memory(device)
             half = len(chunk) // 2
             log.warning("eval: out of memory at batch %d x %d beams; retrying as two of %d and %d",
                         len(chunk), num_beams, half, len(chunk) - half)
             pending[:0] = [chunk[:half], chunk[half:]]
             continue
-        new_tokens = sequences[:, enc["input_ids"].shape[1]:]
         for i, text in zip(chunk, tokenizer.batch_decode(new_tokens, skip_special_tokens=True)):
             outputs[i] = text
     model.train(was_training)
     return outputs
+
+
+def release_memory(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def _generate(model: nn.Module, tokenizer, prompts: list[str], num_beams: int, max_new_tokens: int,
+              device: torch.device) -> torch.Tensor:
+    config = GenerationConfig(
+        do_sample=False, num_beams=num_beams, max_new_tokens=max_new_tokens, use_cache=True,
+        pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id,
+    )
+    enc = tokenizer(prompts, return_tensors="pt", padding=True).to(device)
+    return model.generate(**enc, generation_config=config)[:, enc["input_ids"].shape[1]:]
+
+
+def _decode(model: nn.Module, tokenizer, prompts: list[str], built: dict[str, decoding.Decoder], num_beams: int,
+            max_new_tokens: int) -> torch.Tensor:
+    """Our decoder on one batch, reusing ``built["decoder"]`` (buffers, CUDA graphs) when the batch
+    fits its shape: a shorter last batch is filled up with copies of its last prompt."""
+    enc = tokenizer(prompts, return_tensors="pt", padding=True)
+    slots = PROMPT_SLOT_MULTIPLE * math.ceil(enc["input_ids"].shape[1] / PROMPT_SLOT_MULTIPLE)
+    decoder = built.get("decoder")
+    if decoder is None or decoder.prompt_slots != slots or decoder.prompts < len(prompts):
+        built.clear()  # free the old cache (and CUDA graph pool) before allocating the new one
+        release_memory(model.get_input_embeddings().weight.device)
+        decoder = built["decoder"] = decoding.Decoder(model, len(prompts), slots, num_beams, max_new_tokens,
+                                                      tokenizer.eos_token_id, tokenizer.pad_token_id)
+    fill = decoder.prompts - len(prompts)
+    ids, mask = (torch.cat([t, t[-1:].expand(fill, -1)]) for t in (enc["input_ids"], enc["attention_mask"]))
+    return decoder(ids, mask)[: len(prompts)]
 
 
 def score_set(name: str, records: list[dict], prompts: list[str], generated: list[str],
@@ -104,7 +148,7 @@ def evaluate_sets(model: nn.Module, tokenizer, eval_sets: dict[str, list[dict]],
         max_new = cfg.max_new_tokens or default_max_new_tokens(name)
         start = time.perf_counter()
         generated = generate(model, tokenizer, prompts, cfg.batch_size, cfg.num_beams, max_new, device,
-                             KVCache(cfg.cache_implementation).value)
+                             str(getattr(cfg.decoder, "value", cfg.decoder)))
         results[name], lines = score_set(name, records, prompts, generated, protocol)
         results[name]["seconds"] = time.perf_counter() - start
         log.info("eval %s: accuracy %.4f (%s, %d/%d; paper %.4f, strict %.4f) in %.1fs", name,

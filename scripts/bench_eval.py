@@ -1,10 +1,13 @@
 """Time our evaluator against LLM-Adapters' procedure on the same model and GSM8K prompts.
 
 Upstream's ``evaluate.py`` generates one example at a time with 4 beams (here also without the
-KV cache, as the issue describes it); ours batches length-sorted, left-padded prompts with an
-attention mask and the KV cache. Both run in this one process on one random-init model of
-LLaMA-7B's shape in bf16 (``--tiny``: a tiny fp32 model on CPU, a few prompts, for a smoke test),
-fed the first prompts of ``dataset/gsm8k/test.json`` through the paper's evaluation template.
+KV cache, as the issue describes it); ours (``adapters_lab/decoding.py``) batches length-sorted,
+left-padded prompts over a grouped KV cache with CUDA-graphed steps. Both run in this one process
+on one random-init model of LLaMA-7B's shape in bf16 (``--tiny``: a tiny fp32 model on CPU, a
+few prompts, for a smoke test), fed the first prompts of ``dataset/gsm8k/test.json`` through the
+paper's evaluation template. ``--suite`` also times our evaluator over the whole math suite (all
+seven test sets, 4,314 questions), and ``--check`` compares our tokens with ``generate``'s and
+our CUDA-graphed steps with the same steps run eagerly.
 
 A random-init model never emits EOS, so every answer runs to the full 256 new tokens: the
 extrapolation to the full math suite is an upper bound for a trained model, which stops earlier.
@@ -12,6 +15,7 @@ The tokenizer is the project's local byte-level BPE (no download), whose prompts
 longer than LLaMA's; the mean prompt length is reported.
 
     python scripts/bench_eval.py --out bench_eval.json              # on a GPU
+    python scripts/bench_eval.py --out suite.json --suite 1,4 --prompts 0   # the whole suite, both decodings
     python scripts/bench_eval.py --tiny --out /tmp/bench_eval.json  # CPU smoke test
 
 Prints a Markdown table and writes the same figures as JSON to ``--out``.
@@ -20,6 +24,7 @@ Prints a Markdown table and writes the same figures as JSON to ``--out``.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import time
@@ -35,12 +40,14 @@ from adapters_lab.config import TinyModelConfig  # noqa: E402
 from adapters_lab.data.arith import arith_splits  # noqa: E402
 from adapters_lab.data.prompts import RESPONSE_MARKER, eval_prompt  # noqa: E402
 from adapters_lab.data.records import read_json_records  # noqa: E402
+from adapters_lab.decoding import Decoder  # noqa: E402
 from adapters_lab.evaluate import generate  # noqa: E402
 from adapters_lab.files import write_json_atomic  # noqa: E402
 from adapters_lab.models import build_tiny_model, build_tiny_tokenizer  # noqa: E402
 
 # Test-set sizes of the math suite (gsm8k, AQuA, SVAMP, MultiArith, AddSub, SingleEq, mawps).
-MATH_SUITE_QUESTIONS = 1319 + 254 + 1000 + 600 + 395 + 508 + 238
+MATH_SUITE = {"gsm8k": 1319, "AQuA": 254, "SVAMP": 1000, "MultiArith": 600, "AddSub": 395, "SingleEq": 508, "mawps": 238}
+MATH_SUITE_QUESTIONS = sum(MATH_SUITE.values())
 LLAMA_7B_SHAPE = dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
                       num_key_value_heads=32, vocab_size=32000, max_position_embeddings=2048)
 
@@ -96,61 +103,99 @@ def timed(fn, device: torch.device) -> float:
     return time.perf_counter() - start
 
 
+def suite_prompts(data_dir: Path) -> dict[str, list[str]]:
+    """Every question of the math suite under the paper's template, per set."""
+    prompts = {}
+    for name in MATH_SUITE:
+        path = data_dir / "dataset" / name / "test.json"
+        prompts[name] = [eval_prompt(r["instruction"], r.get("input", "")) for r in read_json_records(path, "--data-dir")]
+    return prompts
+
+
+def check_decoder(model, tokenizer, prompts: list[str], max_new: int, device: torch.device) -> dict:
+    """Our tokens vs transformers' ``generate`` (greedy and 4 beams), and CUDA-graphed vs eager steps.
+    For scale, how often ``generate`` agrees with itself batched vs one prompt at a time (greedy): in
+    bf16 neither is batch-invariant, and a random model's near-flat logits flip on rounding."""
+    batched = generate(model, tokenizer, prompts, len(prompts), 1, max_new, device, "transformers")
+    one_by_one = generate(model, tokenizer, prompts, 1, 1, max_new, device, "transformers")
+    result = {"generate_batched_vs_one_by_one_1_beam": sum(a == b for a, b in zip(batched, one_by_one)) / len(prompts)}
+    for beams in (1, 4):
+        ours = generate(model, tokenizer, prompts, len(prompts), beams, max_new, device, "adapters_lab")
+        reference = generate(model, tokenizer, prompts, len(prompts), beams, max_new, device, "transformers")
+        result[f"same_text_as_generate_{beams}_beams"] = sum(a == b for a, b in zip(ours, reference)) / len(prompts)
+    if device.type == "cuda":
+        tokenizer.padding_side = "left"
+        enc = tokenizer(prompts, return_tensors="pt", padding=True)
+        slots = enc["input_ids"].shape[1]
+        tokens = {graphs: Decoder(model, len(prompts), slots, 4, max_new, tokenizer.eos_token_id, tokenizer.pad_token_id,
+                                  cuda_graphs=graphs)(enc["input_ids"], enc["attention_mask"]) for graphs in (False, True)}
+        result["cuda_graphs_equal_eager_4_beams"] = bool(torch.equal(tokens[False], tokens[True]))
+    return result
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, required=True, help="where to write the JSON results")
     parser.add_argument("--tiny", action="store_true", help="CPU smoke test: tiny model, a few prompts")
-    parser.add_argument("--prompts", type=int, default=None, help="prompts for our evaluator (default 64; tiny 4)")
+    parser.add_argument("--prompts", type=int, default=None,
+                        help="GSM8K prompts for the side-by-side rows (default 64; tiny 4; 0: no side-by-side rows)")
     parser.add_argument("--upstream-prompts", type=int, default=None,
-                        help="of those, how many the upstream loop runs (default 16, ~8 s each on an H100; tiny 2)")
-    parser.add_argument("--batch-size", type=int, default=32, help="our evaluator's batch, greedy")
-    parser.add_argument("--beam-batch-size", type=int, default=None, help="our batch with 4 beams (default: --batch-size)")
-    parser.add_argument("--static-cache", action="store_true",
-                        help="also time our greedy evaluator with eval.cache_implementation=static (compiled decoding)")
+                        help="of those, how many the upstream loop runs (default 4, ~14 s each on an H100; tiny 2)")
+    parser.add_argument("--batch-size", type=int, default=128, help="our evaluator's batch (prompts), greedy")
+    parser.add_argument("--beam-batch-size", type=int, default=64, help="our batch (prompts) with 4 beams")
+    parser.add_argument("--suite", default="", help="also time ours over the whole math suite: beams, e.g. 1,4")
+    parser.add_argument("--check", type=int, default=0, help="compare our tokens with generate's on N prompts")
     parser.add_argument("--max-new-tokens", type=int, default=None, help="default 256 (the paper's); tiny 8")
     parser.add_argument("--data-dir", type=Path,
                         default=Path(os.environ.get("ADAPTERS_LAB_DATA", REPO.parent / "shared" / "data")) / "llm_adapters")
     args = parser.parse_args(argv)
-    n = args.prompts or (4 if args.tiny else 64)
-    n_upstream = min(n, args.upstream_prompts or (2 if args.tiny else 16))
+    n = (4 if args.tiny else 64) if args.prompts is None else args.prompts
+    n_upstream = min(n, args.upstream_prompts or (2 if args.tiny else 4))
     max_new = args.max_new_tokens or (8 if args.tiny else 256)
     device = torch.device("cpu" if args.tiny or not torch.cuda.is_available() else "cuda")
     torch.manual_seed(0)
 
     tokenizer = build_tiny_tokenizer()
-    prompts, source = load_prompts(args.data_dir, n)
+    prompts, source = load_prompts(args.data_dir, max(n, args.check, 1))
     model, description = build_model(args.tiny, device, tokenizer)
-    prompt_tokens = [len(tokenizer(p)["input_ids"]) for p in prompts]
-
-    beam_batch = args.beam_batch_size or args.batch_size
-    runs = [("ours", 4, beam_batch, "dynamic", prompts), ("ours", 1, args.batch_size, "dynamic", prompts),
-            ("upstream", 4, 1, None, prompts[:n_upstream])]
-    if args.static_cache:
-        runs.append(("ours", 1, args.batch_size, "static", prompts))
-    # Warm-up (kernels, allocator) on one short prompt per procedure, not timed.
-    generate(model, tokenizer, prompts[:1], 1, 1, 2, device)
-    upstream_generate(model, tokenizer, prompts[:1], 2, device)
-    rows = []
-    for procedure, beams, batch, cache, subset in runs:
-        if procedure == "ours":
-            if cache == "static":  # first call compiles the decoding step: not timed
-                generate(model, tokenizer, subset[:batch], batch, beams, max_new, device, cache)
-            seconds = timed(lambda: generate(model, tokenizer, subset, batch, beams, max_new, device, cache), device)
-        else:
-            seconds = timed(lambda: upstream_generate(model, tokenizer, subset, max_new, device), device)
-        rate = len(subset) / seconds
-        rows.append({"procedure": procedure, "num_beams": beams, "batch_size": batch, "kv_cache": cache or "none",
-                     "examples": len(subset), "seconds": seconds, "examples_per_s": rate,
-                     "math_suite_minutes": MATH_SUITE_QUESTIONS / rate / 60})
-    upstream_rate = rows[2]["examples_per_s"]
+    prompt_tokens = [len(tokenizer(p)["input_ids"]) for p in prompts[: max(n, 1)]]
     result = {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "model": description, "prompts_source": source, "mean_prompt_tokens": sum(prompt_tokens) / len(prompt_tokens),
-        "max_new_tokens": max_new, "math_suite_questions": MATH_SUITE_QUESTIONS, "rows": rows,
-        "speedup_4beam": rows[0]["examples_per_s"] / upstream_rate,
-        "speedup_greedy": rows[1]["examples_per_s"] / upstream_rate,
+        "max_new_tokens": max_new, "math_suite_questions": MATH_SUITE_QUESTIONS, "rows": [], "suite": [],
         "torch": torch.__version__,
     }
+    # Warm-up (kernels, allocator) on one short prompt per procedure, not timed.
+    generate(model, tokenizer, prompts[:1], 1, 1, 2, device)
+    if args.check:
+        result["check"] = check_decoder(model, tokenizer, prompts[: args.check], max_new, device)
+        print(json.dumps(result["check"]))
+    if n:
+        upstream_generate(model, tokenizer, prompts[:1], 2, device)
+        runs = [("ours", 4, args.beam_batch_size, prompts[:n]), ("ours", 1, args.batch_size, prompts[:n]),
+                ("upstream", 4, 1, prompts[:n_upstream])]
+        for procedure, beams, batch, subset in runs:
+            if procedure == "ours":
+                seconds = timed(lambda: generate(model, tokenizer, subset, batch, beams, max_new, device), device)
+            else:
+                seconds = timed(lambda: upstream_generate(model, tokenizer, subset, max_new, device), device)
+            rate = len(subset) / seconds
+            result["rows"].append({"procedure": procedure, "num_beams": beams, "batch_size": batch,
+                                   "kv_cache": ("grouped, CUDA graphs" if device.type == "cuda" else "grouped")
+                                   if procedure == "ours" else "none",
+                                   "examples": len(subset), "seconds": seconds, "examples_per_s": rate,
+                                   "math_suite_minutes": MATH_SUITE_QUESTIONS / rate / 60})
+        upstream_rate = result["rows"][2]["examples_per_s"]
+        result["speedup_4beam"] = result["rows"][0]["examples_per_s"] / upstream_rate
+        result["speedup_greedy"] = result["rows"][1]["examples_per_s"] / upstream_rate
+    if args.suite:
+        sets = suite_prompts(args.data_dir)
+        for beams in (int(b) for b in args.suite.split(",")):
+            batch = args.batch_size if beams == 1 else args.beam_batch_size
+            per_set = {name: timed(lambda: generate(model, tokenizer, p, batch, beams, max_new, device), device)
+                       for name, p in sets.items()}
+            result["suite"].append({"num_beams": beams, "batch_size": batch, "questions": sum(map(len, sets.values())),
+                                    "seconds_per_set": per_set, "minutes": sum(per_set.values()) / 60})
     write_json_atomic(args.out, result)
     print(markdown(result))
     return result
@@ -168,8 +213,13 @@ def markdown(result: dict) -> str:
     for r in result["rows"]:
         lines.append(f"| {r['procedure']} | {r['num_beams']} | {r['batch_size']} | {r['kv_cache']} "
                      f"| {r['examples']} | {r['seconds']:.2f} | {r['examples_per_s']:.3f} | {r['math_suite_minutes']:.1f} |")
-    lines += ["", f"Speed-up over upstream: {result['speedup_4beam']:.1f}x with 4 beams, "
-                  f"{result['speedup_greedy']:.1f}x greedy (dynamic cache)."]
+    if result["rows"]:
+        lines += ["", f"Speed-up over upstream: {result['speedup_4beam']:.1f}x with 4 beams, "
+                      f"{result['speedup_greedy']:.1f}x greedy."]
+    for r in result["suite"]:
+        lines.append(f"Whole math suite, ours, {r['num_beams']} beam(s), batch {r['batch_size']}: {r['questions']:,} "
+                     f"questions in {r['minutes']:.2f} min (" + ", ".join(
+                         f"{k} {v:.0f}s" for k, v in r["seconds_per_set"].items()) + ").")
     return "\n".join(lines)
 
 

@@ -35,27 +35,21 @@ def test_batched_generation_equals_batch_size_one(tiny):
     prompts = [eval_prompt(q) for q in QUESTIONS]
     lengths = {len(tokenizer(p)["input_ids"]) for p in prompts}
     assert len(lengths) == len(prompts)  # every batch pads something
-    for beams in (1, 4):  # greedy, and the paper's beam search
-        one_by_one = evaluate.generate(model, tokenizer, prompts, 1, beams, 8, CPU)
-        batched = evaluate.generate(model, tokenizer, prompts, 3, beams, 8, CPU)
-        assert batched == one_by_one
-        assert len(set(one_by_one)) > 1  # outputs depend on the prompt, so the comparison means something
+    for decoder in ("adapters_lab", "transformers"):
+        for beams in (1, 4):  # greedy, and the paper's beam search
+            one_by_one = evaluate.generate(model, tokenizer, prompts, 1, beams, 8, CPU, decoder)
+            batched = evaluate.generate(model, tokenizer, prompts, 3, beams, 8, CPU, decoder)
+            assert batched == one_by_one
+            assert len(set(one_by_one)) > 1  # outputs depend on the prompt, so the comparison means something
     model.train()
     evaluate.generate(model, tokenizer, prompts[:1], 1, 1, 2, CPU)
     assert model.training  # generate restores the caller's train/eval mode
 
 
-def test_static_cache_gives_the_dynamic_cache_answers(tiny):
-    model, tokenizer = tiny
-    prompts = [eval_prompt(q) for q in QUESTIONS]
-    dynamic = evaluate.generate(model, tokenizer, prompts, 3, 1, 8, CPU)
-    assert evaluate.generate(model, tokenizer, prompts, 3, 1, 8, CPU, cache_implementation="static") == dynamic
-
-
 def test_out_of_memory_halves_the_batch_and_keeps_every_answer(tiny, monkeypatch, caplog):
     model, tokenizer = tiny
     prompts = [eval_prompt(q) for q in QUESTIONS]
-    expected = evaluate.generate(model, tokenizer, prompts, 5, 1, 6, CPU)
+    expected = evaluate.generate(model, tokenizer, prompts, 5, 1, 6, CPU, "transformers")
     real_generate, tried, generated = model.generate, [], []
 
     def generate_that_fits_two(**kwargs):
@@ -66,12 +60,13 @@ def test_out_of_memory_halves_the_batch_and_keeps_every_answer(tiny, monkeypatch
         return real_generate(**kwargs)
 
     monkeypatch.setattr(model, "generate", generate_that_fits_two)
-    assert evaluate.generate(model, tokenizer, prompts, 5, 1, 6, CPU) == expected
+    assert evaluate.generate(model, tokenizer, prompts, 5, 1, 6, CPU, "transformers") == expected
     assert tried == [5, 2, 3, 1, 2] and generated == [2, 1, 2]  # 5 -> 2+3, then 3 -> 1+2
     assert "out of memory at batch 5" in caplog.text
 
 
-def test_generation_stops_at_eos(tiny):
+@pytest.mark.parametrize("decoder", ["adapters_lab", "transformers"])
+def test_generation_stops_at_eos(tiny, decoder):
     model, tokenizer = tiny
     bias = torch.full((len(tokenizer),), -1e4)
     bias[tokenizer.eos_token_id] = 1e4  # the model can only say EOS
@@ -83,7 +78,7 @@ def test_generation_stops_at_eos(tiny):
     try:
         outputs = {}
         for beams in (1, 4):
-            outputs[beams] = evaluate.generate(model, tokenizer, prompts, 2, beams, 16, CPU)
+            outputs[beams] = evaluate.generate(model, tokenizer, prompts, 2, beams, 16, CPU, decoder)
     finally:
         hook.remove()
         del head.bias
@@ -130,7 +125,9 @@ def test_bench_eval_tiny_prints_and_writes_its_table(tmp_path, capsys):
     spec.loader.exec_module(bench)
     out = tmp_path / "bench.json"
     result = bench.main(["--tiny", "--out", str(out), "--prompts", "3", "--upstream-prompts", "1",
-                         "--max-new-tokens", "3", "--data-dir", str(tmp_path / "absent")])
+                         "--max-new-tokens", "3", "--data-dir", str(tmp_path / "absent"), "--check", "3"])
+    # fp32 on the CPU: our decoder gives generate's exact texts, greedy and with beams
+    assert result["check"]["same_text_as_generate_1_beams"] == result["check"]["same_text_as_generate_4_beams"] == 1.0
     assert json.loads(out.read_text()) == json.loads(json.dumps(result))
     rows = {(r["procedure"], r["num_beams"]): r for r in result["rows"]}
     assert set(rows) == {("ours", 4), ("ours", 1), ("upstream", 4)}

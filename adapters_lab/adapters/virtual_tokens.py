@@ -80,5 +80,6 @@ def install(model: nn.Module, num_virtual_tokens: int, first_step: Callable[[dic
             output.logits = logits[:, -length:]
         return output
 
+    model.adapters_lab_virtual_tokens = n  # decoding.supports reads it: the mask rewrite needs generate
     model.register_forward_pre_hook(pre_hook, with_kwargs=True)
     model.register_forward_hook(post_hook, with_kwargs=True)

@@ -1,0 +1,297 @@
+"""Batched greedy and beam-search decoding over a grouped KV cache, CUDA-graphed on a GPU.
+
+It computes what transformers' ``generate`` computes with ``do_sample=False``: greedy, or beam
+search with length penalty 1 and ``early_stopping=False``, the decoding LLM-Adapters'
+``evaluate.py`` runs (Hu et al., 2023); ``tests/test_decoding.py`` checks the tokens against
+``generate``. What differs is the cost (issue 4):
+
+- One KV cache tensor per K and V, ``(layers, prompts, kv_heads, slots, head_dim)``: each prompt
+  is stored once, right-aligned to slot ``prompt_slots``, and the token chosen at step ``s`` by
+  beam ``k`` goes to slot ``prompt_slots + s * beams + k``. Beams never copy or reorder the cache:
+  each beam keeps its ancestry (which beam row holds its token of step ``s``) and attends through
+  a mask, the ``beams`` queries of one prompt together (``grouped_attention``). A prompt's keys are
+  read once per step for all its beams, not once per beam.
+- A decoding step (the model's forward for one token per beam, token selection, bookkeeping) has
+  no host synchronisation; on a GPU it is captured as a CUDA graph per window of attended slots
+  (attention reads only the slots filled so far, rounded up to ``window`` steps) and replayed.
+  The host checks for completion after the first token and every ``check_every`` steps.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from transformers import AttentionInterface, Cache
+
+log = logging.getLogger(__name__)
+
+ATTENTION = "adapters_lab_grouped"
+NEG = -1.0e9  # transformers' "impossible" beam score
+PREFILL_TOKENS = 8192  # prompt tokens per prefill forward
+
+
+def grouped_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                      attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
+                      **kwargs) -> tuple[torch.Tensor, None]:
+    """SDPA where the ``beams`` query rows of a prompt share one key/value row: queries
+    ``(prompts * beams, heads, 1, d)`` against keys ``(prompts, kv_heads, slots, d)``, the beams of a
+    prompt as one block of queries, ``attention_mask`` ``(prompts, 1, beams or q_len, slots)``."""
+    rows, heads, q_len, dim = query.shape
+    prompts = key.shape[0]
+    beams = rows // prompts
+    if beams > 1:
+        query = query.view(prompts, beams, heads, dim).transpose(1, 2)  # (prompts, heads, beams, d)
+    out = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, scale=scaling,
+                                         enable_gqa=key.shape[1] != heads)
+    if beams > 1:
+        return out.transpose(1, 2).reshape(rows, 1, heads, dim), None
+    return out.transpose(1, 2).contiguous(), None
+
+
+AttentionInterface.register(ATTENTION, grouped_attention)
+
+
+def supports(model: nn.Module) -> bool:
+    """Models whose attention goes through transformers' attention interface with a 4D mask as
+    given and no virtual tokens (prompt/prefix tuning rewrite the mask: they use ``generate``)."""
+    return (model.config.model_type in {"llama", "mistral", "qwen2"}
+            and getattr(model, "_supports_attention_backend", False)
+            and not getattr(model, "adapters_lab_virtual_tokens", 0))
+
+
+class SlotCache(Cache):
+    """The grouped KV cache (module docstring). ``write_slots`` (a device tensor) says where the
+    call's keys go, ``visible`` how many leading slots attention reads, ``prompts`` which prompts
+    the call is about (all, or a chunk of them during prefill)."""
+
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor):
+        super().__init__(layers=[])
+        self.keys, self.values = keys, values
+        self.write_slots = torch.zeros(1, dtype=torch.long, device=keys.device)
+        self.visible = keys.shape[3]
+        self.prompts = slice(None)
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
+        keys, values = self.keys[layer_idx, self.prompts], self.values[layer_idx, self.prompts]
+        prompts = keys.shape[0]
+        rows, heads, q_len, dim = key_states.shape
+        if rows != prompts:  # one token per beam: (prompts * beams, h, 1, d) -> (prompts, h, beams, d)
+            key_states = key_states.view(prompts, rows // prompts, heads, dim).transpose(1, 2)
+            value_states = value_states.view(prompts, rows // prompts, heads, dim).transpose(1, 2)
+        keys.index_copy_(2, self.write_slots, key_states.to(keys.dtype))
+        values.index_copy_(2, self.write_slots, value_states.to(values.dtype))
+        return keys[:, :, : self.visible], values[:, :, : self.visible]
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.visible
+
+
+class Decoder:
+    """Decodes batches of ``prompts`` left-padded prompts of at most ``prompt_slots`` tokens,
+    ``beams`` beams each (1: greedy), ``max_new_tokens`` steps; buffers and CUDA graphs are built
+    once and reused for every batch of the same shape."""
+
+    def __init__(self, model: nn.Module, prompts: int, prompt_slots: int, beams: int, max_new_tokens: int,
+                 eos_token_id: int, pad_token_id: int, window: int = 32, check_every: int = 8,
+                 cuda_graphs: bool | None = None):
+        self.model, self.prompts, self.prompt_slots, self.beams = model, prompts, prompt_slots, beams
+        self.steps, self.eos, self.pad = max_new_tokens, eos_token_id, pad_token_id
+        self.window, self.check_every = window, check_every
+        embed = model.get_input_embeddings().weight
+        self.device, dtype = embed.device, embed.dtype
+        config = model.config.get_text_config()
+        heads = config.num_attention_heads
+        kv_heads = getattr(config, "num_key_value_heads", None) or heads
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+        slots = prompt_slots + beams * max_new_tokens
+        shape = (config.num_hidden_layers, prompts, kv_heads, slots, head_dim)
+        # Zeros, not empty: masked slots still enter q.k, and garbage could hold NaN.
+        self.cache = SlotCache(torch.zeros(shape, dtype=dtype, device=self.device),
+                               torch.zeros(shape, dtype=dtype, device=self.device))
+        rows, long = prompts * beams, dict(dtype=torch.long, device=self.device)
+        self.rows = rows
+        self.step = torch.zeros((), **long)  # index of the token being chosen
+        self.tokens = torch.zeros(rows, **long)  # last chosen token per beam row
+        self.next_position = torch.zeros(rows, **long)  # position id of the first generated token
+        self.prompt_mask = torch.zeros(prompts, prompt_slots, dtype=torch.bool, device=self.device)
+        self.ancestry = torch.zeros(prompts, beams, max_new_tokens, **long)  # row holding step s of beam k
+        self.own_row = torch.arange(beams, **long).view(1, beams, 1)
+        self.sequences = torch.zeros(prompts, beams, max_new_tokens, **long)  # running beams' tokens
+        self.scores = torch.zeros(prompts, beams, dtype=torch.float32, device=self.device)
+        self.done = torch.zeros((), dtype=torch.bool, device=self.device)
+        if beams > 1:
+            self.finished = torch.zeros_like(self.sequences)
+            self.finished_scores = torch.zeros_like(self.scores)
+            self.is_finished = torch.zeros(prompts, beams, dtype=torch.bool, device=self.device)
+            self.improvable = torch.zeros(prompts, 1, dtype=torch.bool, device=self.device)
+            self.top_beams = torch.arange(2 * beams, device=self.device) < beams
+        else:
+            self.unfinished = torch.zeros(rows, dtype=torch.bool, device=self.device)
+        use_graphs = self.device.type == "cuda" if cuda_graphs is None else cuda_graphs
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = self._capture() if use_graphs else {}
+
+    # -- one batch --------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """The chosen continuation of each prompt, ``(prompts, max_new_tokens)``, padded after EOS
+        with the pad token (``generate``'s output without the prompt)."""
+        self._prefill(input_ids.to(self.device), attention_mask.to(self.device))
+        for t in range(1, self.steps):
+            if (t == 1 or t % self.check_every == 0) and bool(self.done):
+                break
+            window = self._window(t)
+            if window in self.graphs:
+                self.graphs[window].replay()
+            else:
+                self._step(window)
+        best = self.finished[:, 0] if self.beams > 1 else self.sequences[:, 0]
+        return best.clone()
+
+    def _window(self, t: int) -> int:
+        """Generated steps visible at step ``t`` (tokens 0..t-1 are in the cache), rounded up."""
+        return min(self.steps, self.window * math.ceil(t / self.window))
+
+    def _reset(self) -> None:
+        self.step.zero_()
+        self.done.zero_()
+        self.sequences.fill_(self.pad)
+        self.ancestry.zero_()
+        self.scores.zero_()
+        if self.beams > 1:
+            self.scores[:, 1:] = NEG  # only beam 0 extends at first, as in generate
+            self.finished.fill_(self.pad)
+            self.finished_scores.fill_(NEG)
+            self.is_finished.zero_()
+            self.improvable.fill_(True)
+        else:
+            self.unfinished.fill_(True)
+
+    def _prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> None:
+        self._reset()
+        batch, length = input_ids.shape
+        if batch != self.prompts or length > self.prompt_slots:
+            raise ValueError(f"decoder built for {self.prompts} prompts of <= {self.prompt_slots} tokens, "
+                             f"got {batch} x {length}")
+        real = attention_mask.bool()
+        self.prompt_mask.zero_()
+        self.prompt_mask[:, self.prompt_slots - length:] = real
+        positions = (real.long().cumsum(-1) - 1).clamp(min=0)
+        self.next_position.copy_((positions[:, -1] + 1).repeat_interleave(self.beams))
+        # Causal over the prompt's real tokens; a padding query attends to itself (no empty rows).
+        causal = torch.ones(length, length, dtype=torch.bool, device=self.device).tril()
+        mask = (causal & real[:, None, :]) | torch.eye(length, dtype=torch.bool, device=self.device)
+        full = torch.zeros(batch, 1, length, self.prompt_slots, dtype=torch.bool, device=self.device)
+        full[:, 0, :, self.prompt_slots - length:] = mask
+        self.cache.write_slots = torch.arange(self.prompt_slots - length, self.prompt_slots, device=self.device)
+        self.cache.visible = self.prompt_slots
+        chunk, logits = max(1, PREFILL_TOKENS // length), []
+        for start in range(0, batch, chunk):  # bounded activations, whatever the batch
+            rows = self.cache.prompts = slice(start, start + chunk)
+            logits.append(self._forward(input_ids[rows], positions[rows], full[rows]))
+        self.cache.prompts = slice(None)
+        self._select(torch.cat(logits).repeat_interleave(self.beams, dim=0))
+
+    def _forward(self, input_ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        previous = self.model.config._attn_implementation
+        self.model.config._attn_implementation = ATTENTION
+        try:
+            out = self.model(input_ids=input_ids, position_ids=positions, attention_mask=mask,
+                             past_key_values=self.cache, use_cache=True, logits_to_keep=1)
+        finally:
+            self.model.config._attn_implementation = previous
+        return out.logits[:, -1].float()
+
+    def _step(self, window: int) -> None:
+        """Feed the tokens chosen at step t-1 (slots ``prompt_slots + (t-1) * beams + k``), choose step t."""
+        beams, prompt_slots = self.beams, self.prompt_slots
+        previous = self.step - 1
+        self.cache.write_slots = prompt_slots + previous * beams + torch.arange(beams, device=self.device)
+        self.cache.visible = prompt_slots + window * beams
+        self.ancestry.index_copy_(2, previous.view(1), self.own_row.expand(self.prompts, beams, 1))
+        # Beam k sees generated slot (s, r) iff r holds its step s; steps > t-1 are not written yet.
+        seen = (torch.arange(window, device=self.device) <= previous).view(1, 1, window, 1)
+        own = (self.ancestry[:, :, :window, None] == torch.arange(beams, device=self.device)) & seen
+        mask = torch.cat([self.prompt_mask[:, None, :].expand(-1, beams, -1),
+                          own.reshape(self.prompts, beams, window * beams)], dim=-1)
+        positions = (self.next_position + previous).view(-1, 1)
+        logits = self._forward(self.tokens.view(-1, 1), positions, mask[:, None])
+        self._select(logits)
+
+    def _select(self, logits: torch.Tensor) -> None:
+        if self.beams == 1:
+            self._select_greedy(logits)
+        else:
+            self._select_beams(logits)
+        self.step += 1
+
+    def _select_greedy(self, logits: torch.Tensor) -> None:
+        chosen = torch.where(self.unfinished, logits.argmax(-1), self.pad)
+        self.sequences.view(self.rows, -1).index_copy_(1, self.step.view(1), chosen.view(-1, 1))
+        self.unfinished &= chosen != self.eos
+        self.done.copy_(~self.unfinished.any())
+        self.tokens.copy_(chosen)
+
+    def _select_beams(self, logits: torch.Tensor) -> None:
+        """One step of transformers' vectorised beam search (``_beam_search``: top 2k continuations,
+        running beams, finished hypotheses, the early-stop heuristic), without cache reordering."""
+        prompts, beams, vocab = self.prompts, self.beams, logits.shape[-1]
+        t = self.step
+        log_probs = F.log_softmax(logits, dim=-1).view(prompts, beams, vocab) + self.scores[:, :, None]
+        top_scores, top_index = torch.topk(log_probs.view(prompts, beams * vocab), 2 * beams)
+        parent, token = top_index // vocab, top_index % vocab
+        candidates = torch.gather(self.sequences, 1, parent[:, :, None].expand(-1, -1, self.steps)).clone()
+        candidates.index_copy_(2, t.view(1), token[:, :, None])
+        ends = (token == self.eos) | (t == self.steps - 1)
+
+        running = top_scores + ends.float() * NEG
+        keep = torch.topk(running, beams).indices
+        self.sequences.copy_(torch.gather(candidates, 1, keep[:, :, None].expand(-1, -1, self.steps)))
+        self.scores.copy_(torch.gather(running, 1, keep))
+        kept_parent = torch.gather(parent, 1, keep)
+        self.ancestry.copy_(torch.gather(self.ancestry, 1, kept_parent[:, :, None].expand(-1, -1, self.steps)))
+
+        just_finished = ends & self.top_beams
+        finished_scores = top_scores / (t + 1).float()
+        finished_scores = finished_scores + (~self.improvable).float() * NEG
+        finished_scores = finished_scores + (~just_finished).float() * NEG
+        merged_scores = torch.cat([self.finished_scores, finished_scores], dim=1)
+        best = torch.topk(merged_scores, beams).indices
+        merged = torch.cat([self.finished, candidates], dim=1)
+        self.finished.copy_(torch.gather(merged, 1, best[:, :, None].expand(-1, -1, self.steps)))
+        self.finished_scores.copy_(torch.gather(merged_scores, 1, best))
+        self.is_finished.copy_(torch.gather(torch.cat([self.is_finished, just_finished], dim=1), 1, best))
+
+        best_running = self.scores[:, :1] / (t + 1).float()
+        worst_finished = torch.where(self.is_finished, self.finished_scores.min(dim=1, keepdim=True).values, NEG)
+        self.improvable &= (best_running > worst_finished).any(dim=-1, keepdim=True)
+        self.done.copy_(~(self.improvable.any() & ~ends.all()))
+        self.tokens.copy_(self.sequences.index_select(2, t.view(1)).reshape(-1))  # no tensor indexing: it syncs
+
+    def _capture(self) -> dict[int, torch.cuda.CUDAGraph]:
+        """One CUDA graph per attention window, sharing a memory pool (replayed one at a time)."""
+        graphs, pool = {}, None
+        windows = sorted({self._window(t) for t in range(1, self.steps)})
+        current, side = torch.cuda.current_stream(self.device), torch.cuda.Stream(self.device)
+        with torch.no_grad():
+            for window in windows:
+                self._reset()
+                self.step.fill_(1)
+                side.wait_stream(current)
+                with torch.cuda.stream(side):
+                    self._step(window)  # warm-up outside the graph (allocator, lazy init)
+                current.wait_stream(side)
+                torch.cuda.synchronize(self.device)
+                self._reset()
+                self.step.fill_(1)
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=pool):
+                    self._step(window)
+                pool = graph.pool()
+                graphs[window] = graph
+        self._reset()
+        return graphs
