@@ -55,10 +55,13 @@ def grouped_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor,
 AttentionInterface.register(ATTENTION, grouped_attention)
 
 
-def supports(model: nn.Module) -> bool:
+def supports(model: nn.Module, max_length: int) -> bool:
     """Models whose attention goes through transformers' attention interface with a 4D mask as
-    given and no virtual tokens (prompt/prefix tuning rewrite the mask: they use ``generate``)."""
-    return (model.config.model_type in {"llama", "mistral", "qwen2"}
+    given, whose sliding window (if any) covers ``max_length`` tokens, and without virtual tokens
+    (prompt/prefix tuning rewrite the mask): the others use ``generate``."""
+    config = model.config
+    window = getattr(config, "sliding_window", None) if getattr(config, "use_sliding_window", True) else None
+    return (config.model_type in {"llama", "mistral", "qwen2"} and (window is None or window >= max_length)
             and getattr(model, "_supports_attention_backend", False)
             and not getattr(model, "adapters_lab_virtual_tokens", 0))
 
@@ -99,7 +102,8 @@ class Decoder:
                  eos_token_id: int, pad_token_id: int, window: int = 32, check_every: int = 8,
                  cuda_graphs: bool | None = None):
         self.model, self.prompts, self.prompt_slots, self.beams = model, prompts, prompt_slots, beams
-        self.steps, self.eos, self.pad = max_new_tokens, eos_token_id, pad_token_id
+        self.steps, self.pad = max_new_tokens, pad_token_id
+        self.eos = -1 if eos_token_id is None else eos_token_id  # none: sequences run to the budget
         self.window, self.check_every = window, check_every
         embed = model.get_input_embeddings().weight
         self.device, dtype = embed.device, embed.dtype
@@ -131,8 +135,15 @@ class Decoder:
             self.top_beams = torch.arange(2 * beams, device=self.device) < beams
         else:
             self.unfinished = torch.zeros(rows, dtype=torch.bool, device=self.device)
-        use_graphs = self.device.type == "cuda" if cuda_graphs is None else cuda_graphs
-        self.graphs: dict[int, torch.cuda.CUDAGraph] = self._capture() if use_graphs else {}
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        if self.device.type == "cuda" if cuda_graphs is None else cuda_graphs:
+            try:
+                self.graphs = self._capture()
+            except RuntimeError as error:  # e.g. a module that synchronises with the host: run steps eagerly
+                if isinstance(error, torch.OutOfMemoryError):
+                    raise
+                log.warning("eval: decoding steps run without CUDA graphs (capture failed: %s)", str(error)[:200])
+                self.graphs = {}
 
     # -- one batch --------------------------------------------------------------------------
 

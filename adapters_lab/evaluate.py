@@ -52,7 +52,7 @@ def generate(model: nn.Module, tokenizer, prompts: list[str], batch_size: int, n
     tokenizer.padding_side = "left"
     lengths = [len(tokenizer(p)["input_ids"]) for p in prompts]
     order = sorted(range(len(prompts)), key=lambda i: -lengths[i])
-    ours = decoder == "adapters_lab" and decoding.supports(model)
+    ours = decoder == "adapters_lab" and decoding.supports(model, max(lengths, default=0) + max_new_tokens)
     if decoder == "adapters_lab" and not ours:
         log.info("eval: %s model with this adapter decodes through transformers' generate", model.config.model_type)
     outputs: list[str] = [""] * len(prompts)
@@ -66,18 +66,18 @@ def generate(model: nn.Module, tokenizer, prompts: list[str], batch_size: int, n
             else:
                 new_tokens = _generate(model, tokenizer, [prompts[i] for i in chunk], num_beams, max_new_tokens,
                                        device)
-        except torch.OutOfMemoryError:
+        except torch.OutOfMemoryError as error:
             if len(chunk) == 1:
                 raise
-            new_tokens = None
+            new_tokens, reason = None, str(error).split(". ")[0]
         if new_tokens is None:
             # The KV cache of the longest prompts (they come first) did not fit: halve and go on. Out of
             # the except block, so the failed attempt's tensors (held by the traceback) are free.
             built.clear()
             release_memory(device)
             half = len(chunk) // 2
-            log.warning("eval: out of memory at batch %d x %d beams; retrying as two of %d and %d",
-                        len(chunk), num_beams, half, len(chunk) - half)
+            log.warning("eval: out of memory at batch %d x %d beams (%s); retrying as two of %d and %d",
+                        len(chunk), num_beams, reason, half, len(chunk) - half)
             pending[:0] = [chunk[:half], chunk[half:]]
             continue
         for i, text in zip(chunk, tokenizer.batch_decode(new_tokens, skip_special_tokens=True)):

@@ -96,6 +96,7 @@ def upstream_generate(model, tokenizer, prompts: list[str], max_new_tokens: int,
 def timed(fn, device: torch.device) -> float:
     if device.type == "cuda":
         torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
     fn()
     if device.type == "cuda":
@@ -131,6 +132,11 @@ def check_decoder(model, tokenizer, prompts: list[str], max_new: int, device: to
                                   cuda_graphs=graphs)(enc["input_ids"], enc["attention_mask"]) for graphs in (False, True)}
         result["cuda_graphs_equal_eager_4_beams"] = bool(torch.equal(tokens[False], tokens[True]))
     return result
+
+
+def peak_gib(device: torch.device) -> float | None:
+    """Peak allocated GPU memory since the last ``timed`` began."""
+    return torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -184,7 +190,7 @@ def main(argv: list[str] | None = None) -> dict:
                                    "kv_cache": ("grouped, CUDA graphs" if device.type == "cuda" else "grouped")
                                    if procedure == "ours" else "none",
                                    "examples": len(subset), "seconds": seconds, "examples_per_s": rate,
-                                   "math_suite_minutes": MATH_SUITE_QUESTIONS / rate / 60})
+                                   "math_suite_minutes": MATH_SUITE_QUESTIONS / rate / 60, "peak_gib": peak_gib(device)})
         upstream_rate = result["rows"][2]["examples_per_s"]
         result["speedup_4beam"] = result["rows"][0]["examples_per_s"] / upstream_rate
         result["speedup_greedy"] = result["rows"][1]["examples_per_s"] / upstream_rate

@@ -105,9 +105,12 @@ def test_models_with_virtual_tokens_or_other_attention_use_generate(make_cfg):
     prompted = tiny_model("llama")
     freeze(prompted)
     build_adapter(make_cfg("adapter=prompt", "adapter.init=random").adapter).inject(prompted)
-    assert decoding.supports(tiny_model("llama")) and decoding.supports(tiny_model("mistral"))
-    assert not decoding.supports(prompted)
-    assert not decoding.supports(tiny_model("bloom")) and not decoding.supports(tiny_model("gpt2"))
+    assert decoding.supports(tiny_model("llama"), 8192) and decoding.supports(tiny_model("qwen2"), 8192)
+    mistral = tiny_model("mistral")
+    mistral.config.sliding_window = 64
+    assert decoding.supports(mistral, 64) and not decoding.supports(mistral, 65)  # window attention: generate
+    assert not decoding.supports(prompted, 16)
+    assert not decoding.supports(tiny_model("bloom"), 16) and not decoding.supports(tiny_model("gpt2"), 16)
 
 
 def test_grouped_attention_equals_each_beam_attending_its_own_keys():
@@ -179,3 +182,21 @@ def test_cuda_graph_steps_equal_eager_steps():
     for beams in (1, 4):
         graphed = ours(model, ids, mask, beams, 20, EOS, window=8, cuda_graphs=True)
         assert torch.equal(graphed, ours(model, ids, mask, beams, 20, EOS, window=8, cuda_graphs=False))
+
+
+def test_a_failed_graph_capture_falls_back_to_eager_steps(monkeypatch, caplog):
+    model = tiny_model("llama")
+    ids, mask = left_padded(LENGTHS)
+    eager = ours(model, ids, mask, 4, 12, EOS, cuda_graphs=False)
+
+    def capture_fails(self):
+        self.step.fill_(1)
+        self._step(8)  # as a capture would: the state it leaves behind must not matter
+        raise RuntimeError("CUDA error: operation not permitted when stream is capturing")
+
+    monkeypatch.setattr(decoding.Decoder, "_capture", capture_fails)
+    assert torch.equal(ours(model, ids, mask, 4, 12, EOS, cuda_graphs=True), eager)
+    assert "without CUDA graphs (capture failed: CUDA error: operation not permitted" in caplog.text
+    monkeypatch.setattr(decoding.Decoder, "_capture", lambda self: (_ for _ in ()).throw(torch.OutOfMemoryError("oom")))
+    with pytest.raises(torch.OutOfMemoryError):  # out of memory is not a capture problem: the batch is halved
+        ours(model, ids, mask, 4, 12, EOS, cuda_graphs=True)
