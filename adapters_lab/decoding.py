@@ -10,7 +10,7 @@ search with length penalty 1 and ``early_stopping=False``, the decoding LLM-Adap
   beam ``k`` goes to slot ``prompt_slots + s * beams + k``. Beams never copy or reorder the cache:
   each beam keeps its ancestry (which beam row holds its token of step ``s``) and attends through
   a mask, the ``beams`` queries of one prompt together (``grouped_attention``). A prompt's keys are
-  read once per step for all its beams, not once per beam.
+  read once per step for all its beams, not once per beam, and in their own dtype.
 - A decoding step (the model's forward for one token per beam, token selection, bookkeeping) has
   no host synchronisation; on a GPU it is captured as a CUDA graph per window of attended slots
   (attention reads only the slots filled so far, rounded up to ``window`` steps) and replayed.
@@ -37,19 +37,38 @@ PREFILL_TOKENS = 8192  # prompt tokens per prefill forward
 def grouped_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                       attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
                       **kwargs) -> tuple[torch.Tensor, None]:
-    """SDPA where the ``beams`` query rows of a prompt share one key/value row: queries
+    """Attention where the ``beams`` query rows of a prompt share one key/value row: queries
     ``(prompts * beams, heads, 1, d)`` against keys ``(prompts, kv_heads, slots, d)``, the beams of a
-    prompt as one block of queries, ``attention_mask`` ``(prompts, 1, beams or q_len, slots)``."""
+    prompt as one block of queries, ``attention_mask`` ``(prompts, 1, beams or q_len, slots)``
+    (True: attend). A prefill (many queries per prompt) goes through SDPA; a decoding step through
+    ``few_query_attention``."""
     rows, heads, q_len, dim = query.shape
     prompts = key.shape[0]
     beams = rows // prompts
-    if beams > 1:
-        query = query.view(prompts, beams, heads, dim).transpose(1, 2)  # (prompts, heads, beams, d)
-    out = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, scale=scaling,
-                                         enable_gqa=key.shape[1] != heads)
-    if beams > 1:
-        return out.transpose(1, 2).reshape(rows, 1, heads, dim), None
-    return out.transpose(1, 2).contiguous(), None
+    scale = dim**-0.5 if scaling is None else scaling
+    if q_len > 1:
+        out = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, scale=scale,
+                                             enable_gqa=key.shape[1] != heads)
+        return out.transpose(1, 2).contiguous(), None
+    query = query.view(prompts, beams, heads, dim).transpose(1, 2)  # (prompts, heads, beams, d)
+    out = few_query_attention(query, key, value, attention_mask, scale)
+    return out.transpose(1, 2).reshape(rows, 1, heads, dim), None
+
+
+def few_query_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor,
+                        scale: float) -> torch.Tensor:
+    """``(b, heads, q, d)`` queries, few of them, against ``(b, kv_heads, slots, d)``: two matmuls in
+    the cache's dtype and a float32 softmax (as transformers' eager attention), so the keys and values
+    are read once and never copied (SDPA's math fallback would copy them to float32 per layer).
+    Query heads share key/value heads in order (``h // (heads / kv_heads)``), without repeating them."""
+    batch, heads, queries, dim = query.shape
+    kv_heads, slots = key.shape[1], key.shape[2]
+    groups = heads // kv_heads
+    grouped = query.reshape(batch, kv_heads, groups * queries, dim)
+    scores = torch.matmul(grouped, key.transpose(-1, -2)).float() * scale
+    scores = scores.view(batch, kv_heads, groups, queries, slots).masked_fill(~mask[:, :, None], float("-inf"))
+    probs = scores.softmax(-1).to(value.dtype).view(batch, kv_heads, groups * queries, slots)
+    return torch.matmul(probs, value).view(batch, heads, queries, dim)
 
 
 AttentionInterface.register(ATTENTION, grouped_attention)
