@@ -25,9 +25,11 @@ from adapters_lab.data.prompts import RESPONSE_MARKER, eval_prompt
 from adapters_lab.files import write_jsonl_atomic
 
 log = logging.getLogger(__name__)
-# Prompt lengths are rounded up to this for our decoder, so batches of similar length share its
-# buffers and CUDA graphs.
+# Prompt lengths are rounded up to this for our decoder, and a decoder built for longer prompts is
+# reused while it has at most REUSE_SLOTS slots more than needed: rebuilding (a cache, 8 CUDA
+# graph captures) costs more than attending over that many masked slots for one batch.
 PROMPT_SLOT_MULTIPLE = 32
+REUSE_SLOTS = 96
 
 
 def default_max_new_tokens(dataset: str) -> int:
@@ -109,7 +111,8 @@ def _decode(model: nn.Module, tokenizer, prompts: list[str], built: dict[str, de
     enc = tokenizer(prompts, return_tensors="pt", padding=True)
     slots = PROMPT_SLOT_MULTIPLE * math.ceil(enc["input_ids"].shape[1] / PROMPT_SLOT_MULTIPLE)
     decoder = built.get("decoder")
-    if decoder is None or decoder.prompt_slots != slots or decoder.prompts < len(prompts):
+    fits = decoder is not None and decoder.prompts >= len(prompts) and slots <= decoder.prompt_slots
+    if not fits or decoder.prompt_slots - slots > REUSE_SLOTS:
         built.clear()  # free the old cache (and CUDA graph pool) before allocating the new one
         release_memory(model.get_input_embeddings().weight.device)
         decoder = built["decoder"] = decoding.Decoder(model, len(prompts), slots, num_beams, max_new_tokens,

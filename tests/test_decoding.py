@@ -200,3 +200,23 @@ def test_a_failed_graph_capture_falls_back_to_eager_steps(monkeypatch, caplog):
     monkeypatch.setattr(decoding.Decoder, "_capture", lambda self: (_ for _ in ()).throw(torch.OutOfMemoryError("oom")))
     with pytest.raises(torch.OutOfMemoryError):  # out of memory is not a capture problem: the batch is halved
         ours(model, ids, mask, 4, 12, EOS, cuda_graphs=True)
+
+
+def test_a_decoder_is_reused_for_shorter_prompts_with_the_same_tokens(monkeypatch):
+    model = tiny_model("llama")
+    ids, mask = left_padded(LENGTHS)
+    tokenizer, prompts = _IdsTokenizer(ids, mask), [str(i) for i in range(len(LENGTHS))]
+    expected = evaluate.generate(model, tokenizer, prompts, 1, 4, 6, torch.device("cpu"), "transformers")
+    built, real_init = [], decoding.Decoder.__init__
+
+    def counting_init(self, model, prompts, prompt_slots, *args, **kwargs):
+        built.append(prompt_slots)
+        real_init(self, model, prompts, prompt_slots, *args, **kwargs)
+
+    monkeypatch.setattr(decoding.Decoder, "__init__", counting_init)
+    monkeypatch.setattr(evaluate, "PROMPT_SLOT_MULTIPLE", 4)
+    for reuse, builds in ((0, [16, 12, 8, 4]), (100, [16])):  # lengths 13, 9, 6, 4, 1 one at a time
+        built.clear()
+        monkeypatch.setattr(evaluate, "REUSE_SLOTS", reuse)
+        assert evaluate.generate(model, tokenizer, prompts, 1, 4, 6, torch.device("cpu")) == expected
+        assert built == builds
