@@ -56,7 +56,8 @@ def generate(model: nn.Module, tokenizer, prompts: list[str], batch_size: int, n
     order = sorted(range(len(prompts)), key=lambda i: -lengths[i])
     ours = decoder == "adapters_lab" and decoding.supports(model, max(lengths, default=0) + max_new_tokens)
     if decoder == "adapters_lab" and not ours:
-        log.info("eval: %s model with this adapter decodes through transformers' generate", model.config.model_type)
+        log.info("eval: decoding with transformers' generate (decoding.supports: a %s model, virtual tokens or a "
+                 "sliding window shorter than %d tokens)", model.config.model_type, max(lengths, default=0) + max_new_tokens)
     outputs: list[str] = [""] * len(prompts)
     pending = [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
     built: dict[str, decoding.Decoder] = {}  # the decoder of the last batch, reused while shapes fit
