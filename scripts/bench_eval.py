@@ -198,10 +198,17 @@ def main(argv: list[str] | None = None) -> dict:
         sets = suite_prompts(args.data_dir)
         for beams in (int(b) for b in args.suite.split(",")):
             batch = args.batch_size if beams == 1 else args.beam_batch_size
-            per_set = {name: timed(lambda: generate(model, tokenizer, p, batch, beams, max_new, device), device)
-                       for name, p in sets.items()}
-            result["suite"].append({"num_beams": beams, "batch_size": batch, "questions": sum(map(len, sets.values())),
-                                    "seconds_per_set": per_set, "minutes": sum(per_set.values()) / 60})
+            row = {"num_beams": beams, "batch_size": batch, "questions": 0, "seconds_per_set": {}, "minutes": 0.0}
+            result["suite"].append(row)
+            for name, subset in sets.items():  # results written after every set, so a cut-off run keeps them
+                row["seconds_per_set"][name] = timed(
+                    lambda: generate(model, tokenizer, subset, batch, beams, max_new, device), device)
+                row["questions"] += len(subset)
+                row["minutes"] = sum(row["seconds_per_set"].values()) / 60
+                row["peak_gib"] = max(row.get("peak_gib") or 0.0, peak_gib(device) or 0.0)
+                print(f"suite, {beams} beam(s): {name} {len(subset)} questions in {row['seconds_per_set'][name]:.1f}s",
+                      flush=True)
+                write_json_atomic(args.out, result)
     write_json_atomic(args.out, result)
     print(markdown(result))
     return result
