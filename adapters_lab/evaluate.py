@@ -85,6 +85,9 @@ def generate(model: nn.Module, tokenizer, prompts: list[str], batch_size: int, n
             continue
         for i, text in zip(chunk, tokenizer.batch_decode(new_tokens, skip_special_tokens=True)):
             outputs[i] = text
+    if built:
+        built.clear()
+        release_memory(device)
     model.train(was_training)
     return outputs
 
@@ -114,7 +117,8 @@ def _decode(model: nn.Module, tokenizer, prompts: list[str], built: dict[str, de
     decoder = built.get("decoder")
     fits = decoder is not None and decoder.prompts >= len(prompts) and slots <= decoder.prompt_slots
     if not fits or decoder.prompt_slots - slots > REUSE_SLOTS:
-        built.clear()  # free the old cache (and CUDA graph pool) before allocating the new one
+        decoder = None  # free the old cache (and CUDA graph pool) before allocating the new one; a
+        built.clear()  # finished decoder can linger in a reference cycle on a GPU, hence the collection
         release_memory(model.get_input_embeddings().weight.device)
         decoder = built["decoder"] = decoding.Decoder(model, len(prompts), slots, num_beams, max_new_tokens,
                                                       tokenizer.eos_token_id, tokenizer.pad_token_id)
