@@ -134,6 +134,42 @@ def check_decoder(model, tokenizer, prompts: list[str], max_new: int, device: to
     return result
 
 
+def step_profile(model, tokenizer, prompt: str, args, max_new: int, device: torch.device) -> dict:
+    """Milliseconds per decoding step (a replay of the last window's CUDA graph on a GPU, an eager
+    step elsewhere) with the cache full, for greedy and 4 beams at their batch sizes, and the
+    kernels taking the most time in one eager step."""
+    tokenizer.padding_side = "left"
+    enc = tokenizer([prompt], return_tensors="pt")
+    slots = enc["input_ids"].shape[1]
+    result = {}
+    for beams, batch in ((1, args.batch_size), (4, args.beam_batch_size)):
+        ids, mask = (t.expand(batch, -1) for t in (enc["input_ids"], enc["attention_mask"]))
+        decoder = Decoder(model, batch, slots, beams, max_new, tokenizer.eos_token_id, tokenizer.pad_token_id)
+        decoder(ids, mask)
+        window = decoder._window(max_new - 1)
+        replay = decoder.graphs[window].replay if window in decoder.graphs else lambda: decoder._step(window)
+
+        def last_step():  # the step counter advances on every step: back to the last one each time
+            decoder.step.fill_(max_new - 1)
+            replay()
+
+        repeats = 20
+        seconds = timed(lambda: [last_step() for _ in range(repeats)], device)
+        activities = [torch.profiler.ProfilerActivity.CPU] + (
+            [torch.profiler.ProfilerActivity.CUDA] if device.type == "cuda" else [])
+        with torch.profiler.profile(activities=activities) as prof:
+            decoder.step.fill_(max_new - 1)
+            decoder._step(window)  # eager, so the profiler sees each kernel
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+        sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+        table = prof.key_averages().table(sort_by=sort, row_limit=12)
+        result[f"{beams}_beams"] = {"prompts": batch, "prompt_slots": slots, "attended_slots": slots + beams * window,
+                                    "ms_per_step": 1000 * seconds / repeats, "top_kernels": table.splitlines()}
+        del decoder
+    return result
+
+
 def peak_gib(device: torch.device) -> float | None:
     """Peak allocated GPU memory since the last ``timed`` began."""
     return torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
@@ -151,6 +187,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--beam-batch-size", type=int, default=64, help="our batch (prompts) with 4 beams")
     parser.add_argument("--suite", default="", help="also time ours over the whole math suite: beams, e.g. 1,4")
     parser.add_argument("--check", type=int, default=0, help="compare our tokens with generate's on N prompts")
+    parser.add_argument("--step-profile", action="store_true",
+                        help="time one decoding step (greedy and 4 beams, at the batch sizes) and list its top kernels")
     parser.add_argument("--max-new-tokens", type=int, default=None, help="default 256 (the paper's); tiny 8")
     parser.add_argument("--data-dir", type=Path,
                         default=Path(os.environ.get("ADAPTERS_LAB_DATA", REPO.parent / "shared" / "data")) / "llm_adapters")
@@ -194,6 +232,9 @@ def main(argv: list[str] | None = None) -> dict:
         upstream_rate = result["rows"][2]["examples_per_s"]
         result["speedup_4beam"] = result["rows"][0]["examples_per_s"] / upstream_rate
         result["speedup_greedy"] = result["rows"][1]["examples_per_s"] / upstream_rate
+    if args.step_profile:
+        result["step_profile"] = step_profile(model, tokenizer, prompts[0], args, max_new, device)
+        print(json.dumps(result["step_profile"], indent=1))
     if args.suite:
         sets = suite_prompts(args.data_dir)
         for beams in (int(b) for b in args.suite.split(",")):
