@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 TORCH_VERSION ?= 2.13.0
 
-.PHONY: install demo test bench-train table-math table-commonsense table-placement table-capacity smoke-tables
+.PHONY: install demo test bench-train bench-eval table-math table-commonsense table-placement table-capacity smoke-tables
 install: $(VENV)/.installed
 
 # Torch first, pinned, so pip takes the local CPU wheel instead of pulling CUDA packages.
@@ -43,3 +43,9 @@ smoke-tables: install
 # Training throughput on one GPU: HF PEFT (paper recipe, tuned) vs adapters_lab; see docs/benchmarks.md.
 bench-train:
 	$(PY) scripts/bench_train.py
+
+# Evaluation throughput on one GPU: our decoder vs LLM-Adapters' loop, and the whole math suite
+# (DATA: the LLM-Adapters data folder); see docs/benchmarks.md.
+DATA ?= ../shared/data/llm_adapters
+bench-eval:
+	$(PY) scripts/bench_eval.py --out outputs/bench_eval.json --data-dir $(DATA) --check 8 --suite 1,4
