@@ -54,10 +54,12 @@ def generate(model: nn.Module, tokenizer, prompts: list[str], batch_size: int, n
     tokenizer.padding_side = "left"
     lengths = [len(tokenizer(p)["input_ids"]) for p in prompts]
     order = sorted(range(len(prompts)), key=lambda i: -lengths[i])
-    ours = decoder == "adapters_lab" and decoding.supports(model, max(lengths, default=0) + max_new_tokens)
+    longest = max(lengths, default=0) + max_new_tokens
+    ours = decoder == "adapters_lab" and decoding.supports(model, longest)
     if decoder == "adapters_lab" and not ours:
-        log.info("eval: decoding with transformers' generate (decoding.supports: a %s model, virtual tokens or a "
-                 "sliding window shorter than %d tokens)", model.config.model_type, max(lengths, default=0) + max_new_tokens)
+        log.info("eval: decoding with transformers' generate: our decoder takes llama, mistral and qwen2 models "
+                 "without virtual tokens and with full attention over %d tokens (this is a %s model)",
+                 longest, model.config.model_type)
     outputs: list[str] = [""] * len(prompts)
     pending = [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
     built: dict[str, decoding.Decoder] = {}  # the decoder of the last batch, reused while shapes fit

@@ -164,9 +164,11 @@ def varlen_cu_seqlens(position_ids: torch.Tensor, max_segment: int | None = None
     return boundaries.to(torch.int32)
 
 
-def varlen_batch_kwargs(position_ids: torch.Tensor, max_segment: int) -> dict:
-    """The extra batch entries of the varlen path for packed ``position_ids`` (on the CPU)."""
-    return {"varlen_cu_seqlens": varlen_cu_seqlens(position_ids.cpu(), max_segment),
+def varlen_batch_kwargs(batch: dict, max_segment: int) -> dict:
+    """The extra entries of the varlen path for a collated batch (on the CPU): segments from its
+    ``position_ids`` (packed rows) or, without them, from its right-padded ``attention_mask``."""
+    positions = batch["position_ids"] if "position_ids" in batch else padded_position_ids(batch["attention_mask"])
+    return {"varlen_cu_seqlens": varlen_cu_seqlens(positions.cpu(), max_segment),
             "varlen_max_seqlen": int(max_segment)}
 
 

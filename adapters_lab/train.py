@@ -38,7 +38,7 @@ from adapters_lab.data.tokenize import PackedCollator, PaddedCollator, pack_rows
 from adapters_lab.files import atomic_path, write_json_atomic
 from adapters_lab.kernels import (VARLEN, VARLEN_ATTENTION, check_fused_loss_supported, check_varlen_supported,
                                   chunked_causal_lm_loss, compile_decoder_layers, decoder_layers,
-                                  default_peak_tflops, flops_per_token, padded_position_ids,
+                                  default_peak_tflops, flops_per_token,
                                   register_varlen_attention, uncompile_decoder_layers, varlen_batch_kwargs)
 
 log = logging.getLogger(__name__)
@@ -162,7 +162,7 @@ class BatchPlan:
         # longer filler segments of packed rows are cut at it (kernels.varlen_cu_seqlens).
         self.max_segment = -(-max(self.lengths) // 8) * 8 if self.lengths else 8
         if self.batching == Batching.packed:
-            self.row_length = cfg.pack_length or -(-max(self.lengths) // 8) * 8
+            self.row_length = cfg.pack_length or self.max_segment
             if max(self.lengths) > self.row_length:
                 raise TrainerConfigError(
                     f"trainer.pack_length={cfg.pack_length}: shorter than the longest training example "
@@ -188,8 +188,7 @@ class BatchPlan:
         else:
             batch, real = self.collate([self.examples[i] for i in micro]), sum(self.lengths[i] for i in micro)
         if self.varlen:
-            positions = batch["position_ids"] if "position_ids" in batch else padded_position_ids(batch["attention_mask"])
-            batch.update(varlen_batch_kwargs(positions, self.max_segment))
+            batch.update(varlen_batch_kwargs(batch, self.max_segment))
         return batch, real
 
     def micro_batches_per_epoch(self) -> int:
@@ -266,8 +265,7 @@ def validation_loss(model: nn.Module, examples: list[dict], collate, micro_batch
     varlen = getattr(getattr(core, "config", None), "_attn_implementation", None) == VARLEN_ATTENTION
     for start in range(0, len(examples), micro_batch_size):
         batch = collate(examples[start : start + micro_batch_size])
-        extra = (varlen_batch_kwargs(padded_position_ids(batch["attention_mask"]), batch["input_ids"].shape[1])
-                 if varlen else {})
+        extra = varlen_batch_kwargs(batch, batch["input_ids"].shape[1]) if varlen else {}
         batch = to_device({**batch, **extra}, accelerator.device)
         if varlen:
             torch._dynamo.maybe_mark_dynamic(batch["varlen_cu_seqlens"], 0)

@@ -90,7 +90,7 @@ def packed_batch(count=9, seed=6, row_length=48, rows=None):
 
 
 def with_varlen(batch, max_segment=24):  # token_examples are at most 20 tokens long
-    return {**batch, **varlen_batch_kwargs(batch["position_ids"], max_segment)}
+    return {**batch, **varlen_batch_kwargs(batch, max_segment)}
 
 
 def test_cu_seqlens_of_a_hand_made_packed_batch():
