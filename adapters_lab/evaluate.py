@@ -47,8 +47,9 @@ def generate(model: nn.Module, tokenizer, prompts: list[str], batch_size: int, n
     """Generated continuations (new tokens only, decoded), in the order of ``prompts``.
 
     ``decoder``: ``adapters_lab`` (``decoding.Decoder``, where ``decoding.supports`` the model)
-    or ``transformers`` (``generate``); both give the same tokens. A batch that runs out of GPU
-    memory is halved and retried."""
+    or ``transformers`` (``generate``); both give the same tokens. Our decoder takes at most as many
+    prompts per batch as their KV cache fits in the GPU's free memory; a batch that runs out of GPU
+    memory anyway is halved and retried."""
     was_training = model.training
     model.eval()
     tokenizer.padding_side = "left"
@@ -61,6 +62,14 @@ def generate(model: nn.Module, tokenizer, prompts: list[str], batch_size: int, n
                  "without virtual tokens and with full attention over %d tokens (this is a %s model)",
                  longest, model.config.model_type)
     outputs: list[str] = [""] * len(prompts)
+    free = free_gpu_bytes(device) if ours else None
+    if free is not None:  # no more prompts than the KV cache of the longest fits in memory
+        slots = PROMPT_SLOT_MULTIPLE * math.ceil(max(lengths, default=1) / PROMPT_SLOT_MULTIPLE)
+        fit = decoding.prompts_that_fit(model, slots, num_beams, max_new_tokens, free)
+        if fit < min(batch_size, len(prompts)):
+            log.info("eval: batches of %d prompts, not %d: the KV cache of %d prompts of %d tokens, %d beams and "
+                     "%d new tokens fits in the GPU's free memory", fit, batch_size, fit, slots, num_beams, max_new_tokens)
+            batch_size = fit
     pending = [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
     built: dict[str, decoding.Decoder] = {}  # the decoder of the last batch, reused while shapes fit
     while pending:
@@ -92,6 +101,14 @@ def generate(model: nn.Module, tokenizer, prompts: list[str], batch_size: int, n
         release_memory(device)
     model.train(was_training)
     return outputs
+
+
+def free_gpu_bytes(device: torch.device) -> int | None:
+    """GPU memory free for a decoder once unreferenced tensors are released; None off a GPU."""
+    if device.type != "cuda":
+        return None
+    release_memory(device)
+    return torch.cuda.mem_get_info(device)[0]
 
 
 def release_memory(device: torch.device) -> None:

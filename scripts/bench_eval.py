@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
 import time
@@ -40,8 +41,8 @@ from adapters_lab.config import TinyModelConfig  # noqa: E402
 from adapters_lab.data.arith import arith_splits  # noqa: E402
 from adapters_lab.data.prompts import RESPONSE_MARKER, eval_prompt  # noqa: E402
 from adapters_lab.data.records import read_json_records  # noqa: E402
-from adapters_lab.decoding import Decoder  # noqa: E402
-from adapters_lab.evaluate import generate  # noqa: E402
+from adapters_lab.decoding import Decoder, prompts_that_fit  # noqa: E402
+from adapters_lab.evaluate import free_gpu_bytes, generate, release_memory  # noqa: E402
 from adapters_lab.files import write_json_atomic  # noqa: E402
 from adapters_lab.models import build_tiny_model, build_tiny_tokenizer  # noqa: E402
 
@@ -143,6 +144,8 @@ def step_profile(model, tokenizer, prompt: str, args, max_new: int, device: torc
     slots = enc["input_ids"].shape[1]
     result = {}
     for beams, batch in ((1, args.batch_size), (4, args.beam_batch_size)):
+        free = free_gpu_bytes(device)
+        batch = min(batch, prompts_that_fit(model, slots, beams, max_new, free)) if free is not None else batch
         ids, mask = (t.expand(batch, -1) for t in (enc["input_ids"], enc["attention_mask"]))
         decoder = Decoder(model, batch, slots, beams, max_new, tokenizer.eos_token_id, tokenizer.pad_token_id)
         decoder(ids, mask)
@@ -165,8 +168,43 @@ def step_profile(model, tokenizer, prompt: str, args, max_new: int, device: torc
         sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
         table = prof.key_averages().table(sort_by=sort, row_limit=12)
         result[f"{beams}_beams"] = {"prompts": batch, "prompt_slots": slots, "attended_slots": slots + beams * window,
-                                    "ms_per_step": 1000 * seconds / repeats, "top_kernels": table.splitlines()}
-        del decoder
+                                    "ms_per_step": 1000 * seconds / repeats, "top_kernels": table.splitlines(),
+                                    "attention": attention_bandwidth(decoder, window, device)}
+        print(json.dumps({f"{beams}_beams": result[f"{beams}_beams"]}, indent=1), flush=True)
+        del decoder, replay, last_step  # the closures hold the decoder too
+        release_memory(device)
+    return result
+
+
+def attention_bandwidth(decoder: Decoder, window: int, device: torch.device) -> dict:
+    """One layer's decoding-step attention over the last window's cache, ours and others: ms per
+    step for all layers and the key/value bytes read per second. ``sdpa_unmasked`` ignores the mask:
+    a bandwidth reference, not a valid result."""
+    import torch.nn.functional as F
+
+    from adapters_lab.decoding import few_query_attention
+
+    keys, values = decoder.cache.keys[0], decoder.cache.values[0]
+    visible = decoder.prompt_slots + window * decoder.beams
+    keys, values = keys[:, :, :visible], values[:, :, :visible]
+    prompts, kv_heads, _, dim = keys.shape
+    heads = decoder.model.config.num_attention_heads
+    query = torch.randn(prompts, heads, decoder.beams, dim, dtype=keys.dtype, device=device)
+    mask = torch.ones(prompts, 1, decoder.beams, visible, dtype=torch.bool, device=device)
+    mask[:, :, :, : decoder.prompt_slots] = decoder.prompt_mask[:, None, None]
+    scale = dim**-0.5
+    kernels = {"ours": lambda: few_query_attention(query, keys, values, mask, scale)}
+    if device.type == "cuda":
+        kernels["sdpa_unmasked"] = lambda: F.scaled_dot_product_attention(query, keys, values, scale=scale,
+                                                                          enable_gqa=heads != kv_heads)
+    layers = decoder.model.config.num_hidden_layers
+    read = 2 * keys.numel() * keys.element_size()
+    result = {}
+    for name, kernel in kernels.items():
+        for _ in range(3):
+            kernel()
+        seconds = timed(lambda: [kernel() for _ in range(10)], device) / 10
+        result[name] = {"ms_all_layers": 1000 * seconds * layers, "kv_gb_per_s": read / seconds / 1e9}
     return result
 
 
@@ -183,8 +221,9 @@ def main(argv: list[str] | None = None) -> dict:
                         help="GSM8K prompts for the side-by-side rows (default 64; tiny 4; 0: no side-by-side rows)")
     parser.add_argument("--upstream-prompts", type=int, default=None,
                         help="of those, how many the upstream loop runs (default 4, ~14 s each on an H100; tiny 2)")
-    parser.add_argument("--batch-size", type=int, default=128, help="our evaluator's batch (prompts), greedy")
-    parser.add_argument("--beam-batch-size", type=int, default=64, help="our batch (prompts) with 4 beams")
+    parser.add_argument("--batch-size", type=int, default=256,
+                        help="our evaluator's batch (prompts), greedy, at most: fewer where their KV cache does not fit")
+    parser.add_argument("--beam-batch-size", type=int, default=128, help="the same with 4 beams")
     parser.add_argument("--suite", default="", help="also time ours over the whole math suite: beams, e.g. 1,4")
     parser.add_argument("--check", type=int, default=0, help="compare our tokens with generate's on N prompts")
     parser.add_argument("--step-profile", action="store_true",
@@ -193,6 +232,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--data-dir", type=Path,
                         default=Path(os.environ.get("ADAPTERS_LAB_DATA", REPO.parent / "shared" / "data")) / "llm_adapters")
     args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")  # the evaluator logs its batch sizes
     n = (4 if args.tiny else 64) if args.prompts is None else args.prompts
     n_upstream = min(n, args.upstream_prompts or (2 if args.tiny else 4))
     max_new = args.max_new_tokens or (8 if args.tiny else 256)
@@ -234,7 +274,6 @@ def main(argv: list[str] | None = None) -> dict:
         result["speedup_greedy"] = result["rows"][1]["examples_per_s"] / upstream_rate
     if args.step_profile:
         result["step_profile"] = step_profile(model, tokenizer, prompts[0], args, max_new, device)
-        print(json.dumps(result["step_profile"], indent=1))
     if args.suite:
         sets = suite_prompts(args.data_dir)
         for beams in (int(b) for b in args.suite.split(",")):

@@ -220,3 +220,24 @@ def test_a_decoder_is_reused_for_shorter_prompts_with_the_same_tokens(monkeypatc
         monkeypatch.setattr(evaluate, "REUSE_SLOTS", reuse)
         assert evaluate.generate(model, tokenizer, prompts, 1, 4, 6, torch.device("cpu")) == expected
         assert built == builds
+
+
+def test_batches_hold_no_more_prompts_than_their_kv_cache_fits_in_gpu_memory(monkeypatch):
+    model = tiny_model("llama")
+    ids, mask = left_padded(LENGTHS)
+    tokenizer, prompts = _IdsTokenizer(ids, mask), [str(i) for i in range(len(LENGTHS))]
+    expected = evaluate.generate(model, tokenizer, prompts, 5, 4, 6, torch.device("cpu"), "transformers")
+    slots = evaluate.PROMPT_SLOT_MULTIPLE  # the longest prompt (13 tokens) rounded up
+    one = decoding.Decoder(model, 1, slots, 4, 6, EOS, PAD, cuda_graphs=False).cache
+    logits = 4 * 4 * VOCAB * 4  # float32 logits, four copies per beam
+    per_prompt = one.keys.nbytes + one.values.nbytes + logits
+    monkeypatch.setattr(evaluate, "free_gpu_bytes", lambda device: decoding.WORKSPACE_BYTES + 5 * per_prompt // 2)
+    built, real_init = [], decoding.Decoder.__init__
+
+    def counting_init(self, model, prompts, *args, **kwargs):
+        built.append(prompts)
+        real_init(self, model, prompts, *args, **kwargs)
+
+    monkeypatch.setattr(decoding.Decoder, "__init__", counting_init)
+    assert evaluate.generate(model, tokenizer, prompts, 5, 4, 6, torch.device("cpu")) == expected
+    assert built == [2]  # batches of 2, 2 and 1 (filled up), one decoder reused
