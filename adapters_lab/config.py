@@ -146,6 +146,9 @@ class TrainerConfig:
     gradient_checkpointing: bool = False
     checkpoint_layers: Optional[int] = None  # recompute only the first N decoder layers (None: all)
     compile: bool = False  # torch.compile each decoder layer
+    # torch.compile mode of those layers: default, or max-autotune-no-cudagraphs (Inductor times Triton GEMM
+    # templates against cuBLAS per shape and can fuse the elementwise ops around them; slower to compile)
+    compile_mode: str = "default"
     # attention while training: flex_attention, sdpa, varlen (packed rows as cu_seqlens segments; CUDA:
     # torch.nn.attention.varlen), ...; None: the model's
     attn_implementation: Optional[str] = None

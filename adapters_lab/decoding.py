@@ -28,6 +28,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from transformers import AttentionInterface, Cache
 
+from adapters_lab.models import cache_argument
+
 log = logging.getLogger(__name__)
 
 ATTENTION = "adapters_lab_grouped"
@@ -146,6 +148,7 @@ class Decoder:
         self.steps, self.pad = max_new_tokens, pad_token_id
         self.eos = -1 if eos_token_id is None else eos_token_id  # none: sequences run to the budget
         self.window, self.check_every = window, check_every
+        self.cache_argument = cache_argument(model)
         embed = model.get_input_embeddings().weight
         self.device, dtype = embed.device, embed.dtype
         shape = cache_shape(model, prompts, prompt_slots + beams * max_new_tokens)
@@ -248,7 +251,7 @@ class Decoder:
         self.model.config._attn_implementation = ATTENTION
         try:
             out = self.model(input_ids=input_ids, position_ids=positions, attention_mask=mask,
-                             past_key_values=self.cache, use_cache=True, logits_to_keep=1)
+                             use_cache=True, logits_to_keep=1, **{self.cache_argument: self.cache})
         finally:
             self.model.config._attn_implementation = previous
         return out.logits[:, -1].float()

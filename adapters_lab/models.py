@@ -3,6 +3,7 @@ tokenizer (no download, the default), or a pretrained model from a local folder 
 
 from __future__ import annotations
 
+import inspect
 import logging
 
 import torch
@@ -17,6 +18,21 @@ from adapters_lab.data.prompts import eval_prompt, train_prompt
 log = logging.getLogger(__name__)
 
 SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<pad>"]
+
+# The KV cache argument of a model's forward: ``cache`` in newer transformers (seen in 5.24), ``past_key_values``
+# in older ones (5.17); the newer ones still take the old name and rename it.
+CACHE_ARGUMENTS = ("cache", "past_key_values")
+
+
+def cache_argument(model: nn.Module) -> str:
+    """The name under which ``model.forward`` takes the KV cache in this transformers version."""
+    parameters = inspect.signature(model.forward).parameters
+    return next((name for name in CACHE_ARGUMENTS if name in parameters), "past_key_values")
+
+
+def call_cache(kwargs: dict):
+    """The KV cache a forward call was given, under either name, or None."""
+    return next((kwargs[name] for name in CACHE_ARGUMENTS if kwargs.get(name) is not None), None)
 
 
 def torch_dtype(name) -> torch.dtype:

@@ -36,7 +36,7 @@ from adapters_lab.adapters.base import adapter_state_dict
 from adapters_lab.config import Batching, NanPolicy, Precision, TrainerConfig
 from adapters_lab.data.tokenize import PackedCollator, PaddedCollator, pack_rows
 from adapters_lab.files import atomic_path, write_json_atomic
-from adapters_lab.kernels import (VARLEN, VARLEN_ATTENTION, check_fused_loss_supported, check_varlen_supported,
+from adapters_lab.kernels import (COMPILE_MODES, VARLEN, VARLEN_ATTENTION, check_fused_loss_supported, check_varlen_supported,
                                   chunked_causal_lm_loss, compile_decoder_layers, decoder_layers,
                                   default_peak_tflops, flops_per_token,
                                   register_varlen_attention, uncompile_decoder_layers, varlen_batch_kwargs)
@@ -101,6 +101,8 @@ def check_trainer_config(cfg: TrainerConfig) -> int:
     if cfg.resume not in ("auto", "never") and not (Path(cfg.resume) / STATE_FILE).is_file():
         raise TrainerConfigError(f"trainer.resume={cfg.resume!r}: expected auto, never or a checkpoint folder "
                                  f"holding {STATE_FILE}")
+    if cfg.compile_mode not in COMPILE_MODES:
+        raise TrainerConfigError(f"trainer.compile_mode={cfg.compile_mode!r}: expected one of {', '.join(COMPILE_MODES)}")
     if cfg.peak_tflops is not None and cfg.peak_tflops <= 0:
         raise TrainerConfigError(f"trainer.peak_tflops={cfg.peak_tflops}: must be positive")
     return cfg.batch_size // cfg.micro_batch_size
@@ -234,7 +236,7 @@ def prepare_model(model: nn.Module, cfg: TrainerConfig) -> None:
     elif cfg.attn_implementation:
         model.set_attn_implementation(cfg.attn_implementation)
     if cfg.compile:
-        log.info("compiled %d decoder layers", compile_decoder_layers(model))
+        log.info("compiled %d decoder layers (mode %s)", compile_decoder_layers(model, cfg.compile_mode), cfg.compile_mode)
 
 
 def forward_loss(model: nn.Module, batch: dict, fused: bool) -> torch.Tensor:

@@ -7,7 +7,8 @@
 Variants: paper, tuned (HF PEFT); ours, ours_padded, series, parallel (adapters_lab's trainer);
 ``ours`` takes suffixes: ``_varlen`` (trainer.attn_implementation=varlen instead of --attn),
 ``_liger`` (liger-kernel's RMSNorm, SwiGLU and RoPE for LLaMA; needs CUDA and the optional
-liger-kernel package), ``_nocompile`` (eager layers), e.g. ``ours_varlen_liger``.
+liger-kernel package), ``_nocompile`` (eager layers), ``_autotune`` (trainer.compile_mode=
+max-autotune-no-cudagraphs), e.g. ``ours_varlen_liger``.
 ``check_varlen`` trains nothing: on one packed batch of a 4-layer model of the same shape it
 prints the loss and LoRA-gradient differences of varlen vs flex attention (and SDPA vs flex, the
 bf16 noise floor), checking the CUDA varlen kernel.
@@ -204,10 +205,11 @@ def ours_variant(variant: str) -> dict | None:
     if parts[0] != "ours" or variant == "ours_padded":
         return None
     flags = set(parts[1:])
-    unknown = flags - {"varlen", "liger", "nocompile"}
-    if unknown:
-        raise SystemExit(f"--variants: {variant!r} has unknown suffixes {sorted(unknown)} (varlen, liger, nocompile)")
-    return {"varlen": "varlen" in flags, "liger": "liger" in flags, "compile": "nocompile" not in flags}
+    known = {"varlen", "liger", "nocompile", "autotune"}
+    if flags - known:
+        raise SystemExit(f"--variants: {variant!r} has unknown suffixes {sorted(flags - known)} ({', '.join(sorted(known))})")
+    return {"varlen": "varlen" in flags, "liger": "liger" in flags, "compile": "nocompile" not in flags,
+            "autotune": "autotune" in flags}
 
 
 @contextlib.contextmanager
@@ -355,7 +357,7 @@ def main(argv=None) -> list[Row]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tiny", action="store_true", help="tiny model on CPU, a few steps (smoke test)")
     parser.add_argument("--variants", default="paper,tuned,ours,series,parallel",
-                        help="comma list of paper, tuned, ours[_varlen][_liger][_nocompile], ours_padded, series, "
+                        help="comma list of paper, tuned, ours[_varlen][_liger][_nocompile][_autotune], ours_padded, series, "
                              "parallel, check_varlen (see the module docstring)")
     parser.add_argument("--steps", type=int, default=12, help="timed optimiser steps per variant")
     parser.add_argument("--pack-length", type=int, default=2048)
@@ -415,8 +417,11 @@ def main(argv=None) -> list[Row]:
             if switches["varlen"]:
                 overrides["attn_implementation"] = "varlen"
             overrides["compile"] = compiled and switches["compile"]
+            if switches["autotune"] and overrides["compile"]:
+                overrides["compile_mode"] = "max-autotune-no-cudagraphs"
             extras = [name for name, on in (("liger kernels", switches["liger"]),
-                                            ("eager layers", not switches["compile"] and compiled)) if on]
+                                            ("eager layers", not switches["compile"] and compiled),
+                                            ("max-autotune", "compile_mode" in overrides)) if on]
             label += "".join(f", {e}" for e in extras)
             if switches["liger"]:
                 liger = liger_kernels(model, device)

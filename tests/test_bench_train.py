@@ -40,9 +40,12 @@ def test_tiny_varlen_variants_check_and_liger_skip(bench, capsys):
 
 
 def test_ours_variant_suffixes(bench):
-    assert bench.ours_variant("ours") == {"varlen": False, "liger": False, "compile": True}
-    assert bench.ours_variant("ours_varlen_liger") == {"varlen": True, "liger": True, "compile": True}
-    assert bench.ours_variant("ours_liger_nocompile") == {"varlen": False, "liger": True, "compile": False}
+    assert bench.ours_variant("ours") == {"varlen": False, "liger": False, "compile": True, "autotune": False}
+    assert bench.ours_variant("ours_varlen_liger") == {"varlen": True, "liger": True, "compile": True, "autotune": False}
+    assert bench.ours_variant("ours_liger_nocompile") == {"varlen": False, "liger": True, "compile": False,
+                                                          "autotune": False}
+    assert bench.ours_variant("ours_varlen_autotune") == {"varlen": True, "liger": False, "compile": True,
+                                                          "autotune": True}
     assert bench.ours_variant("ours_padded") is None and bench.ours_variant("tuned") is None
     with pytest.raises(SystemExit, match="unknown suffixes"):
         bench.ours_variant("ours_fast")

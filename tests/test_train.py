@@ -96,6 +96,7 @@ def test_sigterm_saves_a_checkpoint_then_exits(tmp_path):
     ("resume", "/no/such/folder", "trainer.resume='/no/such/folder'"),
     ("keep_checkpoints", 0, "trainer.keep_checkpoints=0"),
     ("peak_tflops", 0.0, "trainer.peak_tflops=0.0"),
+    ("compile_mode", "reduce-overhead", "trainer.compile_mode='reduce-overhead'"),
 ])
 def test_bad_trainer_options_name_the_key(key, value, match):
     with pytest.raises(TrainerConfigError, match=match.replace("[", r"\[")):

@@ -21,6 +21,7 @@ from transformers import DynamicCache
 from adapters_lab.adapters import virtual_tokens
 from adapters_lab.adapters.base import Adapter, AdapterConfigError, InjectionReport, LayerPlacement
 from adapters_lab.adapters.placement import decoder_layers, kv_shape
+from adapters_lab.models import CACHE_ARGUMENTS, cache_argument, call_cache
 
 MODULE_NAME = "prefix_tuning"
 
@@ -81,11 +82,14 @@ class PrefixTuning(Adapter):
                                 self.projection_hidden, device)
         model.add_module(MODULE_NAME, encoder)
         dtype = model.get_input_embeddings().weight.dtype
+        name = cache_argument(model)
 
         def first_step(kwargs: dict, batch: int) -> None:
-            cache = kwargs.get("past_key_values")
+            cache = call_cache(kwargs)
             if cache is None:
-                cache = kwargs["past_key_values"] = DynamicCache(config=model.config)
+                for old in CACHE_ARGUMENTS:  # an explicit None under either name
+                    kwargs.pop(old, None)
+                cache = kwargs[name] = DynamicCache(config=model.config)
             prefixes = encoder().to(dtype)
             for layer in range(num_layers):
                 key, value = (prefixes[2 * layer + j].unsqueeze(0).expand(batch, -1, -1, -1) for j in (0, 1))

@@ -19,6 +19,7 @@ import torch
 import torch.nn as nn
 
 from adapters_lab.adapters.base import AdapterConfigError
+from adapters_lab.models import call_cache
 
 
 def refuse_packing(trainer: Any, method: str) -> None:
@@ -32,7 +33,7 @@ def refuse_packing(trainer: Any, method: str) -> None:
 
 def is_first_step(kwargs: dict) -> bool:
     """No cache yet, or an empty one (``generate`` passes an empty cache to its first call)."""
-    cache = kwargs.get("past_key_values")
+    cache = call_cache(kwargs)
     return cache is None or cache.get_seq_length() == 0
 
 
