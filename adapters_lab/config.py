@@ -162,7 +162,7 @@ class TrainerConfig:
 
 @dataclass
 class EvalConfig:
-    batch_size: int = 16
+    batch_size: int = 128  # prompts, at most: capped to the KV cache that fits in free GPU memory
     num_beams: int = 4  # the paper's decoding
     max_new_tokens: Optional[int] = None  # None: per-set default (math 256, commonsense 32)
     limit: Optional[int] = None  # first N examples of each set

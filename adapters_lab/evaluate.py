@@ -70,7 +70,7 @@ def generate(model: nn.Module, tokenizer, prompts: list[str], batch_size: int, n
             log.info("eval: batches of %d prompts, not %d: the KV cache of %d prompts of %d tokens, %d beams and "
                      "%d new tokens fits in the GPU's free memory", fit, batch_size, fit, slots, num_beams, max_new_tokens)
             batch_size = fit
-    pending = [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
+    pending = balanced_batches(order, batch_size)
     built: dict[str, decoding.Decoder] = {}  # the decoder of the last batch, reused while shapes fit
     while pending:
         chunk = pending.pop(0)
@@ -101,6 +101,20 @@ def generate(model: nn.Module, tokenizer, prompts: list[str], batch_size: int, n
         release_memory(device)
     model.train(was_training)
     return outputs
+
+
+def balanced_batches(order: list[int], batch_size: int) -> list[list[int]]:
+    """``order`` cut into the fewest batches of at most ``batch_size``, all of nearly one size (they
+    differ by at most one): our decoder fills a short batch up to the size it was built for, so
+    1,319 prompts at 256 go as 6 x 220 rather than 5 x 256 + 39 padded to 256 with copies."""
+    if not order:
+        return []
+    count = math.ceil(len(order) / max(1, batch_size))
+    size, extra = divmod(len(order), count)
+    bounds = [0]
+    for index in range(count):
+        bounds.append(bounds[-1] + size + (index < extra))
+    return [order[a:b] for a, b in zip(bounds, bounds[1:])]
 
 
 def free_gpu_bytes(device: torch.device) -> int | None:

@@ -337,9 +337,10 @@ def profiled(device, warmup: int, steps: int):
     print(prof.key_averages().table(sort_by=sort, row_limit=25, max_name_column_width=70))
     averages = prof.key_averages()
     if device.type == "cuda":
+        # Inductor's fused kernels (triton_*) are left out: their names list the ops fused, "_to_copy" among them.
         for what, words in (("fill/zero kernels", ("fill", "zero")), ("memsets", ("memset",)), ("copies", ("memcpy", "copy"))):
             hits = [e for e in averages if e.device_type == torch.autograd.DeviceType.CUDA
-                    and any(w in e.key.lower() for w in words)]
+                    and any(w in e.key.lower() for w in words) and not e.key.startswith("triton_")]
             print(f"{what} per step: {sum(e.count for e in hits) / active:.0f}, "
                   f"{sum(e.self_device_time_total for e in hits) / active / 1e3:.2f} ms")
     sites: dict[str, int] = {}

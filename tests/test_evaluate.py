@@ -65,6 +65,15 @@ def test_out_of_memory_halves_the_batch_and_keeps_every_answer(tiny, monkeypatch
     assert "out of memory at batch 5" in caplog.text
 
 
+@pytest.mark.parametrize("n, cap, sizes", [(1319, 256, [220] * 5 + [219]), (600, 437, [300, 300]), (5, 5, [5]),
+                                           (7, 3, [3, 2, 2]), (0, 4, [])])
+def test_batches_are_balanced_and_keep_the_order(n, cap, sizes):
+    order = list(range(n))[::-1]
+    batches = evaluate.balanced_batches(order, cap)
+    assert [len(b) for b in batches] == sizes
+    assert [i for b in batches for i in b] == order
+
+
 @pytest.mark.parametrize("decoder", ["adapters_lab", "transformers"])
 def test_generation_stops_at_eos(tiny, decoder):
     model, tokenizer = tiny
