@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from adapters_lab.config import ModelConfig, TinyModelConfig
-from adapters_lab.models import build_model, build_tiny_tokenizer, ensure_pad_token
+from adapters_lab.models import build_model, build_tiny_tokenizer, cache_argument, call_cache, ensure_pad_token
 
 
 def test_tiny_tokenizer_round_trips_any_text_and_prepends_bos():
@@ -66,3 +66,19 @@ def test_missing_pad_token_borrows_unk_then_eos(caplog):
 def test_pretrained_model_needs_a_source():
     with pytest.raises(ValueError, match="model.local_path or model.hub_id"):
         build_model(ModelConfig(name="x"))
+
+
+def test_cache_argument_follows_the_forward_signature_and_either_name_is_read():
+    class New(torch.nn.Module):
+        def forward(self, input_ids=None, cache=None, **kwargs):
+            return None
+
+    class Old(torch.nn.Module):
+        def forward(self, input_ids=None, past_key_values=None, **kwargs):
+            return None
+
+    assert cache_argument(New()) == "cache" and cache_argument(Old()) == "past_key_values"
+    marker = object()
+    assert call_cache({"cache": marker}) is marker
+    assert call_cache({"past_key_values": marker, "cache": None}) is marker
+    assert call_cache({"input_ids": 1}) is None
