@@ -20,12 +20,15 @@ search with length penalty 1 and ``early_stopping=False``, the decoding LLM-Adap
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
+from typing import Callable
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers import AttentionInterface, Cache
 
 from adapters_lab.models import cache_argument
@@ -36,6 +39,11 @@ ATTENTION = "adapters_lab_grouped"
 NEG = -1.0e9  # transformers' "impossible" beam score
 PREFILL_TOKENS = 8192  # prompt tokens per prefill forward
 WORKSPACE_BYTES = 3 * 2**30  # GPU memory kept beside a decoder's cache (prefill activations, graph pool)
+# SDPA kernels that take the decoding step's masked few-query attention. Which is fastest depends on
+# the mask: on an H200 the cuDNN kernel read the cache at 4.3 TB/s in greedy steps and at 2.7 TB/s
+# under 4 beams' masks (scripts/bench_eval.py --step-profile), so a decoder times them on its own
+# shapes when it is built and keeps the fastest (``fastest_step_backend``).
+STEP_BACKENDS = (SDPBackend.CUDNN_ATTENTION, SDPBackend.EFFICIENT_ATTENTION)
 
 
 def grouped_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -77,6 +85,43 @@ def few_query_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Ten
 
 
 AttentionInterface.register(ATTENTION, grouped_attention)
+
+
+def attention_backend(backend: SDPBackend | None):
+    """A context in which SDPA runs on ``backend`` only (None: SDPA's own choice)."""
+    return sdpa_kernel([backend]) if backend is not None else contextlib.nullcontext()
+
+
+def cuda_milliseconds(fn: Callable[[], object], repeats: int = 5) -> float:
+    """Median milliseconds of ``fn`` on the current CUDA stream, after one warm-up call."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return sorted(times)[len(times) // 2]
+
+
+def fastest_step_backend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor,
+                         scale: float, backends=STEP_BACKENDS,
+                         timer: Callable[[Callable[[], object]], float] = cuda_milliseconds) -> SDPBackend | None:
+    """The backend of ``backends`` under which ``few_query_attention`` runs fastest on these inputs;
+    a backend that refuses them is skipped; None when none runs. The backends compute the same
+    attention up to rounding: the choice changes the time, not what is computed."""
+    best, best_time = None, math.inf
+    for backend in backends:
+        try:
+            with attention_backend(backend):
+                elapsed = timer(lambda: few_query_attention(query, key, value, mask, scale))
+        except RuntimeError:  # "No available kernel": this backend does not take these inputs
+            continue
+        if elapsed < best_time:
+            best, best_time = backend, elapsed
+    return best
 
 
 def supports(model: nn.Module, max_length: int) -> bool:
@@ -174,6 +219,7 @@ class Decoder:
             self.top_beams = torch.arange(2 * beams, device=self.device) < beams
         else:
             self.unfinished = torch.zeros(rows, dtype=torch.bool, device=self.device)
+        self.step_backend = self._choose_step_backend()
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         if self.device.type == "cuda" if cuda_graphs is None else cuda_graphs:
             try:
@@ -256,6 +302,25 @@ class Decoder:
             self.model.config._attn_implementation = previous
         return out.logits[:, -1].float()
 
+    def _choose_step_backend(self) -> SDPBackend | None:
+        """On a GPU, time the step attention's SDPA kernels on random inputs of this decoder's largest
+        step (all slots visible; at most 32 prompts) and return the fastest; elsewhere None (SDPA's own pick)."""
+        if self.device.type != "cuda":
+            return None
+        _, _, kv_heads, slots, dim = self.cache.keys.shape
+        heads = self.model.config.get_text_config().num_attention_heads
+        prompts, dtype = min(self.prompts, 32), self.cache.keys.dtype
+        generator = torch.Generator(device=self.device).manual_seed(0)
+        random = dict(generator=generator, device=self.device, dtype=dtype)
+        query = torch.randn(prompts, heads, self.beams, dim, **random)
+        key, value = (torch.randn(prompts, kv_heads, slots, dim, **random) for _ in range(2))
+        mask = torch.rand(prompts, 1, self.beams, slots, generator=generator, device=self.device) < 0.5
+        mask[..., -1] = True  # no fully masked row
+        backend = fastest_step_backend(query, key, value, mask, dim**-0.5)
+        log.info("eval: decoding-step attention by SDPA's %s kernel (timed on %d prompts x %d slots, %d beams)",
+                 getattr(backend, "name", "default"), prompts, slots, self.beams)
+        return backend
+
     def _step(self, window: int) -> None:
         """Feed the tokens chosen at step t-1 (slots ``prompt_slots + (t-1) * beams + k``), choose step t."""
         beams, prompt_slots = self.beams, self.prompt_slots
@@ -269,7 +334,8 @@ class Decoder:
         mask = torch.cat([self.prompt_mask[:, None, :].expand(-1, beams, -1),
                           own.reshape(self.prompts, beams, window * beams)], dim=-1)
         positions = (self.next_position + previous).view(-1, 1)
-        logits = self._forward(self.tokens.view(-1, 1), positions, mask[:, None])
+        with attention_backend(self.step_backend):  # the kernel chosen at build time (GPU only)
+            logits = self._forward(self.tokens.view(-1, 1), positions, mask[:, None])
         self._select(logits)
 
     def _select(self, logits: torch.Tensor) -> None:

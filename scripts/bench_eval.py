@@ -41,7 +41,7 @@ from adapters_lab.config import TinyModelConfig  # noqa: E402
 from adapters_lab.data.arith import arith_splits  # noqa: E402
 from adapters_lab.data.prompts import RESPONSE_MARKER, eval_prompt  # noqa: E402
 from adapters_lab.data.records import read_json_records  # noqa: E402
-from adapters_lab.decoding import Decoder, prompts_that_fit  # noqa: E402
+from adapters_lab.decoding import STEP_BACKENDS, Decoder, attention_backend, prompts_that_fit  # noqa: E402
 from adapters_lab.evaluate import free_gpu_bytes, generate, release_memory  # noqa: E402
 from adapters_lab.files import write_json_atomic  # noqa: E402
 from adapters_lab.models import build_tiny_model, build_tiny_tokenizer  # noqa: E402
@@ -177,9 +177,9 @@ def step_profile(model, tokenizer, prompt: str, args, max_new: int, device: torc
 
 
 def attention_bandwidth(decoder: Decoder, window: int, device: torch.device) -> dict:
-    """One layer's decoding-step attention over the last window's cache, ours and others: ms per
-    step for all layers and the key/value bytes read per second. ``sdpa_unmasked`` ignores the mask:
-    a bandwidth reference, not a valid result."""
+    """One layer's decoding-step attention over the last window's cache: ours (the kernel the
+    decoder chose), each kernel it chose from, and SDPA without the mask (``sdpa_unmasked``, a
+    bandwidth reference, not a valid result): ms per step for all layers and key/value bytes read per second."""
     import torch.nn.functional as F
 
     from adapters_lab.decoding import few_query_attention
@@ -193,15 +193,26 @@ def attention_bandwidth(decoder: Decoder, window: int, device: torch.device) -> 
     mask = torch.ones(prompts, 1, decoder.beams, visible, dtype=torch.bool, device=device)
     mask[:, :, :, : decoder.prompt_slots] = decoder.prompt_mask[:, None, None]
     scale = dim**-0.5
-    kernels = {"ours": lambda: few_query_attention(query, keys, values, mask, scale)}
+    def attend(backend):
+        with attention_backend(backend):
+            return few_query_attention(query, keys, values, mask, scale)
+
+    kernels = {"ours": lambda: attend(decoder.step_backend)}  # the kernel the decoder chose
     if device.type == "cuda":
+        for backend in STEP_BACKENDS:  # each candidate it chose from
+            kernels[backend.name.lower()] = lambda backend=backend: attend(backend)
         kernels["sdpa_unmasked"] = lambda: F.scaled_dot_product_attention(query, keys, values, scale=scale,
                                                                           enable_gqa=heads != kv_heads)
     layers = decoder.model.config.num_hidden_layers
     read = 2 * keys.numel() * keys.element_size()
-    result = {}
+    result = {"chosen_backend": getattr(decoder.step_backend, "name", None)}
     for name, kernel in kernels.items():
-        for _ in range(3):
+        try:
+            kernel()
+        except RuntimeError as error:  # a candidate kernel that does not take these inputs
+            result[name] = {"error": str(error)[:120]}
+            continue
+        for _ in range(2):
             kernel()
         seconds = timed(lambda: [kernel() for _ in range(10)], device) / 10
         result[name] = {"ms_all_layers": 1000 * seconds * layers, "kv_gb_per_s": read / seconds / 1e9}

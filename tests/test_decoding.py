@@ -241,3 +241,39 @@ def test_batches_hold_no_more_prompts_than_their_kv_cache_fits_in_gpu_memory(mon
     monkeypatch.setattr(decoding.Decoder, "__init__", counting_init)
     assert evaluate.generate(model, tokenizer, prompts, 5, 4, 6, torch.device("cpu")) == expected
     assert built == [2]  # batches of 2, 2 and 1 (filled up), one decoder reused
+
+
+def test_fastest_step_backend_skips_kernels_that_refuse_and_keeps_the_quickest():
+    from torch.nn.attention import SDPBackend
+
+    g = torch.Generator().manual_seed(1)
+    query, key, value = torch.randn(2, 4, 4, 16, generator=g), *(torch.randn(2, 2, 9, 16, generator=g) for _ in range(2))
+    mask = torch.rand(2, 1, 4, 9, generator=g) < 0.5
+    mask[..., -1] = True
+    backends = (SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.MATH)  # no cuDNN on a CPU
+
+    def timer_returning(*times):
+        queue = list(times)
+
+        def timer(fn):
+            fn()  # raises for a backend that cannot run these inputs
+            return queue.pop(0)
+        return timer
+
+    pick = decoding.fastest_step_backend
+    assert pick(query, key, value, mask, 0.25, backends, timer_returning(2.0, 1.0)) == SDPBackend.MATH
+    assert pick(query, key, value, mask, 0.25, backends, timer_returning(1.0, 2.0)) == SDPBackend.FLASH_ATTENTION
+    assert pick(query, key, value, mask, 0.25, backends[:1], timer_returning()) is None
+
+
+def test_the_chosen_step_backend_runs_every_decoding_step(monkeypatch):
+    from torch.nn.attention import SDPBackend
+
+    model = tiny_model("llama")
+    ids, mask = left_padded(LENGTHS)
+    expected = reference(model, ids, mask, 4, 10, EOS)
+    monkeypatch.setattr(decoding.Decoder, "_choose_step_backend", lambda self: SDPBackend.MATH)
+    assert torch.equal(ours(model, ids, mask, 4, 10, EOS), expected)
+    monkeypatch.setattr(decoding.Decoder, "_choose_step_backend", lambda self: SDPBackend.CUDNN_ATTENTION)
+    with pytest.raises(RuntimeError, match="No viable backend"):  # cuDNN has no CPU kernel: the choice is applied
+        ours(model, ids, mask, 4, 10, EOS)

@@ -139,7 +139,8 @@ def test_bench_eval_tiny_prints_and_writes_its_table(tmp_path, capsys):
     for beams, profile in ((1, result["step_profile"]["1_beams"]), (4, result["step_profile"]["4_beams"])):
         assert profile["attended_slots"] == profile["prompt_slots"] + beams * 3 and profile["ms_per_step"] > 0
         assert any("aten::mm" in line for line in profile["top_kernels"])  # the projections are in the profile
-        assert set(profile["attention"]) == {"ours"} and profile["attention"]["ours"]["kv_gb_per_s"] > 0
+        assert set(profile["attention"]) == {"ours", "chosen_backend"} and profile["attention"]["ours"]["kv_gb_per_s"] > 0
+        assert profile["attention"]["chosen_backend"] is None  # a CPU decoder leaves the kernel to SDPA
     # fp32 on the CPU: our decoder gives generate's exact texts, greedy and with beams
     assert result["check"]["same_text_as_generate_1_beams"] == result["check"]["same_text_as_generate_4_beams"] == 1.0
     assert json.loads(out.read_text()) == json.loads(json.dumps(result))
