@@ -128,7 +128,7 @@ class DatasetConfig:
 class TrainerConfig:
     epochs: float = 3.0
     max_steps: int = -1  # > 0 overrides epochs
-    batch_size: int = 16  # examples per optimiser step
+    batch_size: int = 16  # examples per optimiser step, over all processes when data-parallel
     micro_batch_size: int = 4  # examples per forward pass (grad accumulation = batch / micro)
     lr: float = 3e-4
     warmup_steps: int = 100

@@ -72,7 +72,6 @@ def run(cfg: DictConfig) -> float | None:
                     for split, records in (("train", data.train), ("val", data.val))}
         result = train(model, features["train"].examples, features["val"].examples, tokenizer.pad_token_id,
                        cfg.trainer, accelerator, tracker, cfg.seed, checkpoint_dir=out_dir / "checkpoints")
-        model = accelerator.unwrap_model(model)
         metrics["train"] = asdict(result)
         metrics["data"] = {"train_records": len(data.train), "val_records": len(data.val),
                            "truncated": features["train"].truncated, "prompt_overflow": features["train"].prompt_overflow}

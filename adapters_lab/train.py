@@ -6,11 +6,14 @@ AdamW, gradient clipping at 1.0, loss averaged per micro-batch, padded batches).
 (``trainer.batching=packed``, ``trainer.compile``, ``trainer.fused_loss``,
 ``trainer.attn_implementation=varlen``) are config choices, each tested equal to the plain path.
 One host synchronisation per optimiser step reads the step's loss: it feeds the NaN policy, the
-log and the loss history.
+log and the loss history. Under several processes (``accelerate launch``) each takes its share of a
+step's micro-batches through ``CausalLMObjective`` (the module DDP wraps), and the step's loss and
+token counts are summed over them.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -251,6 +254,25 @@ def forward_loss(model: nn.Module, batch: dict, fused: bool) -> torch.Tensor:
     return chunked_causal_lm_loss(hidden, model.get_output_embeddings(), batch["labels"])
 
 
+class CausalLMObjective(nn.Module):
+    """The model and its training loss as one module: the unit the accelerator prepares and the
+    loop calls, so that a distributed wrapper (DDP) sees every forward and synchronises the adapter
+    gradients in backward."""
+
+    def __init__(self, model: nn.Module, fused: bool):
+        super().__init__()
+        self.model, self.fused = model, fused
+
+    def forward(self, batch: dict) -> torch.Tensor:
+        return forward_loss(self.model, batch, self.fused)
+
+
+def shard(group: list, world: int, rank: int) -> list:
+    """This process's micro-batches of an optimiser step's ``group``: every ``world``-th from
+    ``rank``; a group shorter than ``world`` (an epoch's end) is repeated so each process has one."""
+    return [group[i % len(group)] for i in range(rank, max(len(group), world), world)]
+
+
 def to_device(batch: dict, device: torch.device) -> dict:
     """Tensors to ``device`` (asynchronously from the CPU); other entries (ints) unchanged."""
     return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
@@ -263,8 +285,7 @@ def validation_loss(model: nn.Module, examples: list[dict], collate, micro_batch
     was_training = model.training
     model.eval()
     total, count = torch.zeros((), device=accelerator.device), 0
-    core = getattr(model, "module", model)  # under a distributed wrapper
-    varlen = getattr(getattr(core, "config", None), "_attn_implementation", None) == VARLEN_ATTENTION
+    varlen = getattr(getattr(model, "config", None), "_attn_implementation", None) == VARLEN_ATTENTION
     for start in range(0, len(examples), micro_batch_size):
         batch = collate(examples[start : start + micro_batch_size])
         extra = varlen_batch_kwargs(batch, batch["input_ids"].shape[1]) if varlen else {}
@@ -438,9 +459,14 @@ def _train_loop(model: nn.Module, plan: BatchPlan, val_examples: list[dict], cfg
     updates = total_updates(cfg, plan.micro_batches_per_epoch(), accumulation)
     scheduler = get_scheduler(getattr(cfg.schedule, "value", cfg.schedule), optimizer,
                               num_warmup_steps=min(cfg.warmup_steps, updates), num_training_steps=updates)
-    model, optimizer = accelerator.prepare(model, optimizer)
-    core = accelerator.unwrap_model(model)
-    model.train()
+    world, rank = accelerator.num_processes, accelerator.process_index
+    if accumulation < world:
+        raise TrainerConfigError(
+            f"trainer.batch_size={cfg.batch_size}, trainer.micro_batch_size={cfg.micro_batch_size}: {accumulation} "
+            f"micro-batch(es) per optimiser step, fewer than the {world} processes (batch_size counts examples over "
+            "all of them)")
+    objective, optimizer = accelerator.prepare(CausalLMObjective(model, cfg.fused_loss), optimizer)
+    objective.train()
     fingerprint = {"examples": len(plan.examples), "updates": updates, "batch_size": cfg.batch_size,
                    "micro_batch_size": cfg.micro_batch_size, "batching": plan.batching.value, "seed": seed}
 
@@ -448,7 +474,7 @@ def _train_loop(model: nn.Module, plan: BatchPlan, val_examples: list[dict], cfg
     source = latest_checkpoint(checkpoint_dir) if cfg.resume == "auto" else (
         None if cfg.resume == "never" else Path(cfg.resume))
     if source is not None:
-        loop = load_checkpoint(source, core, optimizer, scheduler, fingerprint)
+        loop = load_checkpoint(source, model, optimizer, scheduler, fingerprint)
         resumed_from = loop.step
         log.info("resumed from %s (step %d of %d)", source, loop.step, updates)
     elif checkpoint_dir is not None and accelerator.is_main_process:
@@ -459,7 +485,7 @@ def _train_loop(model: nn.Module, plan: BatchPlan, val_examples: list[dict], cfg
     def checkpoint_now() -> Path | None:
         if checkpoint_dir is None or not accelerator.is_main_process:
             return None
-        return save_checkpoint(checkpoint_dir, core, optimizer, scheduler, loop, fingerprint, cfg.keep_checkpoints)
+        return save_checkpoint(checkpoint_dir, model, optimizer, scheduler, loop, fingerprint, cfg.keep_checkpoints)
 
     loss_final = float("nan")
     consecutive_skips = 0
@@ -475,18 +501,27 @@ def _train_loop(model: nn.Module, plan: BatchPlan, val_examples: list[dict], cfg
                 loop.epoch, loop.position = loop.epoch + 1, 0
                 batches = plan.epoch(loop.epoch)
             group = batches[loop.position : loop.position + accumulation]
+            mine = shard(group, world, rank)  # all of it in one process
+            count = max(len(group), world)  # micro-batches of the step over all processes
             step_loss = None  # the sum of the micro-batch losses, on the device (no fill kernel)
             step_tokens = step_padded = 0
-            for micro in group:
+            for index, micro in enumerate(mine):
                 batch, real = plan.batch(micro)
                 step_tokens += real
                 step_padded += batch["input_ids"].numel()
                 batch = to_device(batch, accelerator.device)
-                with accelerator.autocast():
-                    loss = forward_loss(core, batch, cfg.fused_loss)
-                accelerator.backward(loss / len(group))
+                # gradients are averaged over the processes once, at the last micro-batch of the step
+                sync = contextlib.nullcontext() if index == len(mine) - 1 else accelerator.no_sync(objective)
+                with sync:
+                    with accelerator.autocast():
+                        loss = objective(batch)
+                    accelerator.backward(loss / (count / world))  # the mean over the step's micro-batches
                 step_loss = loss.detach() if step_loss is None else step_loss + loss.detach()
-            value = float(step_loss) / len(group)  # the one host sync of the step
+            if world > 1:  # the step's loss and tokens over all processes
+                step_loss = accelerator.reduce(step_loss, "sum")
+                counts = accelerator.reduce(torch.tensor([step_tokens, step_padded], device=accelerator.device), "sum")
+                step_tokens, step_padded = (int(c) for c in counts.tolist())
+            value = float(step_loss) / count  # the one host sync of the step
             if not math.isfinite(value):
                 optimizer.zero_grad(set_to_none=True)
                 if NanPolicy(cfg.nan_policy) == NanPolicy.stop or consecutive_skips + 1 >= MAX_CONSECUTIVE_SKIPS:
@@ -522,7 +557,7 @@ def _train_loop(model: nn.Module, plan: BatchPlan, val_examples: list[dict], cfg
                          "train/padded_tokens_per_second": loop.padded_tokens / elapsed,
                          "train/epoch": loop.epoch + loop.position / len(batches)}
                 if peak_tflops:
-                    stats["train/mfu"] = loop.tokens * flops / elapsed / (peak_tflops * 1e12)
+                    stats["train/mfu"] = loop.tokens * flops / elapsed / (peak_tflops * 1e12 * world)
                 if accelerator.device.type == "cuda":
                     stats["train/peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
                 tracker.log(stats, loop.step)
@@ -557,6 +592,6 @@ def _train_loop(model: nn.Module, plan: BatchPlan, val_examples: list[dict], cfg
         steps=loop.step, epochs_completed=round(epochs_completed, 4), loss_final=loss_final, val_loss=loop.val_loss,
         tokens=loop.tokens, padded_tokens=loop.padded_tokens, seconds=loop.seconds,
         tokens_per_second=loop.tokens / loop.seconds if loop.seconds > 0 else 0.0,
-        steady_tokens_per_second=steady, mfu=steady * flops / (peak_tflops * 1e12) if peak_tflops else None,
+        steady_tokens_per_second=steady, mfu=steady * flops / (peak_tflops * 1e12 * world) if peak_tflops else None,
         peak_memory_gib=peak, skipped_steps=loop.skipped_steps, resumed_from_step=resumed_from,
         loss_history=list(loop.loss_history))
