@@ -178,23 +178,41 @@ def score_set(name: str, records: list[dict], prompts: list[str], generated: lis
     return {"accuracy": result[f"accuracy_{protocol}"], **result, "correct": correct[protocol], "n": n}, lines
 
 
+def gathered(indices: list[int], texts: list[str], total: int, processes: int) -> list[str]:
+    """Every process's texts (``texts[j]`` belongs to prompt ``indices[j]``), in prompt order, on
+    every process; with one process, ``texts`` as they are."""
+    if processes == 1:
+        return texts
+    from accelerate.utils import gather_object
+
+    ordered = [""] * total
+    for index, text in gather_object(list(zip(indices, texts))):
+        ordered[index] = text
+    return ordered
+
+
 def evaluate_sets(model: nn.Module, tokenizer, eval_sets: dict[str, list[dict]], cfg: EvalConfig,
-                  device: torch.device, predictions_dir: Path | None) -> dict:
+                  device: torch.device, predictions_dir: Path | None, processes: int = 1, rank: int = 0) -> dict:
     """Per set: ``accuracy`` (``eval.protocol``), ``accuracy_paper``, ``accuracy_strict``; the
-    averages over sets likewise; one predictions JSONL per set."""
+    averages over sets likewise; one predictions JSONL per set (where ``predictions_dir`` is given).
+    Under several processes (``accelerate launch``) each generates every ``processes``-th prompt of a
+    set from ``rank`` on, and every process scores all of them."""
     protocol = str(getattr(cfg.protocol, "value", cfg.protocol))
     results: dict = {}
     for name, records in eval_sets.items():
         prompts = [eval_prompt(r["instruction"], r["input"]) for r in records]
         max_new = cfg.max_new_tokens or default_max_new_tokens(name)
         start = time.perf_counter()
-        generated = generate(model, tokenizer, prompts, cfg.batch_size, cfg.num_beams, max_new, device,
-                             str(getattr(cfg.decoder, "value", cfg.decoder)))
+        mine = list(range(rank, len(prompts), processes))  # interleaved: each share spans every prompt length
+        texts = generate(model, tokenizer, [prompts[i] for i in mine], cfg.batch_size, cfg.num_beams, max_new,
+                         device, str(getattr(cfg.decoder, "value", cfg.decoder)))
+        generated = gathered(mine, texts, len(prompts), processes)
         results[name], lines = score_set(name, records, prompts, generated, protocol)
         results[name]["seconds"] = time.perf_counter() - start
-        log.info("eval %s: accuracy %.4f (%s, %d/%d; paper %.4f, strict %.4f) in %.1fs", name,
-                 results[name]["accuracy"], protocol, results[name]["correct"], len(records),
-                 results[name]["accuracy_paper"], results[name]["accuracy_strict"], results[name]["seconds"])
+        if rank == 0:
+                log.info("eval %s: accuracy %.4f (%s, %d/%d; paper %.4f, strict %.4f) in %.1fs", name,
+                     results[name]["accuracy"], protocol, results[name]["correct"], len(records),
+                     results[name]["accuracy_paper"], results[name]["accuracy_strict"], results[name]["seconds"])
         if predictions_dir is not None:
             write_jsonl_atomic(predictions_dir / f"{name}.jsonl", lines)
     if results:

@@ -77,10 +77,12 @@ def run(cfg: DictConfig) -> float | None:
                            "truncated": features["train"].truncated, "prompt_overflow": features["train"].prompt_overflow}
     metrics.setdefault("data", {})["skipped_malformed"] = data.skipped
 
-    # 6. Evaluation; 7. results (rank 0 only), adapter weights alone.
-    if accelerator.is_main_process:
-        metrics["eval"] = evaluate_sets(model, tokenizer, data.eval_sets, cfg.eval, accelerator.device,
-                                        out_dir / "predictions")
+    # 6. Evaluation, each process a share of every set; 7. results (process 0 only), adapter weights alone.
+    main = accelerator.is_main_process
+    metrics["eval"] = evaluate_sets(model, tokenizer, data.eval_sets, cfg.eval, accelerator.device,
+                                    out_dir / "predictions" if main else None, accelerator.num_processes,
+                                    accelerator.process_index)
+    if main:
         tracker.log_predictions(out_dir / "predictions")
         if adapter.trains:
             base_model = cfg.model.hub_id or cfg.model.name

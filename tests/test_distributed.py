@@ -1,6 +1,7 @@
-"""Data-parallel training through accelerate (two CPU processes, gloo) computes what one process
-computes: each process takes its share of a step's micro-batches, the adapter gradients are
-averaged once per step, and every process ends with the same weights as a single-process run."""
+"""Data-parallel training and evaluation through accelerate (two CPU processes, gloo) compute what
+one process computes: each process takes its share of a step's micro-batches, the adapter gradients
+are averaged once per step, and every process ends with the same weights as a single-process run;
+each process generates a share of every evaluation set, and all of them score the whole set."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import pytest
 import torch
 
 from tests.conftest import REPO
-from tests.ddp_worker import train_case
+from tests.distributed_worker import eval_case, train_case
 from tests.train_helpers import trainable
 
 WORLD = 2
@@ -25,27 +26,44 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("loss", ["plain", "fused"])
-def test_two_processes_train_the_same_weights_as_one(tmp_path, loss):
+def run_workers(tmp_path, mode: str) -> list[dict]:
+    """Start WORLD processes of tests/distributed_worker.py in ``mode``; returns what each wrote."""
     port = free_port()
     workers = []
     for rank in range(WORLD):
         env = {**os.environ, "WORLD_SIZE": str(WORLD), "RANK": str(rank), "LOCAL_RANK": str(rank),
                "LOCAL_WORLD_SIZE": str(WORLD), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
                "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-        workers.append(subprocess.Popen([sys.executable, "-m", "tests.ddp_worker", str(tmp_path / f"rank{rank}.pt"),
-                                         loss], cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT))
+        workers.append(subprocess.Popen([sys.executable, "-m", "tests.distributed_worker", str(tmp_path / f"rank{rank}.pt"),
+                                         mode], cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT))
     for worker in workers:
         output = worker.communicate(timeout=240)[0].decode(errors="replace")
         assert worker.returncode == 0, output[-3000:]
-    ranks = [torch.load(tmp_path / f"rank{rank}.pt") for rank in range(WORLD)]
+    return [torch.load(tmp_path / f"rank{rank}.pt") for rank in range(WORLD)]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("loss", ["plain", "fused"])
+def test_two_processes_train_the_same_weights_as_one(tmp_path, loss):
+    ranks = run_workers(tmp_path, loss)
     model, single = train_case(fused_loss=loss == "fused")
     for name, weight in trainable(model).items():
         assert torch.equal(ranks[0]["weights"][name], ranks[1]["weights"][name]), name  # gradients were synchronised
         torch.testing.assert_close(ranks[0]["weights"][name], weight, rtol=1e-4, atol=1e-5, msg=name)
     torch.testing.assert_close(torch.tensor(ranks[0]["loss"]), torch.tensor(single.loss_history), rtol=1e-5, atol=1e-6)
     assert ranks[0]["tokens"] == ranks[1]["tokens"] == single.tokens  # every process counts the step's tokens
+
+
+@pytest.mark.slow
+def test_two_processes_evaluate_what_one_does(tmp_path):
+    (tmp_path / "two").mkdir()
+    ranks = run_workers(tmp_path / "two", "eval")
+    assert [r["generated"] for r in ranks] == [[5], [4]]  # each process generates its share of the 9
+    single = eval_case(tmp_path / "one" / "predictions")
+    assert ranks[0]["metrics"] == ranks[1]["metrics"] == single  # every process scores the whole set
+    two = (tmp_path / "two" / "predictions" / "arith.jsonl").read_text()
+    assert two == (tmp_path / "one" / "predictions" / "arith.jsonl").read_text()  # same texts, same order
+    assert len(two.splitlines()) == 9
 
 
 def test_each_process_takes_every_world_th_micro_batch_and_none_goes_empty():

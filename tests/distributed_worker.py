@@ -1,0 +1,59 @@
+"""One process of ``tests/test_distributed.py``, under the distributed environment it was started
+with (WORLD_SIZE, RANK, MASTER_ADDR, ...): ``train`` trains the tiny LoRA model and writes its adapter
+weights, loss history and token count to the file named by ``argv[1]``; ``eval`` evaluates the tiny
+model on synthetic arithmetic and writes its metrics and predictions there."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+
+from adapters_lab.config import EvalConfig, TinyModelConfig
+from adapters_lab.data.arith import arith_splits
+from adapters_lab import evaluate
+from adapters_lab.models import build_tiny_model, build_tiny_tokenizer
+from tests.train_helpers import run, token_examples, trainable, trainer_cfg
+
+DISTRIBUTED_CASE = dict(max_steps=5, batch_size=8, micro_batch_size=2)  # 4 micro-batches a step; 14 an epoch
+EXAMPLES = dict(count=28, seed=3)
+
+
+def train_case(fused_loss: bool):
+    return run(trainer_cfg(**DISTRIBUTED_CASE, fused_loss=fused_loss), token_examples(**EXAMPLES))
+
+
+def eval_case(predictions_dir: Path | None, processes: int = 1, rank: int = 0) -> dict:
+    """Greedy evaluation of the tiny random model on 9 arithmetic questions (shares of 5 and 4 for
+    two processes), batches of 2; returns the metrics without timings."""
+    torch.manual_seed(0)
+    tokenizer = build_tiny_tokenizer()
+    model = build_tiny_model(TinyModelConfig(), tokenizer, torch.float32, "sdpa")
+    records = arith_splits(0, 9, 20, seed=4)[1]
+    cfg = EvalConfig(batch_size=2, num_beams=1, max_new_tokens=6)
+    metrics = evaluate.evaluate_sets(model, tokenizer, {"arith": records}, cfg, torch.device("cpu"), predictions_dir,
+                                     processes, rank)
+    metrics["arith"].pop("seconds")
+    return metrics
+
+
+if __name__ == "__main__":
+    out, mode = Path(sys.argv[1]), sys.argv[2]
+    if mode == "eval":
+        accelerator = Accelerator(cpu=True)  # joins the process group
+        generated, generate = [], evaluate.generate
+
+        def counting(model, tokenizer, prompts, *args):  # how many prompts this process generates
+            generated.append(len(prompts))
+            return generate(model, tokenizer, prompts, *args)
+
+        evaluate.generate = counting
+        main = accelerator.is_main_process
+        metrics = eval_case(out.parent / "predictions" if main else None, accelerator.num_processes,
+                            accelerator.process_index)
+        torch.save({"metrics": metrics, "generated": generated}, out)
+    else:
+        model, result = train_case(fused_loss=mode == "fused")
+        torch.save({"weights": trainable(model), "loss": result.loss_history, "tokens": result.tokens}, out)
