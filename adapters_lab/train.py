@@ -281,12 +281,15 @@ def to_device(batch: dict, device: torch.device) -> dict:
 @torch.no_grad()
 def validation_loss(model: nn.Module, examples: list[dict], collate, micro_batch_size: int,
                     accelerator: Accelerator) -> float:
-    """Token-weighted mean loss over a set of examples."""
+    """Token-weighted mean loss over a set of examples; under several processes each takes every
+    world-th micro-batch and the sums are added up over them."""
     was_training = model.training
     model.eval()
-    total, count = torch.zeros((), device=accelerator.device), 0
+    total = torch.zeros((), device=accelerator.device)
+    count = torch.zeros((), dtype=torch.long, device=accelerator.device)
     varlen = getattr(getattr(model, "config", None), "_attn_implementation", None) == VARLEN_ATTENTION
-    for start in range(0, len(examples), micro_batch_size):
+    starts = range(0, len(examples), micro_batch_size)
+    for start in starts[accelerator.process_index :: accelerator.num_processes]:
         batch = collate(examples[start : start + micro_batch_size])
         extra = varlen_batch_kwargs(batch, batch["input_ids"].shape[1]) if varlen else {}
         batch = to_device({**batch, **extra}, accelerator.device)
@@ -296,13 +299,14 @@ def validation_loss(model: nn.Module, examples: list[dict], collate, micro_batch
             logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False,
                            **{k: batch[k] for k in extra}).logits
         labels = batch["labels"][:, 1:]
-        losses = nn.functional.cross_entropy(
+        total += nn.functional.cross_entropy(
             logits[:, :-1].float().reshape(-1, logits.shape[-1]), labels.reshape(-1), reduction="sum"
         )
-        total += losses
-        count += int((labels != -100).sum())
+        count += (labels != -100).sum()
+    if accelerator.num_processes > 1:
+        total, count = accelerator.reduce(total, "sum"), accelerator.reduce(count, "sum")
     model.train(was_training)
-    return float(total) / max(count, 1)
+    return float(total) / max(int(count), 1)
 
 
 # ---------------------------------------------------------------------------------------------

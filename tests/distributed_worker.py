@@ -22,7 +22,10 @@ EXAMPLES = dict(count=28, seed=3)
 
 
 def train_case(fused_loss: bool):
-    return run(trainer_cfg(**DISTRIBUTED_CASE, fused_loss=fused_loss), token_examples(**EXAMPLES))
+    """5 steps on 28 examples (the fourth step is an epoch's last 2 micro-batches), then the loss on 7
+    validation examples (micro-batches of 2: shares of 2 and 2 for two processes)."""
+    return run(trainer_cfg(**DISTRIBUTED_CASE, fused_loss=fused_loss), token_examples(**EXAMPLES),
+               val=token_examples(7, seed=9))
 
 
 def eval_case(predictions_dir: Path | None, processes: int = 1, rank: int = 0) -> dict:
@@ -56,4 +59,5 @@ if __name__ == "__main__":
         torch.save({"metrics": metrics, "generated": generated}, out)
     else:
         model, result = train_case(fused_loss=mode == "fused")
-        torch.save({"weights": trainable(model), "loss": result.loss_history, "tokens": result.tokens}, out)
+        torch.save({"weights": trainable(model), "loss": result.loss_history, "tokens": result.tokens,
+                    "val_loss": result.val_loss}, out)

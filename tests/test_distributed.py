@@ -52,6 +52,8 @@ def test_two_processes_train_the_same_weights_as_one(tmp_path, loss):
         torch.testing.assert_close(ranks[0]["weights"][name], weight, rtol=1e-4, atol=1e-5, msg=name)
     torch.testing.assert_close(torch.tensor(ranks[0]["loss"]), torch.tensor(single.loss_history), rtol=1e-5, atol=1e-6)
     assert ranks[0]["tokens"] == ranks[1]["tokens"] == single.tokens  # every process counts the step's tokens
+    assert ranks[0]["val_loss"] == ranks[1]["val_loss"]  # summed over both shares
+    assert ranks[0]["val_loss"] == pytest.approx(single.val_loss, rel=1e-5)
 
 
 @pytest.mark.slow
