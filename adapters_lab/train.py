@@ -521,10 +521,12 @@ def _train_loop(model: nn.Module, plan: BatchPlan, val_examples: list[dict], cfg
                         loss = objective(batch)
                     accelerator.backward(loss / (count / world))  # the mean over the step's micro-batches
                 step_loss = loss.detach() if step_loss is None else step_loss + loss.detach()
-            if world > 1:  # the step's loss and tokens over all processes
+            if world > 1:  # the step's loss and tokens over all processes, and whether any got SIGTERM
                 step_loss = accelerator.reduce(step_loss, "sum")
-                counts = accelerator.reduce(torch.tensor([step_tokens, step_padded], device=accelerator.device), "sum")
-                step_tokens, step_padded = (int(c) for c in counts.tolist())
+                counts = accelerator.reduce(torch.tensor([step_tokens, step_padded, int(term.received)],
+                                                         device=accelerator.device), "sum")
+                step_tokens, step_padded, terms = (int(c) for c in counts.tolist())
+                any_term = terms > 0  # so that every process checkpoints and exits at the same step
             value = float(step_loss) / count  # the one host sync of the step
             if not math.isfinite(value):
                 optimizer.zero_grad(set_to_none=True)
@@ -573,11 +575,12 @@ def _train_loop(model: nn.Module, plan: BatchPlan, val_examples: list[dict], cfg
                 loop.val_loss = validation_loss(model, val_examples, val_collate, cfg.micro_batch_size, accelerator)
                 tracker.log({"val/loss": loop.val_loss}, loop.step)
             periodic = cfg.checkpoint_every > 0 and loop.step % cfg.checkpoint_every == 0
-            if periodic or loop.step == updates or term.received:
+            stop = term.received if world == 1 else any_term
+            if periodic or loop.step == updates or stop:
                 loop.seconds += time.perf_counter() - segment_start
                 segment_start = time.perf_counter()
                 saved = checkpoint_now()
-                if term.received:
+                if stop:
                     bar.close()
                     log.warning("SIGTERM: checkpoint saved in %s at step %d; exiting", saved, loop.step)
                     raise SystemExit(128 + signal.SIGTERM)

@@ -1,10 +1,13 @@
 """One process of ``tests/test_distributed.py``, under the distributed environment it was started
 with (WORLD_SIZE, RANK, MASTER_ADDR, ...): ``train`` trains the tiny LoRA model and writes its adapter
 weights, loss history and token count to the file named by ``argv[1]``; ``eval`` evaluates the tiny
-model on synthetic arithmetic and writes its metrics and predictions there."""
+model on synthetic arithmetic and writes its metrics and predictions there; ``term`` trains with
+checkpoints beside that file while process 1 alone receives SIGTERM after step 2."""
 
 from __future__ import annotations
 
+import os
+import signal
 import sys
 from pathlib import Path
 
@@ -15,6 +18,7 @@ from adapters_lab.config import EvalConfig, TinyModelConfig
 from adapters_lab.data.arith import arith_splits
 from adapters_lab import evaluate
 from adapters_lab.models import build_tiny_model, build_tiny_tokenizer
+from adapters_lab.tracking import NullTracker
 from tests.train_helpers import run, token_examples, trainable, trainer_cfg
 
 DISTRIBUTED_CASE = dict(max_steps=5, batch_size=8, micro_batch_size=2)  # 4 micro-batches a step; 14 an epoch
@@ -57,6 +61,14 @@ if __name__ == "__main__":
         metrics = eval_case(out.parent / "predictions" if main else None, accelerator.num_processes,
                             accelerator.process_index)
         torch.save({"metrics": metrics, "generated": generated}, out)
+    elif mode == "term":
+        class TermOnProcessOne(NullTracker):
+            def log(self, metrics, step=None):
+                if step == 2 and os.environ["RANK"] == "1":
+                    os.kill(os.getpid(), signal.SIGTERM)
+
+        run(trainer_cfg(**DISTRIBUTED_CASE, log_every=1), token_examples(**EXAMPLES), checkpoint_dir=out.parent,
+            tracker=TermOnProcessOne())
     else:
         model, result = train_case(fused_loss=mode == "fused")
         torch.save({"weights": trainable(model), "loss": result.loss_history, "tokens": result.tokens,

@@ -5,7 +5,9 @@ each process generates a share of every evaluation set, and all of them score th
 
 from __future__ import annotations
 
+import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -26,7 +28,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_workers(tmp_path, mode: str) -> list[dict]:
+def run_workers(tmp_path, mode: str, exit_code: int = 0) -> list[dict]:
     """Start WORLD processes of tests/distributed_worker.py in ``mode``; returns what each wrote."""
     port = free_port()
     workers = []
@@ -38,8 +40,8 @@ def run_workers(tmp_path, mode: str) -> list[dict]:
                                          mode], cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT))
     for worker in workers:
         output = worker.communicate(timeout=240)[0].decode(errors="replace")
-        assert worker.returncode == 0, output[-3000:]
-    return [torch.load(tmp_path / f"rank{rank}.pt") for rank in range(WORLD)]
+        assert worker.returncode == exit_code, output[-3000:]
+    return [torch.load(tmp_path / f"rank{rank}.pt") for rank in range(WORLD)] if exit_code == 0 else []
 
 
 @pytest.mark.slow
@@ -66,6 +68,13 @@ def test_two_processes_evaluate_what_one_does(tmp_path):
     two = (tmp_path / "two" / "predictions" / "arith.jsonl").read_text()
     assert two == (tmp_path / "one" / "predictions" / "arith.jsonl").read_text()  # same texts, same order
     assert len(two.splitlines()) == 9
+
+
+@pytest.mark.slow
+def test_sigterm_to_one_process_stops_all_at_one_checkpoint(tmp_path):
+    run_workers(tmp_path, "term", exit_code=128 + signal.SIGTERM)  # neither process is left waiting for the other
+    # process 1's signal (after step 2) reaches process 0 with step 3's sums: both stop after step 3
+    assert json.loads((tmp_path / "latest.json").read_text())["step"] == 3
 
 
 def test_each_process_takes_every_world_th_micro_batch_and_none_goes_empty():
