@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
+from accelerate.utils import gather_object
 from transformers import GenerationConfig
 
 from adapters_lab.answers import PROTOCOLS, answer_kind, score
@@ -183,8 +184,6 @@ def gathered(indices: list[int], texts: list[str], total: int, processes: int) -
     every process; with one process, ``texts`` as they are."""
     if processes == 1:
         return texts
-    from accelerate.utils import gather_object
-
     ordered = [""] * total
     for index, text in gather_object(list(zip(indices, texts))):
         ordered[index] = text
