@@ -8,6 +8,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 import torch
+from accelerate.utils import broadcast_object_list
 from omegaconf import DictConfig, OmegaConf
 from transformers import set_seed
 
@@ -25,14 +26,23 @@ from adapters_lab.train import check_trainer_config, clear_checkpoints, make_acc
 log = logging.getLogger(__name__)
 
 
+def shared_output_dir(path: Path, accelerator) -> Path:
+    """Process 0's run folder, on every process (each resolves Hydra's timestamped folder itself)."""
+    if accelerator.num_processes == 1:
+        return path
+    return Path(broadcast_object_list([str(path)])[0])
+
+
 def run(cfg: DictConfig) -> float | None:
     """Run one experiment; returns ``metrics[cfg.optimized_metric]`` for sweepers."""
-    out_dir = Path(cfg.paths.output_dir)
+    accelerator = make_accelerator(cfg.trainer)
+    main = accelerator.is_main_process
+    out_dir = shared_output_dir(Path(cfg.paths.output_dir), accelerator)
     finished = finished_metrics(out_dir)
     if finished is not None and not cfg.overwrite:
         log.warning("%s holds metrics.json: skipping this finished run (overwrite=true redoes it)", out_dir)
         return metric_value(finished, cfg.optimized_metric)
-    if finished is not None:  # overwrite=true redoes the training too, not a resume from its final checkpoint
+    if finished is not None and main:  # overwrite=true redoes the training too, not a resume from its final checkpoint
         clear_checkpoints(out_dir / "checkpoints")
     # 1. Check everything that needs no weights: adapter options, trainer options, data files, disk.
     adapter = build_adapter(cfg.adapter)
@@ -42,18 +52,18 @@ def run(cfg: DictConfig) -> float | None:
         adapter.check_training(cfg.trainer)
     data = load_task_data(cfg.dataset, cfg.eval, cfg.trainer, cfg.paths, cfg.seed, needs_train=adapter.trains)
     probe_writable(out_dir)
-    write_text_atomic(out_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+    if main:
+        write_text_atomic(out_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+    accelerator.wait_for_everyone()  # checkpoints cleared before any process looks for one
 
     set_seed(cfg.seed)
-    accelerator = make_accelerator(cfg.trainer)
     run_name = f"{cfg.model.name}-{adapter.name}-{cfg.dataset.name}"
-    tracker = make_tracker(cfg.logger, OmegaConf.to_container(cfg, resolve=True), str(out_dir), run_name,
-                           accelerator.is_main_process)
+    tracker = make_tracker(cfg.logger, OmegaConf.to_container(cfg, resolve=True), str(out_dir), run_name, main)
 
     # 2-3. Base model, frozen; the adapter injected into it.
     model, tokenizer = build_model(cfg.model)
     freeze(model)
-    if cfg.model.tiny is not None and adapter.trains and accelerator.is_main_process:
+    if cfg.model.tiny is not None and adapter.trains and main:
         save_base_model(model, tokenizer, out_dir / "base_model")  # random init: others need it to load the adapter
     report = adapter.inject(model, tokenizer)
     params = count_parameters(model)
@@ -78,7 +88,6 @@ def run(cfg: DictConfig) -> float | None:
     metrics.setdefault("data", {})["skipped_malformed"] = data.skipped
 
     # 6. Evaluation, each process a share of every set; 7. results (process 0 only), adapter weights alone.
-    main = accelerator.is_main_process
     metrics["eval"] = evaluate_sets(model, tokenizer, data.eval_sets, cfg.eval, accelerator.device,
                                     out_dir / "predictions" if main else None, accelerator.num_processes,
                                     accelerator.process_index)

@@ -15,7 +15,7 @@ import sys
 import pytest
 import torch
 
-from tests.conftest import REPO
+from tests.conftest import FAST, REPO
 from tests.distributed_worker import eval_case, train_case
 from tests.train_helpers import trainable
 
@@ -28,19 +28,26 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_workers(tmp_path, mode: str, exit_code: int = 0) -> list[dict]:
-    """Start WORLD processes of tests/distributed_worker.py in ``mode``; returns what each wrote."""
-    port = free_port()
-    workers = []
+def launch(command: list[str], exit_code: int = 0) -> list[str]:
+    """Run ``command`` as WORLD processes of one distributed job (the environment ``accelerate
+    launch`` sets up, ``{rank}`` in an argument replaced); returns each process's output."""
+    port, workers = free_port(), []
     for rank in range(WORLD):
         env = {**os.environ, "WORLD_SIZE": str(WORLD), "RANK": str(rank), "LOCAL_RANK": str(rank),
                "LOCAL_WORLD_SIZE": str(WORLD), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
                "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-        workers.append(subprocess.Popen([sys.executable, "-m", "tests.distributed_worker", str(tmp_path / f"rank{rank}.pt"),
-                                         mode], cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT))
+        workers.append(subprocess.Popen([a.replace("{rank}", str(rank)) for a in command], cwd=REPO, env=env,
+                                        stdout=subprocess.PIPE, stderr=subprocess.STDOUT))
+    outputs = []
     for worker in workers:
-        output = worker.communicate(timeout=240)[0].decode(errors="replace")
-        assert worker.returncode == exit_code, output[-3000:]
+        outputs.append(worker.communicate(timeout=240)[0].decode(errors="replace"))
+        assert worker.returncode == exit_code, outputs[-1][-3000:]
+    return outputs
+
+
+def run_workers(tmp_path, mode: str, exit_code: int = 0) -> list[dict]:
+    """WORLD processes of tests/distributed_worker.py in ``mode``; returns what each wrote."""
+    launch([sys.executable, "-m", "tests.distributed_worker", str(tmp_path / "rank{rank}.pt"), mode], exit_code)
     return [torch.load(tmp_path / f"rank{rank}.pt") for rank in range(WORLD)] if exit_code == 0 else []
 
 
@@ -75,6 +82,17 @@ def test_sigterm_to_one_process_stops_all_at_one_checkpoint(tmp_path):
     run_workers(tmp_path, "term", exit_code=128 + signal.SIGTERM)  # neither process is left waiting for the other
     # process 1's signal (after step 2) reaches process 0 with step 3's sums: both stop after step 3
     assert json.loads((tmp_path / "latest.json").read_text())["step"] == 3
+
+
+@pytest.mark.slow
+def test_processes_share_process_zeros_run_folder(tmp_path):
+    # Each process resolves its own run folder (here: one per rank); all of them use process 0's.
+    command = [sys.executable, "run.py", "experiment=demo", *FAST, f"hydra.run.dir={tmp_path}/rank{{rank}}"]
+    launch(command)
+    assert (tmp_path / "rank0" / "metrics.json").is_file() and (tmp_path / "rank0" / "checkpoints").is_dir()
+    assert not (tmp_path / "rank1" / "metrics.json").exists() and not (tmp_path / "rank1" / "checkpoints").exists()
+    # Run again: every process sees the finished run in process 0's folder (else one would train alone)
+    assert all("skipping this finished run" in output for output in launch(command))
 
 
 def test_each_process_takes_every_world_th_micro_batch_and_none_goes_empty():
