@@ -309,6 +309,27 @@ def matmul_tflops(device) -> float | None:
 
 
 FILL_OPS = ("aten::fill_", "aten::zero_")
+# Kernel-name words of each kind, checked in this order (first match wins); the rest is "other".
+KERNEL_KINDS = (("GEMM", ("gemm", "nvjet", "cutlass", "sm90_xmma", "cublas")),
+                ("attention", ("flash", "flex", "attention", "fmha")),
+                ("Inductor templates (flex attention, autotuned GEMMs)", ("triton_tem",)),
+                ("Inductor fused", ("triton_",)),
+                ("copies", ("memcpy", "copy")))
+
+
+def kernel_kind(name: str) -> str:
+    lowered = name.lower()
+    return next((kind for kind, words in KERNEL_KINDS if any(w in lowered for w in words)), "other")
+
+
+def kernel_time_by_kind(averages, steps: int) -> dict[str, float]:
+    """Milliseconds of GPU kernel time per step by kernel kind (GEMM, attention, Inductor's fused
+    Triton kernels, copies, other), from the profiler's averages of CUDA kernel events."""
+    totals = {kind: 0.0 for kind, _ in KERNEL_KINDS} | {"other": 0.0}
+    for event in averages:
+        if event.device_type == torch.autograd.DeviceType.CUDA:
+            totals[kernel_kind(event.key)] += event.self_device_time_total / steps / 1e3
+    return totals
 
 
 @contextlib.contextmanager
@@ -343,6 +364,13 @@ def profiled(device, warmup: int, steps: int):
                     and any(w in e.key.lower() for w in words) and not e.key.startswith("triton_")]
             print(f"{what} per step: {sum(e.count for e in hits) / active:.0f}, "
                   f"{sum(e.self_device_time_total for e in hits) / active / 1e3:.2f} ms")
+        print("kernel time per step by kind: " + ", ".join(
+            f"{kind} {ms:.1f} ms" for kind, ms in kernel_time_by_kind(averages, active).items()))
+        for kind in ("copies", "other"):
+            top = sorted((e for e in averages if e.device_type == torch.autograd.DeviceType.CUDA
+                          and kernel_kind(e.key) == kind), key=lambda e: -e.self_device_time_total)[:5]
+            print(f"top {kind} kernels per step: " + "; ".join(
+                f"{e.key[:80]} {e.self_device_time_total / active / 1e3:.2f} ms x{e.count / active:.0f}" for e in top))
     sites: dict[str, int] = {}
     for event in prof.events():
         if event.name in FILL_OPS:

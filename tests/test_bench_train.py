@@ -93,3 +93,15 @@ def test_profile_covers_the_timed_steps_and_names_fill_sites(bench, capsys):
     assert "profile of 1 timed steps" in out
     assert "fill/zero ops per step by Python call site:" in out
     assert "adapters_lab/train.py" in out.split("fill/zero ops per step by Python call site:")[1]
+
+
+@pytest.mark.parametrize("name, kind", [
+    ("nvjet_sm90_tst_256x128_64x4_1x2_h_bz_coopA_NNT", "GEMM"),
+    ("void pytorch_flash::flash_bwd_dq_dk_dv_loop_seqk_parallel_kernel<Fl...", "attention"),
+    ("triton_tem_fused_0", "Inductor templates (flex attention, autotuned GEMMs)"),
+    ("triton_red_fused__to_copy_add_mean_mul_native_dropout_pow_rsqrt_0", "Inductor fused"),
+    ("Memcpy DtoD (Device -> Device)", "copies"),
+    ("void at::native::vectorized_elementwise_kernel<4, at::native::FillFunctor<float>>", "other"),
+])
+def test_profile_kinds_name_kernels_by_their_first_matching_kind(bench, name, kind):
+    assert bench.kernel_kind(name) == kind
