@@ -9,6 +9,7 @@ model writes, as upstream's ``output.split("### Response:")[1]``.
 from __future__ import annotations
 
 import gc
+import itertools
 import logging
 import math
 import time
@@ -194,29 +195,59 @@ def evaluate_sets(model: nn.Module, tokenizer, eval_sets: dict[str, list[dict]],
                   device: torch.device, predictions_dir: Path | None, processes: int = 1, rank: int = 0) -> dict:
     """Per set: ``accuracy`` (``eval.protocol``), ``accuracy_paper``, ``accuracy_strict``; the
     averages over sets likewise; one predictions JSONL per set (where ``predictions_dir`` is given).
-    Under several processes (``accelerate launch``) each generates every ``processes``-th prompt of a
-    set from ``rank`` on, and every process scores all of them."""
+
+    Sets of one budget of new tokens are generated together, by one ``generate`` over all their
+    prompts (fewer, fuller batches; in fp32 a prompt's text is the same in any batch). A set's ``seconds``
+    is its share (by prompts) of its group's generation time plus its own scoring time;
+    ``group_seconds`` is the group's whole generation time. Under several processes (``accelerate
+    launch``) each generates every ``processes``-th prompt of a group from ``rank`` on, and every
+    process scores all of them."""
     protocol = str(getattr(cfg.protocol, "value", cfg.protocol))
+    prompts = {name: [eval_prompt(r["instruction"], r["input"]) for r in records] for name, records in eval_sets.items()}
     results: dict = {}
-    for name, records in eval_sets.items():
-        prompts = [eval_prompt(r["instruction"], r["input"]) for r in records]
-        max_new = cfg.max_new_tokens or default_max_new_tokens(name)
+    for max_new, names in sets_by_budget(eval_sets, cfg).items():
         start = time.perf_counter()
-        mine = list(range(rank, len(prompts), processes))  # interleaved: each share spans every prompt length
-        texts = generate(model, tokenizer, [prompts[i] for i in mine], cfg.batch_size, cfg.num_beams, max_new,
-                         device, str(getattr(cfg.decoder, "value", cfg.decoder)))
-        generated = gathered(mine, texts, len(prompts), processes)
-        results[name], lines = score_set(name, records, prompts, generated, protocol)
-        results[name]["seconds"] = time.perf_counter() - start
-        if rank == 0:
+        texts = generate_together(model, tokenizer, [prompts[name] for name in names], cfg, max_new, device,
+                                  processes, rank)
+        group_seconds = time.perf_counter() - start
+        group_prompts = sum(len(prompts[name]) for name in names)
+        for name, generated in zip(names, texts):
+            start = time.perf_counter()
+            results[name], lines = score_set(name, eval_sets[name], prompts[name], generated, protocol)
+            share = group_seconds * len(generated) / group_prompts if group_prompts else 0.0
+            results[name].update(seconds=share + time.perf_counter() - start, group_seconds=group_seconds)
+            if rank == 0:
                 log.info("eval %s: accuracy %.4f (%s, %d/%d; paper %.4f, strict %.4f) in %.1fs", name,
-                     results[name]["accuracy"], protocol, results[name]["correct"], len(records),
-                     results[name]["accuracy_paper"], results[name]["accuracy_strict"], results[name]["seconds"])
-        if predictions_dir is not None:
-            write_jsonl_atomic(predictions_dir / f"{name}.jsonl", lines)
+                         results[name]["accuracy"], protocol, results[name]["correct"], len(generated),
+                         results[name]["accuracy_paper"], results[name]["accuracy_strict"], results[name]["seconds"])
+            if predictions_dir is not None:
+                write_jsonl_atomic(predictions_dir / f"{name}.jsonl", lines)
+    results = {name: results[name] for name in eval_sets}  # in the caller's order, whatever the grouping
     if results:
         sets = list(results.values())
         results["average"] = sum(r["accuracy"] for r in sets) / len(sets)
         for p in PROTOCOLS:
             results[f"average_{p}"] = sum(r[f"accuracy_{p}"] for r in sets) / len(sets)
     return results
+
+
+def sets_by_budget(eval_sets: dict[str, list[dict]], cfg: EvalConfig) -> dict[int, list[str]]:
+    """The sets' names grouped by their budget of new tokens, in the order the sets come."""
+    groups: dict[int, list[str]] = {}
+    for name in eval_sets:
+        groups.setdefault(cfg.max_new_tokens or default_max_new_tokens(name), []).append(name)
+    return groups
+
+
+def generate_together(model: nn.Module, tokenizer, prompt_lists: list[list[str]], cfg: EvalConfig, max_new_tokens: int,
+                      device: torch.device, processes: int = 1, rank: int = 0) -> list[list[str]]:
+    """The texts of every list of prompts, from one ``generate`` over all of them: this process
+    takes every ``processes``-th prompt from ``rank`` on (interleaved: each share spans every prompt
+    length), and all processes' texts are gathered, then split back into the lists."""
+    pooled = [prompt for prompts in prompt_lists for prompt in prompts]
+    mine = list(range(rank, len(pooled), processes))
+    texts = generate(model, tokenizer, [pooled[i] for i in mine], cfg.batch_size, cfg.num_beams, max_new_tokens,
+                     device, str(getattr(cfg.decoder, "value", cfg.decoder)))
+    generated = gathered(mine, texts, len(pooled), processes)
+    ends = list(itertools.accumulate(len(prompts) for prompts in prompt_lists))
+    return [generated[end - len(prompts):end] for prompts, end in zip(prompt_lists, ends)]

@@ -1,7 +1,7 @@
 """One process of ``tests/test_distributed.py``, under the distributed environment it was started
 with (WORLD_SIZE, RANK, MASTER_ADDR, ...): ``train`` trains the tiny LoRA model and writes its adapter
 weights, loss history and token count to the file named by ``argv[1]``; ``eval`` evaluates the tiny
-model on synthetic arithmetic and writes its metrics and predictions there; ``term`` trains with
+model on synthetic arithmetic (two sets) and writes its metrics and predictions there; ``term`` trains with
 checkpoints beside that file while process 1 alone receives SIGTERM after step 2."""
 
 from __future__ import annotations
@@ -33,16 +33,19 @@ def train_case(fused_loss: bool):
 
 
 def eval_case(predictions_dir: Path | None, processes: int = 1, rank: int = 0) -> dict:
-    """Greedy evaluation of the tiny random model on 9 arithmetic questions (shares of 5 and 4 for
-    two processes), batches of 2; returns the metrics without timings."""
+    """Greedy evaluation of the tiny random model on two sets of arithmetic questions, 9 and 4, of one
+    budget (generated together: shares of 7 and 6 for two processes), batches of 2; returns the
+    metrics without timings."""
     torch.manual_seed(0)
     tokenizer = build_tiny_tokenizer()
     model = build_tiny_model(TinyModelConfig(), tokenizer, torch.float32, "sdpa")
-    records = arith_splits(0, 9, 20, seed=4)[1]
+    records = arith_splits(0, 13, 20, seed=4)[1]
     cfg = EvalConfig(batch_size=2, num_beams=1, max_new_tokens=6)
-    metrics = evaluate.evaluate_sets(model, tokenizer, {"arith": records}, cfg, torch.device("cpu"), predictions_dir,
-                                     processes, rank)
-    metrics["arith"].pop("seconds")
+    metrics = evaluate.evaluate_sets(model, tokenizer, {"arith": records[:9], "gsm8k": records[9:]}, cfg,
+                                     torch.device("cpu"), predictions_dir, processes, rank)
+    for name in ("arith", "gsm8k"):
+        metrics[name].pop("seconds")
+        metrics[name].pop("group_seconds")
     return metrics
 
 

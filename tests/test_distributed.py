@@ -1,7 +1,7 @@
 """Data-parallel training and evaluation through accelerate (two CPU processes, gloo) compute what
 one process computes: each process takes its share of a step's micro-batches, the adapter gradients
 are averaged once per step, and every process ends with the same weights as a single-process run;
-each process generates a share of every evaluation set, and all of them score the whole set."""
+each process generates a share of the evaluation sets' prompts, and all of them score every set."""
 
 from __future__ import annotations
 
@@ -69,12 +69,13 @@ def test_two_processes_train_the_same_weights_as_one(tmp_path, loss):
 def test_two_processes_evaluate_what_one_does(tmp_path):
     (tmp_path / "two").mkdir()
     ranks = run_workers(tmp_path / "two", "eval")
-    assert [r["generated"] for r in ranks] == [[5], [4]]  # each process generates its share of the 9
+    assert [r["generated"] for r in ranks] == [[7], [6]]  # each process generates its share of both sets' 13
     single = eval_case(tmp_path / "one" / "predictions")
-    assert ranks[0]["metrics"] == ranks[1]["metrics"] == single  # every process scores the whole set
-    two = (tmp_path / "two" / "predictions" / "arith.jsonl").read_text()
-    assert two == (tmp_path / "one" / "predictions" / "arith.jsonl").read_text()  # same texts, same order
-    assert len(two.splitlines()) == 9
+    assert ranks[0]["metrics"] == ranks[1]["metrics"] == single  # every process scores the whole sets
+    for name, count in (("arith", 9), ("gsm8k", 4)):
+        two = (tmp_path / "two" / "predictions" / f"{name}.jsonl").read_text()
+        assert two == (tmp_path / "one" / "predictions" / f"{name}.jsonl").read_text()  # same texts, same order
+        assert len(two.splitlines()) == count
 
 
 @pytest.mark.slow

@@ -1,5 +1,6 @@
-"""Batched generation equals one-at-a-time generation; both protocols reach metrics and
-prediction lines; the benchmark script's smoke mode reports its table."""
+"""Batched generation equals one-at-a-time generation; sets of one budget are generated together
+and each gets its own texts; both protocols reach metrics and prediction lines; the benchmark
+script's smoke mode reports its table."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import torch
 
 from adapters_lab import evaluate
 from adapters_lab.config import EvalConfig, TinyModelConfig
+from adapters_lab.data.arith import arith_splits
 from adapters_lab.data.prompts import eval_prompt
 from adapters_lab.models import build_tiny_model, build_tiny_tokenizer
 from tests.conftest import REPO
@@ -121,6 +123,38 @@ def test_scores_both_protocols_into_metrics_and_lines(tmp_path, monkeypatch):
     assert lines[0]["correct"] is True and lines[0]["prediction"] == "B"
 
 
+def test_sets_of_one_budget_share_one_generate_and_get_their_own_texts(tiny, tmp_path, monkeypatch):
+    model, tokenizer = tiny
+    questions = arith_splits(0, 11, 20, seed=5)[1]
+    eval_sets = {"gsm8k": questions[:4], "AddSub": questions[4:7], "SVAMP": questions[7:]}
+    budgets = {"gsm8k": 6, "AddSub": 4, "SVAMP": 6}
+    monkeypatch.setattr(evaluate, "default_max_new_tokens", budgets.get)
+    real_generate, calls = evaluate.generate, []
+
+    def spy(model, tokenizer, prompts, batch_size, num_beams, max_new_tokens, *args):
+        calls.append((len(prompts), max_new_tokens))
+        return real_generate(model, tokenizer, prompts, batch_size, num_beams, max_new_tokens, *args)
+
+    monkeypatch.setattr(evaluate, "generate", spy)
+    cfg = EvalConfig(batch_size=3, num_beams=1)  # batches of 3 mix gsm8k's and SVAMP's prompts
+    metrics = evaluate.evaluate_sets(model, tokenizer, eval_sets, cfg, CPU, tmp_path)
+    assert calls == [(8, 6), (3, 4)]  # gsm8k and SVAMP together, AddSub alone
+    assert list(metrics) == ["gsm8k", "AddSub", "SVAMP", "average", "average_paper", "average_strict"]
+    texts = set()
+    for name, records in eval_sets.items():
+        prompts = [eval_prompt(r["instruction"], r["input"]) for r in records]
+        alone = real_generate(model, tokenizer, prompts, 1, 1, budgets[name], CPU)  # this set, one prompt at a time
+        texts.update(alone)
+        lines = [json.loads(x) for x in (tmp_path / f"{name}.jsonl").read_text().splitlines()]
+        assert [line["prompt"] for line in lines] == prompts and [line["generated"] for line in lines] == alone
+        assert metrics[name] == {**evaluate.score_set(name, records, prompts, alone, "paper")[0],
+                                 "seconds": metrics[name]["seconds"], "group_seconds": metrics[name]["group_seconds"]}
+    assert len(texts) > 1  # texts depend on the prompt, so a mis-split would show
+    gsm8k, svamp = metrics["gsm8k"], metrics["SVAMP"]
+    assert gsm8k["group_seconds"] == svamp["group_seconds"] > 0
+    assert gsm8k["seconds"] + svamp["seconds"] >= gsm8k["group_seconds"]  # shares of the group's time, plus scoring
+
+
 def test_default_budgets_follow_the_paper():
     assert evaluate.default_max_new_tokens("gsm8k") == 256
     assert evaluate.default_max_new_tokens("AQuA") == 256
@@ -128,10 +162,36 @@ def test_default_budgets_follow_the_paper():
     assert EvalConfig().num_beams == 4
 
 
-def test_bench_eval_tiny_prints_and_writes_its_table(tmp_path, capsys):
+def load_bench_eval():
     spec = importlib.util.spec_from_file_location("bench_eval", REPO / "scripts" / "bench_eval.py")
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
+    return bench
+
+
+def test_bench_eval_suite_times_one_generate_over_every_set(tmp_path, capsys, monkeypatch):
+    bench = load_bench_eval()
+    for i, name in enumerate(bench.MATH_SUITE):  # i + 1 questions in each set
+        (tmp_path / "dataset" / name).mkdir(parents=True)
+        records = [{"instruction": f"{name} question {j}?", "answer": "1"} for j in range(i + 1)]
+        (tmp_path / "dataset" / name / "test.json").write_text(json.dumps(records))
+    real_generate, calls = bench.generate, []
+
+    def spy(model, tokenizer, prompts, *args):
+        calls.append(len(prompts))
+        return real_generate(model, tokenizer, prompts, *args)
+
+    monkeypatch.setattr(bench, "generate", spy)
+    result = bench.main(["--tiny", "--out", str(tmp_path / "suite.json"), "--prompts", "0", "--suite", "1,4",
+                         "--max-new-tokens", "2", "--data-dir", str(tmp_path)])
+    assert calls[1:] == [28, 28]  # after the warm-up: all 1 + 2 + ... + 7 questions at once, per decoding
+    assert [(r["num_beams"], r["questions"]) for r in result["suite"]] == [(1, 28), (4, 28)]
+    assert all(r["minutes"] > 0 for r in result["suite"])
+    assert "Whole math suite, ours, 4 beam(s), batch 128: 28 questions in one generate" in capsys.readouterr().out
+
+
+def test_bench_eval_tiny_prints_and_writes_its_table(tmp_path, capsys):
+    bench = load_bench_eval()
     out = tmp_path / "bench.json"
     result = bench.main(["--tiny", "--out", str(out), "--prompts", "3", "--upstream-prompts", "1",
                          "--max-new-tokens", "3", "--data-dir", str(tmp_path / "absent"), "--check", "3",
