@@ -153,6 +153,7 @@ class TrainerConfig:
     # torch.nn.attention.varlen), ...; None: the model's
     attn_implementation: Optional[str] = None
     fused_loss: bool = False  # chunked cross-entropy: no full-vocabulary fp32 logits
+    fused_lora: bool = False  # LoRA layers as one autograd op, dropout masks redrawn from a seed (fused_lora.py)
     checkpoint_every: int = 200  # save adapter, optimiser, scheduler, RNG, data position (0: only at the end)
     keep_checkpoints: int = 2
     resume: str = "auto"  # auto (the run dir's last checkpoint, if any) | never | a checkpoint folder

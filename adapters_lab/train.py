@@ -36,6 +36,7 @@ from tqdm.auto import tqdm
 from transformers import get_scheduler
 
 from adapters_lab.adapters.base import adapter_state_dict
+from adapters_lab.adapters.lora import enable_fused_lora
 from adapters_lab.config import Batching, NanPolicy, Precision, TrainerConfig
 from adapters_lab.data.tokenize import PackedCollator, PaddedCollator, pack_rows
 from adapters_lab.files import atomic_path, write_json_atomic
@@ -238,6 +239,8 @@ def prepare_model(model: nn.Module, cfg: TrainerConfig) -> None:
         model.set_attn_implementation(register_varlen_attention())
     elif cfg.attn_implementation:
         model.set_attn_implementation(cfg.attn_implementation)
+    if cfg.fused_lora:
+        log.info("fused LoRA op on %d layers", enable_fused_lora(model))
     if cfg.compile:
         log.info("compiled %d decoder layers (mode %s)", compile_decoder_layers(model, cfg.compile_mode), cfg.compile_mode)
 

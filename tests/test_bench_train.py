@@ -26,9 +26,9 @@ def bench():
 
 
 def test_tiny_varlen_variants_check_and_liger_skip(bench, capsys):
-    rows = bench.main(["--tiny", "--variants", "check_varlen,ours,ours_varlen,ours_liger,ours_varlen_nocompile"])
+    rows = bench.main(["--tiny", "--variants", "check_varlen,ours,ours_varlen,ours_liger,ours_varlen_nocompile,ours_fusedlora"])
     out = capsys.readouterr().out
-    assert [r.note.startswith("FAILED") for r in rows] == [False] * 3, [r.note for r in rows]
+    assert [r.note.startswith("FAILED") for r in rows] == [False] * 4, [r.note for r in rows]
     assert all(r.tokens_per_second > 0 for r in rows)
     assert "ours_liger: skipped: liger kernels need a CUDA GPU" in out
     check = re.search(r"varlen check: varlen vs sdpa: \|loss diff\| (\S+), LoRA grads max\|diff\|/max\|grad\| (\S+)", out)
@@ -40,12 +40,12 @@ def test_tiny_varlen_variants_check_and_liger_skip(bench, capsys):
 
 
 def test_ours_variant_suffixes(bench):
-    assert bench.ours_variant("ours") == {"varlen": False, "liger": False, "compile": True, "autotune": False}
-    assert bench.ours_variant("ours_varlen_liger") == {"varlen": True, "liger": True, "compile": True, "autotune": False}
-    assert bench.ours_variant("ours_liger_nocompile") == {"varlen": False, "liger": True, "compile": False,
-                                                          "autotune": False}
-    assert bench.ours_variant("ours_varlen_autotune") == {"varlen": True, "liger": False, "compile": True,
-                                                          "autotune": True}
+    plain = {"varlen": False, "liger": False, "compile": True, "autotune": False, "fused_lora": False}
+    assert bench.ours_variant("ours") == plain
+    assert bench.ours_variant("ours_varlen_liger") == {**plain, "varlen": True, "liger": True}
+    assert bench.ours_variant("ours_liger_nocompile") == {**plain, "liger": True, "compile": False}
+    assert bench.ours_variant("ours_varlen_autotune") == {**plain, "varlen": True, "autotune": True}
+    assert bench.ours_variant("ours_fusedlora") == {**plain, "fused_lora": True}
     assert bench.ours_variant("ours_padded") is None and bench.ours_variant("tuned") is None
     with pytest.raises(SystemExit, match="unknown suffixes"):
         bench.ours_variant("ours_fast")

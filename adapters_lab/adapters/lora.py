@@ -21,6 +21,7 @@ from transformers.pytorch_utils import Conv1D
 
 from adapters_lab.adapters.base import AdapterConfigError, InjectionReport, RankedAdapter
 from adapters_lab.adapters.placement import Target, check_patterns, pattern_value, select_modules
+from adapters_lab.fused_lora import fused_lora_linear
 
 
 def linear_shape(module: nn.Module) -> tuple[int, int]:
@@ -66,6 +67,8 @@ class LoRALinear(nn.Module):
         self.base_layer = base_layer
         self.rank = rank
         self.scaling = alpha / (math.sqrt(rank) if use_rslora else rank)
+        self.dropout = dropout
+        self.fused = False  # trainer.fused_lora: training forwards through fused_lora.fused_lora_linear
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         device = base_layer.weight.device
         self.lora_A = nn.Linear(in_features, rank, bias=False, device=device, dtype=torch.float32)
@@ -94,6 +97,8 @@ class LoRALinear(nn.Module):
         return weight.norm(p=2, dim=1).detach()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fused and self.training:
+            return fused_lora_linear(x, self.base_layer, self.lora_A.weight, self.lora_B.weight, self.scaling, self.dropout)
         out = self.base_layer(x)
         lora_in = self.lora_dropout(x).to(self.lora_A.weight.dtype)
         lora_out = self.lora_B(self.lora_A(lora_in)) * self.scaling
@@ -113,6 +118,18 @@ class LoRALinear(nn.Module):
             weight = weight * (self.lora_magnitude_vector / self.weight_norm()).unsqueeze(1)
         set_dense_weight(self.base_layer, weight)
         return self.base_layer
+
+
+def enable_fused_lora(model: nn.Module) -> int:
+    """Route the training forward of every LoRA layer the fused op covers (a frozen ``nn.Linear``
+    base, no DoRA) through ``fused_lora_linear``; returns how many."""
+    count = 0
+    for module in model.modules():
+        if (isinstance(module, LoRALinear) and module.lora_magnitude_vector is None
+                and isinstance(module.base_layer, nn.Linear) and not module.base_layer.weight.requires_grad):
+            module.fused = True
+            count += 1
+    return count
 
 
 @dataclass
