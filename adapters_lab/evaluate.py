@@ -65,14 +65,17 @@ def generate(model: nn.Module, tokenizer, prompts: list[str], batch_size: int, n
                  longest, model.config.model_type)
     outputs: list[str] = [""] * len(prompts)
     free = free_gpu_bytes(device) if ours else None
-    if free is not None:  # no more prompts than the KV cache of the longest fits in memory
-        slots = PROMPT_SLOT_MULTIPLE * math.ceil(max(lengths, default=1) / PROMPT_SLOT_MULTIPLE)
-        fit = decoding.prompts_that_fit(model, slots, num_beams, max_new_tokens, free)
-        if fit < min(batch_size, len(prompts)):
-            log.info("eval: batches of %d prompts, not %d: the KV cache of %d prompts of %d tokens, %d beams and "
-                     "%d new tokens fits in the GPU's free memory", fit, batch_size, fit, slots, num_beams, max_new_tokens)
-            batch_size = fit
-    pending = balanced_batches(order, batch_size)
+    fits = None
+    if free is not None:  # no more prompts per batch than the KV cache of its longest (first) fits in memory
+        def fits(index: int) -> int:
+            slots = PROMPT_SLOT_MULTIPLE * math.ceil(max(1, lengths[index]) / PROMPT_SLOT_MULTIPLE)
+            return decoding.prompts_that_fit(model, slots, num_beams, max_new_tokens, free)
+
+        if order and fits(order[0]) < min(batch_size, len(prompts)):
+            log.info("eval: the longest prompts go %d per batch, not %d: the KV cache of %d prompts of %d tokens, "
+                     "%d beams and %d new tokens fits in the GPU's free memory", fits(order[0]), batch_size,
+                     fits(order[0]), lengths[order[0]], num_beams, max_new_tokens)
+    pending = balanced_batches(order, batch_size, fits)
     built: dict[str, decoding.Decoder] = {}  # the decoder of the last batch, reused while shapes fit
     while pending:
         chunk = pending.pop(0)
@@ -105,18 +108,21 @@ def generate(model: nn.Module, tokenizer, prompts: list[str], batch_size: int, n
     return outputs
 
 
-def balanced_batches(order: list[int], batch_size: int) -> list[list[int]]:
-    """``order`` cut into the fewest batches of at most ``batch_size``, all of nearly one size (they
-    differ by at most one): our decoder fills a short batch up to the size it was built for, so
-    1,319 prompts at 256 go as 6 x 220 rather than 5 x 256 + 39 padded to 256 with copies."""
-    if not order:
-        return []
-    count = math.ceil(len(order) / max(1, batch_size))
-    size, extra = divmod(len(order), count)
-    bounds = [0]
-    for index in range(count):
-        bounds.append(bounds[-1] + size + (index < extra))
-    return [order[a:b] for a, b in zip(bounds, bounds[1:])]
+def balanced_batches(order: list[int], batch_size: int, fits=None) -> list[list[int]]:
+    """``order`` (longest prompt first) cut into batches of at most ``batch_size`` prompts, and at
+    most ``fits(first)`` where given (how many prompts as long as the batch's first fit in memory),
+    each of the rest's average size under that cap: the fewest batches, of nearly one size. Our
+    decoder fills a short batch up to the size it was built for, so 1,319 prompts at 256 go as
+    6 x 220 rather than 5 x 256 + 39 padded to 256 with copies; and pooled sets whose longest
+    prompts need smaller batches do not shrink the batches of the shorter ones."""
+    batches, start = [], 0
+    while start < len(order):
+        cap = max(1, min(batch_size, fits(order[start]) if fits else batch_size))
+        rest = len(order) - start
+        size = math.ceil(rest / math.ceil(rest / cap))
+        batches.append(order[start : start + size])
+        start += size
+    return batches
 
 
 def free_gpu_bytes(device: torch.device) -> int | None:

@@ -76,6 +76,15 @@ def test_batches_are_balanced_and_keep_the_order(n, cap, sizes):
     assert [i for b in batches for i in b] == order
 
 
+def test_batches_are_capped_by_what_their_longest_prompt_fits():
+    lengths = [900] * 20 + [300] * 510  # pooled sets: a few long prompts, then many short ones
+    order = list(range(len(lengths)))
+    fits = lambda i: 20 if lengths[i] == 900 else 256  # noqa: E731
+    sizes = [len(b) for b in evaluate.balanced_batches(order, 256, fits)]
+    assert sizes == [20, 255, 255]  # the long prompts' cap does not shrink the short prompts' batches
+    assert all(size <= fits(b[0]) for size, b in zip(sizes, evaluate.balanced_batches(order, 256, fits)))
+
+
 @pytest.mark.parametrize("decoder", ["adapters_lab", "transformers"])
 def test_generation_stops_at_eos(tiny, decoder):
     model, tokenizer = tiny
