@@ -3,10 +3,10 @@ warm-up then linear/cosine decay; validation loss; checkpoints that resume exact
 
 The plain path is LLM-Adapters' ``finetune.py`` recipe (HF Trainer: warm-up 100 steps,
 AdamW, gradient clipping at 1.0, loss averaged per micro-batch, padded batches). Speed paths
-(``trainer.batching=packed``, ``trainer.compile``, ``trainer.fused_loss``,
+(``trainer.batching=packed``, ``trainer.compile``, ``trainer.fused_loss``, ``trainer.fused_lora``,
 ``trainer.attn_implementation=varlen``) are config choices, each tested equal to the plain path.
-One host synchronisation per optimiser step reads the step's loss: it feeds the NaN policy, the
-log and the loss history. Under several processes (``accelerate launch``) each takes its share of a
+One host synchronisation per micro-batch, after its forward, reads its loss: the step's sum feeds
+the NaN policy, the log and the loss history. Under several processes (``accelerate launch``) each takes its share of a
 step's micro-batches through ``CausalLMObjective`` (the module DDP wraps), and the step's loss and
 token counts are summed over them.
 """
@@ -510,7 +510,7 @@ def _train_loop(model: nn.Module, plan: BatchPlan, val_examples: list[dict], cfg
             group = batches[loop.position : loop.position + accumulation]
             mine = shard(group, world, rank)  # all of it in one process
             count = max(len(group), world)  # micro-batches of the step over all processes
-            step_loss = None  # the sum of the micro-batch losses, on the device (no fill kernel)
+            step_loss = 0.0  # the sum of the micro-batch losses
             step_tokens = step_padded = 0
             for index, micro in enumerate(mine):
                 batch, real = plan.batch(micro)
@@ -522,15 +522,18 @@ def _train_loop(model: nn.Module, plan: BatchPlan, val_examples: list[dict], cfg
                 with sync:
                     with accelerator.autocast():
                         loss = objective(batch)
+                    # The micro-batch's one host sync, after its forward: the host then queues backward
+                    # at once and, while the GPU runs it, the optimiser step and the next batch. (Read
+                    # after backward, the GPU would idle while the host did those.)
+                    step_loss += float(loss.detach())
                     accelerator.backward(loss / (count / world))  # the mean over the step's micro-batches
-                step_loss = loss.detach() if step_loss is None else step_loss + loss.detach()
             if world > 1:  # the step's loss and tokens over all processes, and whether any got SIGTERM
-                step_loss = accelerator.reduce(step_loss, "sum")
-                counts = accelerator.reduce(torch.tensor([step_tokens, step_padded, int(term.received)],
-                                                         device=accelerator.device), "sum")
-                step_tokens, step_padded, terms = (int(c) for c in counts.tolist())
+                totals = accelerator.reduce(torch.tensor([step_loss, step_tokens, step_padded, int(term.received)],
+                                                         dtype=torch.float64, device=accelerator.device), "sum")
+                step_loss, step_tokens, step_padded, terms = totals.tolist()
+                step_tokens, step_padded = int(step_tokens), int(step_padded)
                 any_term = terms > 0  # so that every process checkpoints and exits at the same step
-            value = float(step_loss) / count  # the one host sync of the step
+            value = step_loss / count
             if not math.isfinite(value):
                 optimizer.zero_grad(set_to_none=True)
                 if NanPolicy(cfg.nan_policy) == NanPolicy.stop or consecutive_skips + 1 >= MAX_CONSECUTIVE_SKIPS:

@@ -6,7 +6,7 @@
 
 Variants: paper, tuned (HF PEFT); ours, ours_padded, series, parallel (adapters_lab's trainer);
 ``ours`` takes suffixes: ``_varlen`` (trainer.attn_implementation=varlen instead of --attn),
-``_fusedlora`` (trainer.fused_lora: LoRA layers as one op, dropout masks redrawn from a seed), ``_liger`` (liger-kernel's RMSNorm, SwiGLU and RoPE for LLaMA; needs CUDA and the optional
+``_plainlora`` (trainer.fused_lora=false: LoRA through nn.Dropout and separate adds, as before session 4), ``_liger`` (liger-kernel's RMSNorm, SwiGLU and RoPE for LLaMA; needs CUDA and the optional
 liger-kernel package), ``_nocompile`` (eager layers), ``_autotune`` (trainer.compile_mode=
 max-autotune-no-cudagraphs), e.g. ``ours_varlen_liger``.
 ``check_varlen`` trains nothing: on one packed batch of a 4-layer model of the same shape it
@@ -205,11 +205,11 @@ def ours_variant(variant: str) -> dict | None:
     if parts[0] != "ours" or variant == "ours_padded":
         return None
     flags = set(parts[1:])
-    known = {"varlen", "liger", "nocompile", "autotune", "fusedlora"}
+    known = {"varlen", "liger", "nocompile", "autotune", "plainlora"}
     if flags - known:
         raise SystemExit(f"--variants: {variant!r} has unknown suffixes {sorted(flags - known)} ({', '.join(sorted(known))})")
     return {"varlen": "varlen" in flags, "liger": "liger" in flags, "compile": "nocompile" not in flags,
-            "autotune": "autotune" in flags, "fused_lora": "fusedlora" in flags}
+            "autotune": "autotune" in flags, "fused_lora": "plainlora" not in flags}
 
 
 @contextlib.contextmanager
@@ -386,7 +386,7 @@ def main(argv=None) -> list[Row]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tiny", action="store_true", help="tiny model on CPU, a few steps (smoke test)")
     parser.add_argument("--variants", default="paper,tuned,ours,series,parallel",
-                        help="comma list of paper, tuned, ours[_varlen][_fusedlora][_liger][_nocompile][_autotune], ours_padded, series, "
+                        help="comma list of paper, tuned, ours[_varlen][_plainlora][_liger][_nocompile][_autotune], ours_padded, series, "
                              "parallel, check_varlen (see the module docstring)")
     parser.add_argument("--steps", type=int, default=12, help="timed optimiser steps per variant")
     parser.add_argument("--pack-length", type=int, default=2048)
@@ -421,7 +421,8 @@ def main(argv=None) -> list[Row]:
     pack_overrides = dict(batching="packed", pack_length=args.pack_length if not args.tiny else 0,
                           attn_implementation=args.attn if not args.tiny else None,
                           micro_batch_size=args.rows if not args.tiny else 2,
-                          batch_size=args.rows if not args.tiny else 2, compile=compiled, fused_loss=True)
+                          batch_size=args.rows if not args.tiny else 2, compile=compiled, fused_loss=True,
+                          fused_lora=True)
     first_losses: dict[str, float] = {}
 
     def run_variant(variant, model):
@@ -448,12 +449,11 @@ def main(argv=None) -> list[Row]:
             overrides["compile"] = compiled and switches["compile"]
             if switches["autotune"] and overrides["compile"]:
                 overrides["compile_mode"] = "max-autotune-no-cudagraphs"
-            if switches["fused_lora"]:
-                overrides["fused_lora"] = True
+            overrides["fused_lora"] = switches["fused_lora"]
             extras = [name for name, on in (("liger kernels", switches["liger"]),
                                             ("eager layers", not switches["compile"] and compiled),
                                             ("max-autotune", "compile_mode" in overrides),
-                                            ("fused LoRA op", switches["fused_lora"])) if on]
+                                            ("plain LoRA layers", not switches["fused_lora"])) if on]
             label += "".join(f", {e}" for e in extras)
             if switches["liger"]:
                 liger = liger_kernels(model, device)

@@ -26,7 +26,7 @@ def bench():
 
 
 def test_tiny_varlen_variants_check_and_liger_skip(bench, capsys):
-    rows = bench.main(["--tiny", "--variants", "check_varlen,ours,ours_varlen,ours_liger,ours_varlen_nocompile,ours_fusedlora"])
+    rows = bench.main(["--tiny", "--variants", "check_varlen,ours,ours_varlen,ours_liger,ours_varlen_nocompile,ours_plainlora"])
     out = capsys.readouterr().out
     assert [r.note.startswith("FAILED") for r in rows] == [False] * 4, [r.note for r in rows]
     assert all(r.tokens_per_second > 0 for r in rows)
@@ -40,12 +40,12 @@ def test_tiny_varlen_variants_check_and_liger_skip(bench, capsys):
 
 
 def test_ours_variant_suffixes(bench):
-    plain = {"varlen": False, "liger": False, "compile": True, "autotune": False, "fused_lora": False}
+    plain = {"varlen": False, "liger": False, "compile": True, "autotune": False, "fused_lora": True}
     assert bench.ours_variant("ours") == plain
     assert bench.ours_variant("ours_varlen_liger") == {**plain, "varlen": True, "liger": True}
     assert bench.ours_variant("ours_liger_nocompile") == {**plain, "liger": True, "compile": False}
     assert bench.ours_variant("ours_varlen_autotune") == {**plain, "varlen": True, "autotune": True}
-    assert bench.ours_variant("ours_fusedlora") == {**plain, "fused_lora": True}
+    assert bench.ours_variant("ours_plainlora") == {**plain, "fused_lora": False}
     assert bench.ours_variant("ours_padded") is None and bench.ours_variant("tuned") is None
     with pytest.raises(SystemExit, match="unknown suffixes"):
         bench.ours_variant("ours_fast")
