@@ -239,7 +239,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--suite", default="", help="also time ours over the whole math suite: beams, e.g. 1,4")
     parser.add_argument("--check", type=int, default=0, help="compare our tokens with generate's on N prompts")
     parser.add_argument("--step-profile", action="store_true",
-                        help="time one decoding step (greedy and 4 beams, at the batch sizes) and list its top kernels")
+                        help="time one decoding step (greedy and 4 beams, at the batch sizes) and list its top kernels; "
+                             "time --suite in another process (after the profile, an H200 run found its memory in use)")
     parser.add_argument("--max-new-tokens", type=int, default=None, help="default 256 (the paper's); tiny 8")
     parser.add_argument("--data-dir", type=Path,
                         default=Path(os.environ.get("ADAPTERS_LAB_DATA", REPO.parent / "shared" / "data")) / "llm_adapters")
