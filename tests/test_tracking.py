@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import socket
 import struct
+import time
 from pathlib import Path
 
 import pytest
@@ -37,6 +38,23 @@ def wandb_records(path: Path) -> list:
             records.append(record)
             chunk = b""
     return records
+
+
+def finished_records(path: Path, timeout: float = 60.0) -> dict[str, list]:
+    """The run file's records by kind, once W&B's service has written the run's ``exit`` record:
+    ``finish()`` can return before the service has flushed the file (seen with wandb 0.31)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        by_kind: dict[str, list] = {}
+        try:
+            for record in wandb_records(path):
+                by_kind.setdefault(record.WhichOneof("record_type"), []).append(record)
+        except Exception:  # a record still being written
+            if time.monotonic() > deadline:
+                raise
+        if "exit" in by_kind or time.monotonic() > deadline:
+            return by_kind
+        time.sleep(0.5)
 
 
 def item_key(item) -> str:
@@ -72,10 +90,7 @@ def test_offline_run_logs_config_curves_eval_and_predictions(make_cfg, tmp_path,
 
     out = tmp_path / "run"
     (run_file,) = (out / "wandb").glob("offline-run-*/run-*.wandb")  # offline: nothing was sent
-    records = wandb_records(run_file)
-    by_kind: dict[str, list] = {}
-    for record in records:
-        by_kind.setdefault(record.WhichOneof("record_type"), []).append(record)
+    by_kind = finished_records(run_file)
 
     (run_record,) = [r.run for r in by_kind["run"]]
     assert (run_record.project, run_record.run_group, run_record.job_type) == ("lab-test", "unit-sweep", "lora")
