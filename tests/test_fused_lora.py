@@ -13,9 +13,9 @@ import pytest
 import torch
 
 from adapters_lab.adapters.lora import LoRALinear, enable_fused_lora
-from adapters_lab.data.tokenize import PackedCollator, pack_rows
+from adapters_lab.data.tokenize import PackedCollator, PaddedCollator, pack_rows
 from adapters_lab.fused_lora import cpu_keep_mask
-from adapters_lab.train import prepare_model
+from adapters_lab.train import enable_gradient_checkpointing, prepare_model
 from tests.train_helpers import run, tiny_lora_model, token_examples, trainable, trainer_cfg
 from tests.test_train_fast import assert_same, loss_and_grads
 
@@ -154,3 +154,23 @@ def test_cuda_dropout_kernel_under_the_triton_interpreter():
     done = subprocess.run([sys.executable, "-c", KERNEL_CHECK], env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "kernel ok" in done.stdout
+
+
+def test_gradient_checkpointing_recomputes_the_fused_layers_with_their_masks():
+    """Recomputed layers draw their dropout seeds again: checkpointing restores the RNG state, so
+    they draw the same masks and the gradients are those of the run without checkpointing."""
+    batch = PaddedCollator(0)(token_examples(4, seed=5))
+    results = []
+    for checkpointing in (False, True):
+        model = tiny_lora_model(dropout=0.3)
+        enable_fused_lora(model)
+        if checkpointing:
+            enable_gradient_checkpointing(model, None)
+        model.train()
+        torch.manual_seed(3)
+        results.append(loss_and_grads(model, batch))
+    assert_same(results[0], results[1], tol=1e-6)
+    torch.manual_seed(4)  # another draw of the masks gives other gradients: the check can fail
+    other = loss_and_grads(model, batch)
+    assert not torch.allclose(other[1]["model.layers.0.self_attn.q_proj.lora_A.weight"],
+                              results[1][1]["model.layers.0.self_attn.q_proj.lora_A.weight"])
