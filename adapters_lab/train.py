@@ -5,8 +5,8 @@ The plain path is LLM-Adapters' ``finetune.py`` recipe (HF Trainer: warm-up 100 
 AdamW, gradient clipping at 1.0, loss averaged per micro-batch, padded batches). Speed paths
 (``trainer.batching=packed``, ``trainer.compile``, ``trainer.fused_loss``, ``trainer.fused_lora``,
 ``trainer.attn_implementation=varlen``) are config choices, each tested equal to the plain path.
-One host synchronisation per micro-batch, after its forward, reads its loss: the step's sum feeds
-the NaN policy, the log and the loss history. Under several processes (``accelerate launch``) each takes its share of a
+One host synchronisation per optimiser step, after its last forward, reads the step's loss: it
+feeds the NaN policy, the log and the loss history. Under several processes (``accelerate launch``) each takes its share of a
 step's micro-batches through ``CausalLMObjective`` (the module DDP wraps), and the step's loss and
 token counts are summed over them.
 """
@@ -270,6 +270,19 @@ class CausalLMObjective(nn.Module):
         return forward_loss(self.model, batch, self.fused)
 
 
+def step_totals(loss_sum: torch.Tensor, tokens: int, padded: int, terminated: bool, accelerator: Accelerator,
+                world: int) -> tuple[float, int, int, bool]:
+    """The step's loss sum, real and padded tokens, and whether any process got SIGTERM, over all
+    processes: the step's one host sync. The loop calls it after the step's last forward, so the
+    host then queues the last backward, the optimiser step and the next batch while the GPU runs
+    (read after backward, the GPU would idle while the host did those)."""
+    if world == 1:
+        return float(loss_sum), tokens, padded, terminated
+    local = torch.tensor([tokens, padded, int(terminated)], dtype=torch.float64, device=loss_sum.device)
+    totals = accelerator.reduce(torch.cat([loss_sum.double().reshape(1), local]), "sum").tolist()
+    return totals[0], int(totals[1]), int(totals[2]), totals[3] > 0
+
+
 def shard(group: list, world: int, rank: int) -> list:
     """This process's micro-batches of an optimiser step's ``group``: every ``world``-th from
     ``rank``; a group shorter than ``world`` (an epoch's end) is repeated so each process has one."""
@@ -510,30 +523,25 @@ def _train_loop(model: nn.Module, plan: BatchPlan, val_examples: list[dict], cfg
             group = batches[loop.position : loop.position + accumulation]
             mine = shard(group, world, rank)  # all of it in one process
             count = max(len(group), world)  # micro-batches of the step over all processes
-            step_loss = 0.0  # the sum of the micro-batch losses
+            step_loss = None  # the sum of the micro-batch losses, on the device
             step_tokens = step_padded = 0
             for index, micro in enumerate(mine):
                 batch, real = plan.batch(micro)
                 step_tokens += real
                 step_padded += batch["input_ids"].numel()
                 batch = to_device(batch, accelerator.device)
+                last = index == len(mine) - 1
                 # gradients are averaged over the processes once, at the last micro-batch of the step
-                sync = contextlib.nullcontext() if index == len(mine) - 1 else accelerator.no_sync(objective)
+                sync = contextlib.nullcontext() if last else accelerator.no_sync(objective)
                 with sync:
                     with accelerator.autocast():
                         loss = objective(batch)
-                    # The micro-batch's one host sync, after its forward: the host then queues backward
-                    # at once and, while the GPU runs it, the optimiser step and the next batch. (Read
-                    # after backward, the GPU would idle while the host did those.)
-                    step_loss += float(loss.detach())
+                    step_loss = loss.detach() if step_loss is None else step_loss + loss.detach()
+                    if last:
+                        value, step_tokens, step_padded, any_term = step_totals(
+                            step_loss, step_tokens, step_padded, term.received, accelerator, world)
                     accelerator.backward(loss / (count / world))  # the mean over the step's micro-batches
-            if world > 1:  # the step's loss and tokens over all processes, and whether any got SIGTERM
-                totals = accelerator.reduce(torch.tensor([step_loss, step_tokens, step_padded, int(term.received)],
-                                                         dtype=torch.float64, device=accelerator.device), "sum")
-                step_loss, step_tokens, step_padded, terms = totals.tolist()
-                step_tokens, step_padded = int(step_tokens), int(step_padded)
-                any_term = terms > 0  # so that every process checkpoints and exits at the same step
-            value = step_loss / count
+            value /= count
             if not math.isfinite(value):
                 optimizer.zero_grad(set_to_none=True)
                 if NanPolicy(cfg.nan_policy) == NanPolicy.stop or consecutive_skips + 1 >= MAX_CONSECUTIVE_SKIPS:

@@ -9,7 +9,9 @@ import signal
 
 import pytest
 import torch
+from accelerate import Accelerator
 
+import adapters_lab.train as train_module
 from adapters_lab.config import TrainerConfig
 from adapters_lab.train import NonFiniteLossError, TrainerConfigError, check_trainer_config, latest_checkpoint
 from tests.train_helpers import run, token_examples, trainable, trainer_cfg
@@ -106,3 +108,17 @@ def test_bad_trainer_options_name_the_key(key, value, match):
 def test_pack_length_shorter_than_an_example_is_refused():
     with pytest.raises(TrainerConfigError, match="trainer.pack_length=16: shorter than the longest"):
         run(trainer_cfg(batching="packed", pack_length=16), token_examples(8, longest=20, shortest=18))
+
+
+def test_the_step_loss_is_read_once_before_the_last_backward(monkeypatch):
+    """The step's one host sync comes after its last forward and before that micro-batch's
+    backward, so on a GPU the host queues backward, the optimiser step and the next batch while the
+    GPU runs them."""
+    events = []
+    read, backward = train_module.step_totals, Accelerator.backward
+    monkeypatch.setattr(train_module, "step_totals", lambda *args: (events.append("read"), read(*args))[1])
+    monkeypatch.setattr(Accelerator, "backward",
+                        lambda self, loss, **kwargs: (events.append("backward"), backward(self, loss, **kwargs))[1])
+    _, result = run(trainer_cfg(max_steps=2, batch_size=4, micro_batch_size=2), token_examples(8))
+    assert events == ["backward", "read", "backward"] * 2
+    assert len(result.loss_history) == 2
