@@ -68,13 +68,13 @@ def generate(model: nn.Module, tokenizer, prompts: list[str], batch_size: int, n
     fits = None
     if free is not None:  # no more prompts per batch than the KV cache of its longest (first) fits in memory
         def fits(index: int) -> int:
-            slots = PROMPT_SLOT_MULTIPLE * math.ceil(max(1, lengths[index]) / PROMPT_SLOT_MULTIPLE)
-            return decoding.prompts_that_fit(model, slots, num_beams, max_new_tokens, free)
+            return decoding.prompts_that_fit(model, prompt_slots(max(1, lengths[index])), num_beams, max_new_tokens, free)
 
-        if order and fits(order[0]) < min(batch_size, len(prompts)):
+        longest_fit = fits(order[0]) if order else 0
+        if order and longest_fit < min(batch_size, len(prompts)):
             log.info("eval: the longest prompts go %d per batch, not %d: the KV cache of %d prompts of %d tokens, "
-                     "%d beams and %d new tokens fits in the GPU's free memory", fits(order[0]), batch_size,
-                     fits(order[0]), lengths[order[0]], num_beams, max_new_tokens)
+                     "%d beams and %d new tokens fits in the GPU's free memory", longest_fit, batch_size,
+                     longest_fit, lengths[order[0]], num_beams, max_new_tokens)
     pending = balanced_batches(order, batch_size, fits)
     built: dict[str, decoding.Decoder] = {}  # the decoder of the last batch, reused while shapes fit
     while pending:
@@ -106,6 +106,11 @@ def generate(model: nn.Module, tokenizer, prompts: list[str], batch_size: int, n
         release_memory(device)
     model.train(was_training)
     return outputs
+
+
+def prompt_slots(length: int) -> int:
+    """A prompt length rounded up to ``PROMPT_SLOT_MULTIPLE``: the prompt slots of our decoder."""
+    return PROMPT_SLOT_MULTIPLE * math.ceil(length / PROMPT_SLOT_MULTIPLE)
 
 
 def balanced_batches(order: list[int], batch_size: int, fits=None) -> list[list[int]]:
@@ -154,7 +159,7 @@ def _decode(model: nn.Module, tokenizer, prompts: list[str], built: dict[str, de
     """Our decoder on one batch, reusing ``built["decoder"]`` (buffers, CUDA graphs) when the batch
     fits its shape: a shorter last batch is filled up with copies of its last prompt."""
     enc = tokenizer(prompts, return_tensors="pt", padding=True)
-    slots = PROMPT_SLOT_MULTIPLE * math.ceil(enc["input_ids"].shape[1] / PROMPT_SLOT_MULTIPLE)
+    slots = prompt_slots(enc["input_ids"].shape[1])
     decoder = built.get("decoder")
     fits = decoder is not None and decoder.prompts >= len(prompts) and slots <= decoder.prompt_slots
     if not fits or decoder.prompt_slots - slots > REUSE_SLOTS:

@@ -6,9 +6,9 @@ AdamW, gradient clipping at 1.0, loss averaged per micro-batch, padded batches).
 (``trainer.batching=packed``, ``trainer.compile``, ``trainer.fused_loss``, ``trainer.fused_lora``,
 ``trainer.attn_implementation=varlen``) are config choices, each tested equal to the plain path.
 One host synchronisation per optimiser step, after its last forward, reads the step's loss: it
-feeds the NaN policy, the log and the loss history. Under several processes (``accelerate launch``) each takes its share of a
-step's micro-batches through ``CausalLMObjective`` (the module DDP wraps), and the step's loss and
-token counts are summed over them.
+feeds the NaN policy, the log and the loss history. Under several processes (``accelerate launch``)
+each takes its share of a step's micro-batches through ``CausalLMObjective`` (the module DDP wraps),
+and the step's loss and token counts are summed over them.
 """
 
 from __future__ import annotations
