@@ -3,7 +3,7 @@
 Without input they are the spine issue's strings (upstream's ``finetune.py`` / ``evaluate.py``
 without the ``# noqa: E501`` some upstream commits carry inside the string); with input,
 upstream's ``evaluate.py`` / ``commonsense_evaluate.py`` (no space after "request.") and
-``finetune.py`` (two spaces, blank lines of 16 spaces).
+``finetune.py`` at 91770ab (one space, blank lines of 16 spaces).
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ def test_evaluation_prompt_without_input():
 
 def test_training_text_with_input():
     expected = ("Below is an instruction that describes a task, paired with an input that provides further context. "
-                "Write a response that appropriately completes the request.  \n\n"
+                "Write a response that appropriately completes the request. \n\n"
                 f"{I}### Instruction:\n{I}Add them.\n{I}\n{I}### Input:\n{I}2 and 3\n{I}\n{I}### Response:\n{I}5")
     assert train_prompt("Add them.", "2 and 3", "5") == expected
 

@@ -1,10 +1,11 @@
 """The LLM-Adapters (Alpaca) prompt templates, byte for byte.
 
-Upstream's training template (``finetune.py``) has two spaces after "request." and a
-blank line of 16 spaces; its evaluation template (``evaluate.py``, ``commonsense_evaluate.py``)
-has one space after "request." without input, none with input, and empty lines. Both keep
-upstream's 16-space indentation. Some upstream commits carry the ``# noqa: E501`` lint comment
-inside the template string itself; the project follows the templates without it.
+Upstream's training template (``finetune.py`` at 91770ab) has two spaces after "request."
+without input, one with input, and blank lines of 16 spaces; its evaluation template
+(``evaluate.py``, ``commonsense_evaluate.py``) has one space after "request." without input,
+none with input, and empty lines. Both keep upstream's 16-space indentation. Some upstream
+commits carry the ``# noqa: E501`` lint comment inside the template string itself; the project
+follows the templates without it.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ _INDENT = " " * 16
 _TRAIN_HEAD = "Below is an instruction that describes a task. Write a response that appropriately completes the request.  \n\n"
 _TRAIN_HEAD_INPUT = (
     "Below is an instruction that describes a task, paired with an input that provides further context. "
-    "Write a response that appropriately completes the request.  \n\n"
+    "Write a response that appropriately completes the request. \n\n"
 )
 _EVAL_HEAD = "Below is an instruction that describes a task. Write a response that appropriately completes the request. \n\n"
 _EVAL_HEAD_INPUT = (
