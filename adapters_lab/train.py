@@ -71,6 +71,7 @@ class TrainResult:
     padded_tokens: int  # tokens the model processed, padding included
     seconds: float
     tokens_per_second: float  # real tokens over the whole run (resumed segments included)
+    padded_tokens_per_second: float  # the same with padding counted: what the model processed
     steady_tokens_per_second: float  # real tokens after the first steps (compilation, warm-up)
     mfu: float | None  # model FLOPs utilisation of the steady part, against trainer.peak_tflops
     peak_memory_gib: float | None
@@ -268,6 +269,18 @@ class CausalLMObjective(nn.Module):
 
     def forward(self, batch: dict) -> torch.Tensor:
         return forward_loss(self.model, batch, self.fused)
+
+
+def progress_postfix(stats: dict) -> dict[str, str]:
+    """The progress bar's figures from a logged ``stats`` dict: loss, real and padded tokens/s,
+    and MFU and peak memory where they are known (a GPU)."""
+    postfix = {"loss": f"{stats['train/loss']:.4f}", "tok_s": f"{stats['train/tokens_per_second']:,.0f}",
+               "padded_tok_s": f"{stats['train/padded_tokens_per_second']:,.0f}"}
+    if "train/mfu" in stats:
+        postfix["mfu"] = f"{stats['train/mfu']:.0%}"
+    if "train/peak_memory_gib" in stats:
+        postfix["mem"] = f"{stats['train/peak_memory_gib']:.1f}G"
+    return postfix
 
 
 def step_totals(loss_sum: torch.Tensor, tokens: int, padded: int, terminated: bool, accelerator: Accelerator,
@@ -581,10 +594,7 @@ def _train_loop(model: nn.Module, plan: BatchPlan, val_examples: list[dict], cfg
                 if accelerator.device.type == "cuda":
                     stats["train/peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
                 tracker.log(stats, loop.step)
-                bar.set_postfix(loss=f"{loss_final:.4f}", tok_s=f"{stats['train/tokens_per_second']:,.0f}",
-                                **({"mfu": f"{stats['train/mfu']:.0%}"} if "train/mfu" in stats else {}),
-                                **({"mem": f"{stats['train/peak_memory_gib']:.1f}G"}
-                                   if "train/peak_memory_gib" in stats else {}))
+                bar.set_postfix(progress_postfix(stats))
             if val_examples and cfg.eval_every > 0 and loop.step % cfg.eval_every == 0 and loop.step < updates:
                 loop.val_loss = validation_loss(model, val_examples, val_collate, cfg.micro_batch_size, accelerator)
                 tracker.log({"val/loss": loop.val_loss}, loop.step)
@@ -613,6 +623,7 @@ def _train_loop(model: nn.Module, plan: BatchPlan, val_examples: list[dict], cfg
         steps=loop.step, epochs_completed=round(epochs_completed, 4), loss_final=loss_final, val_loss=loop.val_loss,
         tokens=loop.tokens, padded_tokens=loop.padded_tokens, seconds=loop.seconds,
         tokens_per_second=loop.tokens / loop.seconds if loop.seconds > 0 else 0.0,
+        padded_tokens_per_second=loop.padded_tokens / loop.seconds if loop.seconds > 0 else 0.0,
         steady_tokens_per_second=steady, mfu=steady * flops / (peak_tflops * 1e12 * world) if peak_tflops else None,
         peak_memory_gib=peak, skipped_steps=loop.skipped_steps, resumed_from_step=resumed_from,
         loss_history=list(loop.loss_history))

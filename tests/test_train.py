@@ -13,6 +13,7 @@ from accelerate import Accelerator
 
 import adapters_lab.train as train_module
 from adapters_lab.config import TrainerConfig
+from adapters_lab.tracking import NullTracker
 from adapters_lab.train import NonFiniteLossError, TrainerConfigError, check_trainer_config, latest_checkpoint
 from tests.train_helpers import run, token_examples, trainable, trainer_cfg
 
@@ -122,3 +123,30 @@ def test_the_step_loss_is_read_once_before_the_last_backward(monkeypatch):
     _, result = run(trainer_cfg(max_steps=2, batch_size=4, micro_batch_size=2), token_examples(8))
     assert events == ["backward", "read", "backward"] * 2
     assert len(result.loss_history) == 2
+
+
+def test_padded_and_real_throughput_are_logged_and_shown():
+    """With right-padded batches of uneven examples the model processes more tokens than are
+    real: the logger, the progress bar and the result report both rates."""
+
+    class Recorder(NullTracker):
+        def __init__(self):
+            self.logged = []
+
+        def log(self, metrics, step=None):
+            self.logged.append(dict(metrics))
+
+    recorder = Recorder()
+    _, result = run(trainer_cfg(max_steps=4, log_every=1), token_examples(16, seed=5), tracker=recorder)
+    stats = [s for s in recorder.logged if "train/tokens_per_second" in s]
+    assert len(stats) == 4
+    last = stats[-1]
+    assert last["train/padded_tokens_per_second"] > last["train/tokens_per_second"] > 0
+    assert result.padded_tokens > result.tokens
+    assert result.padded_tokens_per_second == pytest.approx(result.padded_tokens / result.seconds)
+    postfix = train_module.progress_postfix(last)
+    assert postfix["tok_s"] == f"{last['train/tokens_per_second']:,.0f}"
+    assert postfix["padded_tok_s"] == f"{last['train/padded_tokens_per_second']:,.0f}"
+    assert "mfu" not in postfix and "mem" not in postfix  # CPU: no peak rate or GPU memory known
+    shown = train_module.progress_postfix({**last, "train/mfu": 0.614, "train/peak_memory_gib": 51.53})
+    assert shown["mfu"] == "61%" and shown["mem"] == "51.5G"
