@@ -4,10 +4,16 @@
     python scripts/bench_train.py --tiny          # CPU smoke run of every variant (tests use it)
     python scripts/bench_train.py --variants check_varlen,ours,ours_varlen,ours_liger,tuned
 
-Variants: paper, tuned (HF PEFT); ours, ours_padded, series, parallel (adapters_lab's trainer);
+HF PEFT baselines: ``paper`` (the paper's recipe: micro-batch 4 padded to the longest), ``tuned``
+(issue 5's anchor: 32 sequences of exactly 256 real tokens, compiled layers; not the math lengths),
+``tuned_lengths`` (the same tuning on the math lengths: 32 per micro-batch padded to 256, one shape
+for the compiled layers), ``tuned_packed`` (HF PEFT on adapters_lab's packed rows, position ids
+restarting per example, transformers' own ``--attn`` attention, compiled layers: what packing
+gives without the rest of our trainer). adapters_lab: ours, ours_padded, series, parallel.
 ``ours`` takes suffixes: ``_varlen`` (trainer.attn_implementation=varlen instead of --attn),
-``_plainlora`` (trainer.fused_lora=false: LoRA through nn.Dropout and separate adds, as before session 4), ``_liger`` (liger-kernel's RMSNorm, SwiGLU and RoPE for LLaMA; needs CUDA and the optional
-liger-kernel package), ``_nocompile`` (eager layers), ``_autotune`` (trainer.compile_mode=
+``_plainlora`` (trainer.fused_lora=false: LoRA through nn.Dropout and separate adds, as before
+session 4), ``_liger`` (liger-kernel's RMSNorm, SwiGLU and RoPE for LLaMA; needs CUDA and the
+optional liger-kernel package), ``_nocompile`` (eager layers), ``_autotune`` (trainer.compile_mode=
 max-autotune-no-cudagraphs), e.g. ``ours_varlen_liger``.
 ``check_varlen`` trains nothing: on one packed batch of a 4-layer model of the same shape it
 prints the loss and LoRA-gradient differences of varlen vs flex attention (and SDPA vs flex, the
@@ -94,6 +100,7 @@ class Row:
     mfu_measured: float | None
     peak_gib: float | None
     note: str = ""
+    variant: str = ""  # the --variants name
 
 
 def build_model(shape: dict, device: torch.device, dtype: torch.dtype):
@@ -138,7 +145,8 @@ def free(device):
 
 def peft_steps(model, batches, device, warmup: int, compile_layers: bool, dropout: float) -> tuple[float, float, float]:
     """HF PEFT LoRA, a plain loop as HF Trainer runs it: autocast bf16, fused AdamW, clipping.
-    Returns (seconds, real tokens, padded tokens) over the timed steps."""
+    ``batches``: (collated tensors, real tokens) pairs. Returns (seconds, real tokens, padded
+    tokens) over the timed steps."""
     from peft import LoraConfig, get_peft_model
 
     peft_model = get_peft_model(model, LoraConfig(r=32, lora_alpha=64, lora_dropout=dropout,
@@ -150,7 +158,7 @@ def peft_steps(model, batches, device, warmup: int, compile_layers: bool, dropou
     peft_model.train()
     real = padded = 0.0
     start = None
-    for index, batch in enumerate(batches):
+    for index, (batch, batch_real) in enumerate(batches):
         if index == warmup:
             sync(device)
             start = time.perf_counter()
@@ -162,19 +170,39 @@ def peft_steps(model, batches, device, warmup: int, compile_layers: bool, dropou
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         if index >= warmup:
-            real += float(batch["attention_mask"].sum())
+            real += batch_real
             padded += batch["input_ids"].numel()
     sync(device)
     return time.perf_counter() - start, real, padded
 
 
-def padded_batches(examples, micro: int, fixed: int | None = None):
+def padded_batches(examples, micro: int, fixed: int | None = None, pad_to: int | None = None):
+    """(batch, real tokens) pairs of right-padded micro-batches. ``fixed``: every sequence made
+    exactly ``fixed`` real tokens (tuned PEFT as the issue defines it); ``pad_to``: the lengths kept,
+    cut at ``pad_to`` tokens and each batch padded to ``pad_to`` columns (one shape, so compiled layers
+    compile once)."""
     from adapters_lab.data.tokenize import PaddedCollator
 
-    collate = PaddedCollator(pad_token_id=0)
-    if fixed:  # tuned PEFT: every sequence exactly `fixed` real tokens
+    collate = PaddedCollator(pad_token_id=0, pad_to_multiple_of=pad_to or 8)
+    if fixed:
         examples = [{"input_ids": (x["input_ids"] * 3)[:fixed], "labels": (x["labels"] * 3)[:fixed]} for x in examples]
-    return [collate(examples[i : i + micro]) for i in range(0, len(examples) - micro + 1, micro)]
+    elif pad_to:
+        examples = [{"input_ids": x["input_ids"][:pad_to], "labels": x["labels"][:pad_to]} for x in examples]
+    batches = [collate(examples[i : i + micro]) for i in range(0, len(examples) - micro + 1, micro)]
+    return [(batch, int(batch["attention_mask"].sum())) for batch in batches]
+
+
+def packed_peft_batches(examples, rows: int, row_length: int):
+    """(batch, real tokens) pairs of padding-free rows (adapters_lab's packing: whole examples per
+    row, position ids restarting per example), for HF PEFT with transformers' own packed attention."""
+    from adapters_lab.data.tokenize import PackedCollator, pack_rows
+
+    lengths = [len(x["input_ids"]) for x in examples]
+    packed = pack_rows(list(range(len(examples))), lengths, row_length)
+    collate = PackedCollator(pad_token_id=0, row_length=row_length)
+    return [(collate([[examples[i] for i in row] for row in packed[b : b + rows]]),
+             sum(lengths[i] for row in packed[b : b + rows] for i in row))
+            for b in range(0, len(packed) - rows + 1, rows)]
 
 
 def ours(model, adapter_node: dict, examples, trainer_overrides: dict, steps: int, device):
@@ -382,11 +410,29 @@ def profiled(device, warmup: int, steps: int):
         print(f"  {count / active:7.1f}  {site}")
 
 
+BASELINES = ("paper", "tuned", "tuned_lengths", "tuned_packed")  # the ratio columns, where they ran
+
+
+def markdown_table(rows: list[Row]) -> str:
+    """The rows as a Markdown table, with each row's ratio to every HF PEFT baseline that ran."""
+    base = {r.variant: r.tokens_per_second for r in rows if r.variant in BASELINES and r.tokens_per_second > 0}
+    ran = [b for b in BASELINES if b in base]
+    pct = lambda v: f"{v:.1%}" if v is not None else "-"  # noqa: E731
+    lines = ["| variant | real tok/s | padding | MFU (datasheet) | MFU (measured matmul) | peak GiB | "
+             + " | ".join(f"x {b}" for b in ran) + " |",
+             "| --- " + "| ---: " * (5 + len(ran)) + "|"]
+    for r in rows:
+        ratios = " | ".join(f"{r.tokens_per_second / base[b]:.2f}" for b in ran)
+        lines.append(f"| {r.name} {r.note} | {r.tokens_per_second:,.0f} | {r.padded_share:.0%} | {pct(r.mfu)} | "
+                     f"{pct(r.mfu_measured)} | {r.peak_gib or 0:.1f} | {ratios} |")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> list[Row]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tiny", action="store_true", help="tiny model on CPU, a few steps (smoke test)")
     parser.add_argument("--variants", default="paper,tuned,ours,series,parallel",
-                        help="comma list of paper, tuned, ours[_varlen][_plainlora][_liger][_nocompile][_autotune], ours_padded, series, "
+                        help="comma list of paper, tuned, tuned_lengths, tuned_packed, ours[_varlen][_plainlora][_liger][_nocompile][_autotune], ours_padded, series, "
                              "parallel, check_varlen (see the module docstring)")
     parser.add_argument("--steps", type=int, default=12, help="timed optimiser steps per variant")
     parser.add_argument("--pack-length", type=int, default=2048)
@@ -426,14 +472,27 @@ def main(argv=None) -> list[Row]:
     first_losses: dict[str, float] = {}
 
     def run_variant(variant, model):
-        if variant in ("paper", "tuned"):
-            micro, fixed = (4, None) if variant == "paper" else ((32, 256) if not args.tiny else (4, 32))
-            examples = examples_from(lengths, shape["vocab_size"], micro * (steps + warmup), seed=1)
-            batches = padded_batches(examples, micro, fixed)
-            seconds, real, padded = peft_steps(model, batches, device, warmup, compile_layers=variant == "tuned" and compiled,
-                                               dropout=args.lora_dropout)
-            add(f"HF PEFT, {'paper recipe (micro-batch 4, padded)' if variant == 'paper' else f'tuned (micro-batch {micro} x {fixed}, compiled)'}",
-                real / seconds, 1 - real / padded, flops_per_token(model), peak_gib(device))
+        if variant in ("paper", "tuned", "tuned_lengths", "tuned_packed"):
+            micro, cutoff = (4, 256) if variant == "paper" else ((32, 256) if not args.tiny else (4, 32))
+            if variant == "tuned_packed":
+                row_length = args.pack_length if not args.tiny else 256
+                micro = args.rows if not args.tiny else 2
+                count = max(64, int(1.3 * micro * row_length * (steps + warmup) / 171))
+                batches = packed_peft_batches(examples_from(lengths, shape["vocab_size"], count, seed=1), micro, row_length)
+                model.set_attn_implementation(args.attn if not args.tiny else "sdpa")
+                label = (f"HF PEFT, tuned, packed ({micro} rows x {row_length}, "
+                         f"{args.attn if not args.tiny else 'sdpa'}, compiled)")
+            else:
+                examples = examples_from(lengths, shape["vocab_size"], micro * (steps + warmup), seed=1)
+                batches = padded_batches(examples, micro, fixed=cutoff if variant == "tuned" else None,
+                                         pad_to=cutoff if variant == "tuned_lengths" else None)
+                label = {"paper": "HF PEFT, paper recipe (micro-batch 4, padded)",
+                         "tuned": f"HF PEFT, tuned (micro-batch {micro} x {cutoff}, compiled)",
+                         "tuned_lengths": f"HF PEFT, tuned on the math lengths (micro-batch {micro} padded to {cutoff}, "
+                                          "compiled)"}[variant]
+            seconds, real, padded = peft_steps(model, batches[: steps + warmup], device, warmup,
+                                               compile_layers=variant != "paper" and compiled, dropout=args.lora_dropout)
+            add(label, real / seconds, 1 - real / padded, flops_per_token(model), peak_gib(device))
             return
         switches = ours_variant(variant)
         lora = {"config": "lora", "overrides": {"dropout": args.lora_dropout}}
@@ -481,12 +540,15 @@ def main(argv=None) -> list[Row]:
                 print("varlen check: FAILED (traceback above)", flush=True)
             continue
         model = build_model(shape, device, dtype)
+        added = len(rows)
         try:
             if args.profile:
                 with profiled(device, warmup, steps):
                     run_variant(variant, model)
             else:
                 run_variant(variant, model)
+            for row in rows[added:]:
+                row.variant = variant
         except Skipped as reason:
             print(f"  {variant}: skipped: {reason}", flush=True)
         except Exception as err:  # keep measuring the other variants; the table says what failed
@@ -505,16 +567,7 @@ def main(argv=None) -> list[Row]:
             print(f"varlen vs {args.attn if not args.tiny else 'sdpa'}: step-1 loss {variant} {loss:.5f}, {plain} "
                   f"{first_losses[plain]:.5f}, |diff| {abs(loss - first_losses[plain]):.2e}", flush=True)
 
-    base = {r.name.split(",")[0] + (" paper" if "paper" in r.name else " tuned"): r.tokens_per_second
-            for r in rows if r.name.startswith("HF PEFT")}
-    paper, tuned = base.get("HF PEFT paper"), base.get("HF PEFT tuned")
-    print("\n| variant | real tok/s | padding | MFU (datasheet) | MFU (measured matmul) | peak GiB | x paper | x tuned |")
-    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
-    for r in rows:
-        pct = lambda v: f"{v:.1%}" if v is not None else "-"  # noqa: E731
-        ratio = lambda b: f"{r.tokens_per_second / b:.2f}" if b else "-"  # noqa: E731
-        print(f"| {r.name} {r.note} | {r.tokens_per_second:,.0f} | {r.padded_share:.0%} | {pct(r.mfu)} | {pct(r.mfu_measured)} | "
-              f"{r.peak_gib or 0:.1f} | {ratio(paper)} | {ratio(tuned)} |")
+    print(markdown_table(rows))
     if args.json:
         args.json.write_text(json.dumps([r.__dict__ for r in rows], indent=2))
     return rows

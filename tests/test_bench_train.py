@@ -105,3 +105,18 @@ def test_profile_covers_the_timed_steps_and_names_fill_sites(bench, capsys):
 ])
 def test_profile_kinds_name_kernels_by_their_first_matching_kind(bench, name, kind):
     assert bench.kernel_kind(name) == kind
+
+
+def test_tiny_hf_peft_baselines_run_and_table_has_a_ratio_per_baseline(bench, capsys):
+    rows = bench.main(["--tiny", "--variants", "paper,tuned_lengths,tuned_packed,ours"])
+    assert [r.variant for r in rows] == ["paper", "tuned_lengths", "tuned_packed", "ours"]
+    assert not [r.note for r in rows if r.note.startswith("FAILED")]
+    assert all(r.tokens_per_second > 0 for r in rows)
+    packed = rows[2]
+    assert packed.padded_share < 0.05  # whole examples fill the packed rows
+    table = bench.markdown_table(rows).splitlines()
+    assert table[0].endswith("| x paper | x tuned_lengths | x tuned_packed |")
+    for row, line in zip(rows, table[2:]):
+        ratios = [float(cell) for cell in line.strip("|").split("|")[-3:]]
+        expected = [row.tokens_per_second / rows[i].tokens_per_second for i in (0, 1, 2)]
+        assert ratios == pytest.approx(expected, abs=0.006)
