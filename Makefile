@@ -40,7 +40,7 @@ smoke-tables: install
 	rm -rf outputs/tables/smoke
 	$(PY) scripts/make_table.py all --model tiny_llama --run --smoke --check --out outputs/tables/smoke
 
-# Training throughput on one GPU: HF PEFT (paper recipe, tuned) vs adapters_lab; see docs/benchmarks.md.
+# Training throughput on one GPU: HF PEFT (paper recipe; tuned on fixed 256, on the same lengths, on packed rows) vs adapters_lab; see docs/benchmarks.md.
 bench-train:
 	$(PY) scripts/bench_train.py
 

@@ -431,7 +431,7 @@ def markdown_table(rows: list[Row]) -> str:
 def main(argv=None) -> list[Row]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tiny", action="store_true", help="tiny model on CPU, a few steps (smoke test)")
-    parser.add_argument("--variants", default="paper,tuned,ours,series,parallel",
+    parser.add_argument("--variants", default="paper,tuned,tuned_lengths,tuned_packed,ours,series,parallel",
                         help="comma list of paper, tuned, tuned_lengths, tuned_packed, ours[_varlen][_plainlora][_liger][_nocompile][_autotune], ours_padded, series, "
                              "parallel, check_varlen (see the module docstring)")
     parser.add_argument("--steps", type=int, default=12, help="timed optimiser steps per variant")
