@@ -471,14 +471,18 @@ def main(argv=None) -> list[Row]:
                           fused_lora=True)
     first_losses: dict[str, float] = {}
 
+    def examples_for(tokens_per_step: int) -> list[dict]:
+        """Enough examples (mean 171 tokens, 30% spare) for every step of ``tokens_per_step`` tokens."""
+        return examples_from(lengths, shape["vocab_size"], max(64, int(1.3 * tokens_per_step * (steps + warmup) / 171)),
+                             seed=1)
+
     def run_variant(variant, model):
         if variant in ("paper", "tuned", "tuned_lengths", "tuned_packed"):
             micro, cutoff = (4, 256) if variant == "paper" else ((32, 256) if not args.tiny else (4, 32))
             if variant == "tuned_packed":
                 row_length = args.pack_length if not args.tiny else 256
                 micro = args.rows if not args.tiny else 2
-                count = max(64, int(1.3 * micro * row_length * (steps + warmup) / 171))
-                batches = packed_peft_batches(examples_from(lengths, shape["vocab_size"], count, seed=1), micro, row_length)
+                batches = packed_peft_batches(examples_for(micro * row_length), micro, row_length)
                 model.set_attn_implementation(args.attn if not args.tiny else "sdpa")
                 label = (f"HF PEFT, tuned, packed ({micro} rows x {row_length}, "
                          f"{args.attn if not args.tiny else 'sdpa'}, compiled)")
@@ -517,7 +521,7 @@ def main(argv=None) -> list[Row]:
             if switches["liger"]:
                 liger = liger_kernels(model, device)
         rows_per_step = overrides["micro_batch_size"] * (args.pack_length if "pack_length" in overrides and not args.tiny else 180)
-        examples = examples_from(lengths, shape["vocab_size"], max(64, int(1.3 * rows_per_step * (steps + warmup) / 171)), seed=1)
+        examples = examples_for(rows_per_step)
         with liger:
             result, flops = ours(model, adapter, examples, overrides, steps + warmup, device)
         first_losses[variant] = result.loss_history[0]
