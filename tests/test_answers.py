@@ -52,7 +52,7 @@ def test_numeric_correctness_uses_upstream_tolerance():
 @pytest.mark.parametrize("text, paper, strict", [
     ("A train travels 60 km. The answer is (D).", "A", "D"),  # upstream's quirk: the "A" of "A train"
     ("The answer is (B)", "B", "B"),
-    ("the answer is b", None, None),  # lower case states no option; upstream needs a capital
+    ("the answer is b", None, "B"),  # upstream needs a capital; strict reads a stated lower-case letter
     ("Let x = 5. So (C) is right.", "C", "C"),
     ("the answer is a lot of work, (E)", "E", "E"),  # "a lot" is not option A
     ("Answer: C", "A", "C"),  # upstream: the "A" of "Answer"
