@@ -2,9 +2,9 @@
 
 Each group's YAML is merged onto its dataclass, so an unknown key or a value of the
 wrong type fails when Hydra composes the config, before any weight is loaded.
-Adapter methods are polymorphic: the ``_target_`` of ``conf/adapter/<name>.yaml`` names a
-dataclass (in ``adapters/<family>.py``) that is both the method and its schema; it is
-stored under ``schema/adapter/<ClassName>`` and pulled in by that YAML's defaults list.
+Adapter methods are polymorphic: each is a dataclass (in ``adapters/<family>.py``) that is both the
+method and its schema, registered in ``adapters/registry.py``, stored under
+``schema/adapter/<ClassName>`` and pulled in by the defaults list of ``conf/adapter/<name>.yaml``.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING, OmegaConf
+from omegaconf import MISSING
 
 
 class DType(str, Enum):
@@ -216,22 +216,11 @@ class Config:
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 
 
-def adapter_classes(conf_dir: Path = CONF_DIR) -> dict[str, type]:
-    """The adapter registry: ``conf/adapter/<name>.yaml`` -> the class its ``_target_`` names."""
-    from hydra.utils import get_class
-
-    registry = {}
-    for path in sorted((conf_dir / "adapter").glob("*.yaml")):
-        target = OmegaConf.load(path).get("_target_")
-        if target is None:
-            raise ValueError(f"{path}: adapter config has no _target_")
-        registry[path.stem] = get_class(target)
-    return registry
-
-
 def register_configs() -> None:
-    """Store the top-level schema and one schema per adapter class (``schema/adapter/<Class>``)."""
+    """Store the top-level schema and one schema per registered adapter class (``schema/adapter/<Class>``)."""
+    from adapters_lab.adapters.registry import ADAPTERS, schema
+
     cs = ConfigStore.instance()
     cs.store(name="config_schema", node=Config)
-    for cls in set(adapter_classes().values()):
-        cs.store(group="schema/adapter", name=cls.__name__, node=cls)
+    for name, cls in ADAPTERS.items():
+        cs.store(group="schema/adapter", name=name, node=schema(cls))

@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers import AttentionInterface, Cache
 
+from adapters_lab.adapters import virtual_tokens
 from adapters_lab.models import cache_argument
 
 log = logging.getLogger(__name__)
@@ -132,7 +133,7 @@ def supports(model: nn.Module, max_length: int) -> bool:
     window = getattr(config, "sliding_window", None) if getattr(config, "use_sliding_window", True) else None
     return (config.model_type in {"llama", "mistral", "qwen2"} and (window is None or window >= max_length)
             and getattr(model, "_supports_attention_backend", False)
-            and not getattr(model, "adapters_lab_virtual_tokens", 0))
+            and not virtual_tokens.count(model))
 
 
 def cache_shape(model: nn.Module, prompts: int, slots: int) -> tuple[int, ...]:

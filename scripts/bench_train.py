@@ -207,17 +207,13 @@ def packed_peft_batches(examples, rows: int, row_length: int):
 
 def ours(model, adapter_node: dict, examples, trainer_overrides: dict, steps: int, device):
     """adapters_lab's own trainer on the same model: returns its TrainResult."""
-    from omegaconf import OmegaConf
-
-    from adapters_lab.adapters.base import build_adapter
-    from adapters_lab.config import TrainerConfig, adapter_classes
+    from adapters_lab.adapters.registry import adapter_from_file
+    from adapters_lab.config import TrainerConfig
     from adapters_lab.tracking import NullTracker
     from adapters_lab.train import make_accelerator, train
 
-    cls = adapter_classes()[adapter_node["config"]]
-    yaml = OmegaConf.load(ROOT / "conf" / "adapter" / f"{adapter_node['config']}.yaml")
-    yaml.pop("defaults", None)
-    adapter = build_adapter(OmegaConf.merge(OmegaConf.structured(cls), yaml, adapter_node.get("overrides", {})))
+    adapter = adapter_from_file(ROOT / "conf" / "adapter" / f"{adapter_node['config']}.yaml",
+                                adapter_node.get("overrides", {}))
     adapter.inject(model)
     cfg = TrainerConfig(max_steps=steps, warmup_steps=0, progress_bar=False, checkpoint_every=0, log_every=10**6,
                         device=device.type, lr=3e-4, **trainer_overrides)
@@ -271,16 +267,12 @@ def check_varlen(shape: dict, device, dtype, lengths: list[int], rows: int, pack
     """Loss and LoRA gradients of one packed batch under flex attention (CUDA only), SDPA with the
     position-id mask, and varlen attention, on a 4-layer model of ``shape`` with eager layers;
     prints the differences against the first of them and returns them."""
-    from omegaconf import OmegaConf
-
-    from adapters_lab.adapters.base import build_adapter
-    from adapters_lab.config import TrainerConfig, adapter_classes
+    from adapters_lab.adapters.registry import adapter_from_file
+    from adapters_lab.config import TrainerConfig
     from adapters_lab.train import BatchPlan, forward_loss, prepare_model, to_device
 
     model = build_model({**shape, "num_hidden_layers": min(4, shape["num_hidden_layers"])}, device, dtype)
-    yaml = OmegaConf.load(ROOT / "conf" / "adapter" / "lora.yaml")
-    yaml.pop("defaults", None)
-    build_adapter(OmegaConf.merge(OmegaConf.structured(adapter_classes()["lora"]), yaml, {"dropout": 0.0})).inject(model)
+    adapter_from_file(ROOT / "conf" / "adapter" / "lora.yaml", {"dropout": 0.0}).inject(model)
     generator = torch.Generator(device="cpu").manual_seed(0)
     with torch.no_grad():  # non-zero B, so that A gets a gradient too
         for name, param in model.named_parameters():

@@ -1,4 +1,4 @@
-"""Adapter families, one file each; ``conf/adapter/*.yaml`` ``_target_`` is the registry."""
+"""Adapter families, one file each, registered in ``registry.py``; ``base.py`` is the interface."""
 
 from adapters_lab.adapters.base import (
     Adapter,

@@ -1,9 +1,12 @@
 """The adapter interface: a method is a dataclass (its own config schema) with ``inject``.
 
-``conf/adapter/<name>.yaml`` names the class in ``_target_``; Hydra validates the YAML
-against the class's fields, and :func:`build_adapter` turns the composed node into an
-instance. ``inject(model, tokenizer)`` freezes nothing by itself: the pipeline freezes the base first,
-then the method adds trainable modules and reports where it put them.
+A class is registered once in ``registry.py``; ``conf/adapter/<name>.yaml`` pulls its schema
+(``schema/adapter/<Class>``) into its defaults list, Hydra validates the YAML against the class's
+fields, and :func:`build_adapter` turns the composed node into an instance. ``inject(model, tokenizer)``
+freezes nothing by itself: the pipeline freezes the base first, then the method adds trainable modules
+and reports where it put them. A method also says what it can do after training: ``merge`` into the
+base weights, ``peft_export`` in HF PEFT's format (each refuses with one line where it cannot), and
+how many ``virtual_tokens`` it puts before every sequence.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
 import torch.nn as nn
 from omegaconf import MISSING, DictConfig, OmegaConf
 
@@ -96,12 +100,44 @@ class Adapter:
     def validate(self) -> None:
         """Check options that need no model; raise AdapterConfigError naming the key."""
 
+    @property
+    def virtual_tokens(self) -> int:
+        """Positions the method puts before every sequence (prompt and prefix tuning); 0 for the others."""
+        return 0
+
     def check_training(self, trainer: Any) -> None:
         """Refuse trainer options this method cannot train with (before any weight loads)."""
+        if self.virtual_tokens and str(getattr(trainer.batching, "value", trainer.batching)) == "packed":
+            raise AdapterConfigError(
+                f"trainer.batching=packed: {self.name} puts virtual tokens before each sequence and a packed row "
+                "holds several; use trainer.batching=padded"
+            )
 
     def inject(self, model: nn.Module, tokenizer: Any = None) -> InjectionReport:
         """Add the method's modules to ``model`` in place; ``tokenizer`` only for text-initialised prompts."""
         raise NotImplementedError
+
+    def prepare_load(self) -> None:
+        """Before ``inject`` into a model whose adapter tensors will be loaded from a file: drop any
+        initialisation that needs more than the model (the loaded tensors replace it)."""
+
+    def merge(self, model: nn.Module) -> nn.Module:
+        """Fold the injected modules into the base weights, in place; returns the plain model."""
+        raise AdapterConfigError(f"export.merged=true: adapter={self.name} cannot be merged into the weights "
+                                 f"({type(self).__name__} adds computation that is no weight change)")
+
+    def peft_export(self, model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """The injected tensors under HF PEFT's names and the method's part of PEFT's ``adapter_config.json``."""
+        raise AdapterConfigError(f"export.peft=true: adapter={self.name} has no HF PEFT export "
+                                 f"({type(self).__name__} has no PEFT counterpart here)")
+
+    @classmethod
+    def can_merge(cls) -> bool:
+        return cls.merge is not Adapter.merge
+
+    @classmethod
+    def can_export_peft(cls) -> bool:
+        return cls.peft_export is not Adapter.peft_export
 
 
 @dataclass

@@ -17,7 +17,17 @@ import torch
 import torch.nn as nn
 
 from adapters_lab.adapters.base import Adapter, InjectionReport, Placement
-from adapters_lab.adapters.lora import dense_weight, linear_shape, replace_module, require_linear, set_dense_weight
+from adapters_lab.adapters.lora import (
+    dense_weight,
+    fan_in_fan_out,
+    layers_of,
+    linear_shape,
+    merge_layers,
+    names_regex,
+    replace_module,
+    require_linear,
+    set_dense_weight,
+)
 from adapters_lab.adapters.placement import check_patterns, matches, select_modules
 
 
@@ -72,4 +82,14 @@ class IA3(Adapter):
             report.layers.append(target.layer)
         return report
 
+    def merge(self, model: nn.Module) -> nn.Module:
+        return merge_layers(model, IA3Linear)
 
+    def peft_export(self, model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        layers = layers_of(model, IA3Linear)
+        tensors = {f"base_model.model.{name}.ia3_l": layer.ia3_l.reshape((1, -1) if layer.feedforward else (-1, 1))
+                   for name, layer in layers.items()}
+        config = {"peft_type": "IA3", "target_modules": names_regex(list(layers)),
+                  "feedforward_modules": names_regex([n for n, layer in layers.items() if layer.feedforward]),
+                  "init_ia3_weights": True, "fan_in_fan_out": fan_in_fan_out(layers)}
+        return tensors, config

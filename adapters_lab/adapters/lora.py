@@ -12,6 +12,7 @@ initialised to ``||W||`` so step 0 is again the base. Parameter names follow HF 
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -46,6 +47,29 @@ def set_dense_weight(module: nn.Module, dense: torch.Tensor) -> None:
 def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
+
+
+def merge_layers(model: nn.Module, layer_type: type[nn.Module]) -> nn.Module:
+    """Replace every ``layer_type`` wrapper by its ``merged()`` base layer (in place)."""
+    for name, module in list(model.named_modules()):
+        if isinstance(module, layer_type):
+            replace_module(model, name, module.merged())
+    return model
+
+
+def names_regex(names: list[str]) -> str:
+    """A full-match regex naming exactly these modules (PEFT's string form of ``target_modules``)."""
+    return "(" + "|".join(re.escape(n) for n in names) + ")"
+
+
+def layers_of(model: nn.Module, layer_type: type[nn.Module]) -> dict[str, nn.Module]:
+    """The ``layer_type`` wrappers by full name."""
+    return {name: module for name, module in model.named_modules() if isinstance(module, layer_type)}
+
+
+def fan_in_fan_out(layers: dict[str, nn.Module]) -> bool:
+    """PEFT's flag for GPT-2 style Conv1D bases (weight stored transposed)."""
+    return any(isinstance(layer.base_layer, Conv1D) for layer in layers.values())
 
 
 def require_linear(target: Target, method: str) -> None:
@@ -98,7 +122,8 @@ class LoRALinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.fused and self.training:
-            return fused_lora_linear(x, self.base_layer, self.lora_A.weight, self.lora_B.weight, self.scaling, self.dropout)
+            return fused_lora_linear(x, self.base_layer, self.lora_A.weight, self.lora_B.weight, self.scaling,
+                                     self.dropout)
         out = self.base_layer(x)
         lora_in = self.lora_dropout(x).to(self.lora_A.weight.dtype)
         lora_out = self.lora_B(self.lora_A(lora_in)) * self.scaling
@@ -158,3 +183,21 @@ class LoRA(RankedAdapter):
             report.adapted.append(target.name)
             report.layers.append(target.layer)
         return report
+
+    def merge(self, model: nn.Module) -> nn.Module:
+        return merge_layers(model, LoRALinear)
+
+    def peft_export(self, model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        layers = layers_of(model, LoRALinear)
+        tensors = {}
+        for name, layer in layers.items():
+            tensors[f"base_model.model.{name}.lora_A.weight"] = layer.lora_A.weight
+            tensors[f"base_model.model.{name}.lora_B.weight"] = layer.lora_B.weight
+            if layer.lora_magnitude_vector is not None:
+                tensors[f"base_model.model.{name}.lora_magnitude_vector"] = layer.lora_magnitude_vector
+        config = {"peft_type": "LORA", "r": self.rank, "lora_alpha": self.alpha, "lora_dropout": self.dropout,
+                  "use_rslora": self.use_rslora, "use_dora": self.use_dora, "target_modules": names_regex(list(layers)),
+                  "bias": "none", "init_lora_weights": True, "alpha_pattern": {},
+                  "rank_pattern": {re.escape(n): layer.rank for n, layer in layers.items() if layer.rank != self.rank},
+                  "fan_in_fan_out": fan_in_fan_out(layers)}
+        return tensors, config

@@ -204,7 +204,8 @@ def _generic_path(arch: Architecture | None, word: str, model: nn.Module,
 
 def matches(pattern: str, target: Target) -> bool:
     """A per-module override key matches a target by generic name, name suffix or full-match regex."""
-    return pattern == target.key or target.name.endswith("." + pattern) or re.fullmatch(pattern, target.name) is not None
+    return (pattern == target.key or target.name.endswith("." + pattern)
+            or re.fullmatch(pattern, target.name) is not None)
 
 
 def pattern_value(patterns: dict[str, Any], target: Target, default: Any) -> Any:

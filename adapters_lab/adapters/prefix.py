@@ -26,12 +26,12 @@ from adapters_lab.models import CACHE_ARGUMENTS, cache_argument, call_cache
 MODULE_NAME = "prefix_tuning"
 
 
-class PrefixEncoder(nn.Module):
+class PrefixEncoder(virtual_tokens.VirtualTokenModule):
     """Per-layer key/value prefixes: ``(batch, layers * 2, kv_heads, n, head_dim)`` as k0, v0, k1, v1, ..."""
 
     def __init__(self, num_virtual_tokens: int, layers: int, kv_heads: int, head_dim: int, projection: bool,
                  projection_hidden: int, device: torch.device):
-        super().__init__()
+        super().__init__(num_virtual_tokens)
         self.shape = (num_virtual_tokens, layers * 2, kv_heads, head_dim)
         width = kv_heads * head_dim
         kwargs = dict(device=device, dtype=torch.float32)
@@ -69,8 +69,9 @@ class PrefixTuning(Adapter):
                 "which covers the prefix, is shared by all layers); use layers=all"
             )
 
-    def check_training(self, trainer: Any) -> None:
-        virtual_tokens.refuse_packing(trainer, self.name)
+    @property
+    def virtual_tokens(self) -> int:
+        return self.num_virtual_tokens
 
     def inject(self, model: nn.Module, tokenizer: Any = None) -> InjectionReport:
         num_layers, kv_heads, head_dim = kv_shape(model)

@@ -20,6 +20,7 @@ import torch.nn as nn
 
 from adapters_lab.adapters import virtual_tokens
 from adapters_lab.adapters.base import Adapter, AdapterConfigError, InjectionReport, NoPlacement
+from adapters_lab.adapters.placement import kv_shape
 
 MODULE_NAME = "prompt_tuning"
 
@@ -29,9 +30,9 @@ class PromptInit(str, Enum):
     random = "random"
 
 
-class PromptEmbedding(nn.Module):
+class PromptEmbedding(virtual_tokens.VirtualTokenModule):
     def __init__(self, num_virtual_tokens: int, hidden: int, device: torch.device):
-        super().__init__()
+        super().__init__(num_virtual_tokens)
         self.embedding = nn.Embedding(num_virtual_tokens, hidden, device=device, dtype=torch.float32)
 
 
@@ -48,13 +49,17 @@ class PromptTuning(Adapter):
         if self.init == PromptInit.text and not self.init_text.strip():
             raise AdapterConfigError("adapter.init_text: empty; give text or set adapter.init=random")
 
+    @property
+    def virtual_tokens(self) -> int:
+        return self.num_virtual_tokens
+
+    def prepare_load(self) -> None:
+        self.init = PromptInit.random  # the saved embedding replaces any init; no tokenizer needed
+
     def init_token_ids(self, tokenizer: Any) -> list[int]:
         """``init_text``'s ids repeated, then cut, to ``num_virtual_tokens``."""
         ids = tokenizer(self.init_text)["input_ids"]
         return (ids * math.ceil(self.num_virtual_tokens / len(ids)))[: self.num_virtual_tokens]
-
-    def check_training(self, trainer: Any) -> None:
-        virtual_tokens.refuse_packing(trainer, self.name)
 
     def inject(self, model: nn.Module, tokenizer: Any = None) -> InjectionReport:
         words = model.get_input_embeddings()
@@ -83,3 +88,12 @@ class PromptTuning(Adapter):
 
         virtual_tokens.install(model, self.num_virtual_tokens, first_step, inserts_tokens=True)
         return InjectionReport(method=self.name, adapted=[f"{MODULE_NAME} ({self.num_virtual_tokens} tokens)"])
+
+    def peft_export(self, model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        num_layers, _, _ = kv_shape(model)
+        text_config = model.config.get_text_config()
+        config = {"peft_type": "PROMPT_TUNING", "num_virtual_tokens": self.num_virtual_tokens,
+                  "token_dim": model.get_input_embeddings().embedding_dim, "num_transformer_submodules": 1,
+                  "num_attention_heads": text_config.num_attention_heads, "num_layers": num_layers,
+                  "prompt_tuning_init": "RANDOM"}
+        return {"prompt_embeddings": model.get_submodule(MODULE_NAME).embedding.weight}, config

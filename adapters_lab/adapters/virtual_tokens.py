@@ -13,22 +13,26 @@ With an all-ones mask this is exactly HF PEFT's layout (virtual tokens at 0..n-1
 from __future__ import annotations
 
 import inspect
-from typing import Any, Callable
+from typing import Callable
 
 import torch
 import torch.nn as nn
 
-from adapters_lab.adapters.base import AdapterConfigError
 from adapters_lab.models import call_cache
 
 
-def refuse_packing(trainer: Any, method: str) -> None:
-    """Virtual tokens go before each sequence; a packed row holds several."""
-    if str(getattr(trainer.batching, "value", trainer.batching)) == "packed":
-        raise AdapterConfigError(
-            f"trainer.batching=packed: {method} puts virtual tokens before each sequence and a packed row holds "
-            "several; use trainer.batching=padded"
-        )
+class VirtualTokenModule(nn.Module):
+    """The trainable module of a virtual-token method, added to the causal LM as a child; it holds
+    ``num_virtual_tokens``, so code holding only the model (the decoder's ``supports``) can see them."""
+
+    def __init__(self, num_virtual_tokens: int):
+        super().__init__()
+        self.num_virtual_tokens = num_virtual_tokens
+
+
+def count(model: nn.Module) -> int:
+    """How many virtual tokens the model's injected methods put before every sequence."""
+    return sum(m.num_virtual_tokens for m in model.children() if isinstance(m, VirtualTokenModule))
 
 
 def is_first_step(kwargs: dict) -> bool:
@@ -49,7 +53,9 @@ def install(model: nn.Module, num_virtual_tokens: int, first_step: Callable[[dic
     def pre_hook(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
         if args:
             if len(args) > 1:
-                raise TypeError("prompt/prefix tuning: pass model inputs as keywords (input_ids=..., attention_mask=...)")
+                raise TypeError(
+                    "prompt/prefix tuning: pass model inputs as keywords (input_ids=..., attention_mask=...)"
+                )
             kwargs = {"input_ids": args[0], **kwargs}
         tokens = kwargs.get("input_ids") if kwargs.get("input_ids") is not None else kwargs["inputs_embeds"]
         batch, length = tokens.shape[:2]
@@ -81,6 +87,5 @@ def install(model: nn.Module, num_virtual_tokens: int, first_step: Callable[[dic
             output.logits = logits[:, -length:]
         return output
 
-    model.adapters_lab_virtual_tokens = n  # decoding.supports reads it: the mask rewrite needs generate
     model.register_forward_pre_hook(pre_hook, with_kwargs=True)
     model.register_forward_hook(post_hook, with_kwargs=True)
