@@ -39,6 +39,13 @@ class Schedule(str, Enum):
     constant = "constant"
 
 
+class ModelInit(str, Enum):
+    """Where a model's weights come from (``model.init``)."""
+
+    pretrained = "pretrained"  # model.local_path or model.hub_id
+    random = "random"  # model.arch's shape, random weights, a local tokenizer: nothing downloaded
+
+
 class Batching(str, Enum):
     """How training examples form micro-batches (``trainer.batching``)."""
 
@@ -85,11 +92,32 @@ class TinyModelConfig:
 
 
 @dataclass
+class ArchConfig:
+    """A paper model's shape, as its ``config.json`` gives it, for ``model.init=random``. Names are
+    transformers' common ones; ``adapters_lab/random_init.py`` maps them to each model type's own."""
+
+    model_type: str = MISSING  # llama, bloom, gptj, ...
+    hidden_size: int = MISSING
+    num_hidden_layers: int = MISSING
+    num_attention_heads: int = MISSING
+    vocab_size: int = MISSING
+    intermediate_size: Optional[int] = None  # None: the type's rule (BLOOM: 4 x hidden)
+    num_key_value_heads: Optional[int] = None  # None: one per attention head
+    max_position_embeddings: Optional[int] = None  # None: the type's default (BLOOM has none: ALiBi)
+    rope_theta: Optional[float] = None
+    rotary_dim: Optional[int] = None  # GPT-J: rotary dimensions per head
+    norm_eps: Optional[float] = None  # rms_norm_eps (LLaMA) or layer_norm_epsilon (BLOOM, GPT-J)
+    tie_word_embeddings: bool = False
+
+
+@dataclass
 class ModelConfig:
     name: str = MISSING
     hub_id: Optional[str] = None  # e.g. yahma/llama-7b-hf
     local_path: Optional[str] = None  # a folder with config + weights; wins over hub_id
     tiny: Optional[TinyModelConfig] = None  # set: random init, local tokenizer
+    init: ModelInit = ModelInit.pretrained  # random: ``arch``'s shape, random weights (tiny models always are)
+    arch: Optional[ArchConfig] = None  # the architecture's facts, for init=random
     dtype: DType = DType.bfloat16
     attn_implementation: str = "sdpa"
     revision: Optional[str] = None

@@ -61,7 +61,7 @@ def run(cfg: DictConfig) -> float | None:
     tracker = make_tracker(cfg.logger, OmegaConf.to_container(cfg, resolve=True), str(out_dir), run_name, main)
 
     # 2-3. Base model, frozen; the adapter injected into it.
-    model, tokenizer = build_model(cfg.model)
+    model, tokenizer = build_model(cfg.model, accelerator.device)
     freeze(model)
     if cfg.model.tiny is not None and adapter.trains and main:
         save_base_model(model, tokenizer, out_dir / "base_model")  # random init: others need it to load the adapter

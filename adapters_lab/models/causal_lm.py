@@ -5,15 +5,17 @@ from __future__ import annotations
 
 import inspect
 import logging
+from pathlib import Path
 
 import torch
 import torch.nn as nn
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
 
-from adapters_lab.config import ModelConfig, TinyModelConfig
+from adapters_lab.config import ModelConfig, ModelInit, TinyModelConfig
 from adapters_lab.data.arith import ITEMS, NAMES, TEMPLATES
 from adapters_lab.data.prompts import eval_prompt, train_prompt
+from adapters_lab.models.random_init import build_random_model
 
 log = logging.getLogger(__name__)
 
@@ -114,12 +116,18 @@ def ensure_pad_token(tokenizer, model_name: str) -> None:
     tokenizer.pad_token = getattr(tokenizer, fallback)
 
 
-def build_model(cfg: ModelConfig) -> tuple[nn.Module, object]:
-    """(model, tokenizer) for a model config; only ``tiny`` models are built without files."""
+def build_model(cfg: ModelConfig, device: torch.device | str | None = None) -> tuple[nn.Module, object]:
+    """(model, tokenizer) for a model config; ``tiny`` and ``init=random`` models are built without
+    weight files (``device``: where a random-init paper model is built; the rest load on the CPU)."""
     dtype = torch_dtype(cfg.dtype)
     if cfg.tiny is not None:
         tokenizer = build_tiny_tokenizer(cfg.tiny.vocab_size)
         model = build_tiny_model(cfg.tiny, tokenizer, dtype, cfg.attn_implementation)
+    elif cfg.init == ModelInit.random:  # the tokenizer of model.local_path if given, else the local one
+        if cfg.local_path and not Path(cfg.local_path).is_dir():  # not a hub id either: nothing is downloaded
+            raise ValueError(f"model={cfg.name}: model.local_path={cfg.local_path} is not a folder")
+        tokenizer = AutoTokenizer.from_pretrained(cfg.local_path) if cfg.local_path else build_tiny_tokenizer()
+        model = build_random_model(cfg.arch, cfg.name, tokenizer, dtype, cfg.attn_implementation, device)
     else:
         source = cfg.local_path or cfg.hub_id
         if not source:
