@@ -64,6 +64,12 @@ class Protocol(str, Enum):
     strict = "strict"
 
 
+class Scoring(str, Enum):
+    generate = "generate"  # generate, then parse under both protocols (the paper's evaluation)
+    likelihood = "likelihood"  # fixed-answer sets only: each option's log-likelihood, no generation
+    both = "both"  # generation on every set, likelihood too on the fixed-answer ones
+
+
 class DecoderKind(str, Enum):
     adapters_lab = "adapters_lab"  # adapters_lab/decoding.py: grouped beam cache, CUDA graphs on a GPU
     transformers = "transformers"  # transformers' generate (used anyway where ours does not apply)
@@ -196,6 +202,8 @@ class EvalConfig:
     max_new_tokens: Optional[int] = None  # None: per-set default (math 256, commonsense 32)
     limit: Optional[int] = None  # first N examples of each set
     protocol: Protocol = Protocol.paper  # which parse `eval.<set>.accuracy` reports
+    # likelihood: `eval.<set>.accuracy_likelihood(_norm)` (lm-evaluation-harness acc / acc_norm), no generation
+    scoring: Scoring = Scoring.generate
     # Same tokens either way (tests/test_decoding.py); adapters_lab's is the fast one.
     decoder: DecoderKind = DecoderKind.adapters_lab
 

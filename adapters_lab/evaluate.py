@@ -21,7 +21,7 @@ from accelerate.utils import gather_object
 from transformers import GenerationConfig
 
 from adapters_lab.answers import PROTOCOLS, answer_kind, score
-from adapters_lab import decoding
+from adapters_lab import decoding, likelihood
 from adapters_lab.config import EvalConfig
 from adapters_lab.data.prompts import RESPONSE_MARKER, eval_prompt
 from adapters_lab.files import write_jsonl_atomic
@@ -191,12 +191,12 @@ def score_set(name: str, records: list[dict], prompts: list[str], generated: lis
     return {"accuracy": result[f"accuracy_{protocol}"], **result, "correct": correct[protocol], "n": n}, lines
 
 
-def gathered(indices: list[int], texts: list[str], total: int, processes: int) -> list[str]:
-    """Every process's texts (``texts[j]`` belongs to prompt ``indices[j]``), in prompt order, on
+def gathered(indices: list[int], texts: list, total: int, processes: int) -> list:
+    """Every process's items (``texts[j]`` belongs to prompt ``indices[j]``), in prompt order, on
     every process; with one process, ``texts`` as they are."""
     if processes == 1:
         return texts
-    ordered = [""] * total
+    ordered: list = [""] * total
     for index, text in gather_object(list(zip(indices, texts))):
         ordered[index] = text
     return ordered
@@ -204,18 +204,67 @@ def gathered(indices: list[int], texts: list[str], total: int, processes: int) -
 
 def evaluate_sets(model: nn.Module, tokenizer, eval_sets: dict[str, list[dict]], cfg: EvalConfig,
                   device: torch.device, predictions_dir: Path | None, processes: int = 1, rank: int = 0) -> dict:
-    """Per set: ``accuracy`` (``eval.protocol``), ``accuracy_paper``, ``accuracy_strict``; the
-    averages over sets likewise; one predictions JSONL per set (where ``predictions_dir`` is given).
+    """Per set: ``accuracy`` (``eval.protocol``'s, or the likelihood's under ``eval.scoring=likelihood``),
+    ``accuracy_paper`` and ``accuracy_strict`` when generating, ``accuracy_likelihood`` and
+    ``accuracy_likelihood_norm`` when scoring likelihoods (fixed-answer sets); the averages over sets
+    likewise; one predictions JSONL per set (where ``predictions_dir`` is given).
 
     Sets of one budget of new tokens are generated together, by one ``generate`` over all their
     prompts (fewer, fuller batches; in fp32 a prompt's text is the same in any batch). A set's ``seconds``
     is its share (by prompts) of its group's generation time plus its own scoring time;
-    ``group_seconds`` is the group's whole generation time. Under several processes (``accelerate
-    launch``) each generates every ``processes``-th prompt of a group from ``rank`` on, and every
-    process scores all of them."""
+    ``group_seconds`` is the group's whole generation time; ``likelihood_seconds`` its likelihood
+    scoring time. Under several processes (``accelerate launch``) each takes every ``processes``-th
+    prompt from ``rank`` on, and every process scores all of them."""
     protocol = str(getattr(cfg.protocol, "value", cfg.protocol))
+    scoring = str(getattr(cfg.scoring, "value", cfg.scoring))
     prompts = {name: [eval_prompt(r["instruction"], r["input"]) for r in records] for name, records in eval_sets.items()}
-    results: dict = {}
+    results: dict = {name: {} for name in eval_sets}
+    lines = {name: [{"dataset": name, "prompt": prompt, "label": record["answer"]}
+                    for record, prompt in zip(records, prompts[name])] for name, records in eval_sets.items()}
+    if scoring in ("generate", "both"):
+        generate_and_score(model, tokenizer, eval_sets, prompts, cfg, device, results, lines, processes, rank)
+    if scoring in ("likelihood", "both"):
+        for name in (n for n in eval_sets if likelihood.supports(n)):
+            likelihood_and_score(model, tokenizer, name, eval_sets[name], prompts[name], cfg, device, results[name],
+                                 lines[name], processes, rank)
+    for name in eval_sets:
+        if rank == 0:
+            log.info("eval %s: %s", name, summary(results[name], protocol))
+        if predictions_dir is not None:
+            write_jsonl_atomic(predictions_dir / f"{name}.jsonl", lines[name])
+    return with_averages(results)
+
+
+def summary(result: dict, protocol: str) -> str:
+    """One log line's worth of a set's result."""
+    parts = []
+    if "accuracy_paper" in result:
+        parts.append(f"{protocol} {result[f'accuracy_{protocol}']:.4f} ({result['correct']}/{result['n']}; paper "
+                     f"{result['accuracy_paper']:.4f}, strict {result['accuracy_strict']:.4f}) in {result['seconds']:.1f}s")
+    if "accuracy_likelihood" in result:
+        parts.append(f"likelihood {result['accuracy_likelihood']:.4f}, normalised "
+                     f"{result['accuracy_likelihood_norm']:.4f} in {result['likelihood_seconds']:.1f}s")
+    return "; ".join(parts) or "nothing scored"
+
+
+def with_averages(results: dict) -> dict:
+    """``average`` over every set's ``accuracy``; ``average_<p>`` over the sets that have ``accuracy_<p>``."""
+    if not results:
+        return results
+    sets = list(results.values())
+    averaged = dict(results, average=sum(r["accuracy"] for r in sets) / len(sets))
+    for key in ("paper", "strict", "likelihood", "likelihood_norm"):
+        values = [r[f"accuracy_{key}"] for r in sets if f"accuracy_{key}" in r]
+        if values:
+            averaged[f"average_{key}"] = sum(values) / len(values)
+    return averaged
+
+
+def generate_and_score(model: nn.Module, tokenizer, eval_sets: dict[str, list[dict]], prompts: dict[str, list[str]],
+                       cfg: EvalConfig, device: torch.device, results: dict, lines: dict, processes: int,
+                       rank: int) -> None:
+    """Generation and both parse protocols for every set, into ``results`` and ``lines`` per set."""
+    protocol = str(getattr(cfg.protocol, "value", cfg.protocol))
     for max_new, names in sets_by_budget(eval_sets, cfg).items():
         start = time.perf_counter()
         texts = generate_together(model, tokenizer, [prompts[name] for name in names], cfg, max_new, device,
@@ -224,22 +273,32 @@ def evaluate_sets(model: nn.Module, tokenizer, eval_sets: dict[str, list[dict]],
         group_prompts = sum(len(prompts[name]) for name in names)
         for name, generated in zip(names, texts):
             start = time.perf_counter()
-            results[name], lines = score_set(name, eval_sets[name], prompts[name], generated, protocol)
+            result, scored = score_set(name, eval_sets[name], prompts[name], generated, protocol)
             share = group_seconds * len(generated) / group_prompts if group_prompts else 0.0
-            results[name].update(seconds=share + time.perf_counter() - start, group_seconds=group_seconds)
-            if rank == 0:
-                log.info("eval %s: accuracy %.4f (%s, %d/%d; paper %.4f, strict %.4f) in %.1fs", name,
-                         results[name]["accuracy"], protocol, results[name]["correct"], len(generated),
-                         results[name]["accuracy_paper"], results[name]["accuracy_strict"], results[name]["seconds"])
-            if predictions_dir is not None:
-                write_jsonl_atomic(predictions_dir / f"{name}.jsonl", lines)
-    results = {name: results[name] for name in eval_sets}  # in the caller's order, whatever the grouping
-    if results:
-        sets = list(results.values())
-        results["average"] = sum(r["accuracy"] for r in sets) / len(sets)
-        for p in PROTOCOLS:
-            results[f"average_{p}"] = sum(r[f"accuracy_{p}"] for r in sets) / len(sets)
-    return results
+            results[name].update(result, seconds=share + time.perf_counter() - start, group_seconds=group_seconds)
+            lines[name] = scored
+
+
+def likelihood_and_score(model: nn.Module, tokenizer, name: str, records: list[dict], prompts: list[str],
+                         cfg: EvalConfig, device: torch.device, result: dict, lines: list[dict], processes: int,
+                         rank: int) -> None:
+    """Likelihood accuracy (summed and per-character) of one fixed-answer set into ``result``; each
+    prediction line gains its ``likelihood`` entry. Under several processes each scores a share."""
+    start = time.perf_counter()
+    mine = list(range(rank, len(records), processes))
+    scored = likelihood.score_records(model, tokenizer, name, [records[i] for i in mine], [prompts[i] for i in mine],
+                                      cfg.batch_size, device)
+    scored = gathered(mine, scored, len(records), processes)
+    n = len(records)
+    result.update(accuracy_likelihood=sum(s["correct"] for s in scored) / n if n else 0.0,
+                  accuracy_likelihood_norm=sum(s["correct_norm"] for s in scored) / n if n else 0.0,
+                  likelihood_seconds=time.perf_counter() - start)
+    if "accuracy" not in result:  # likelihood alone: it is the set's accuracy
+        result.update(accuracy=result["accuracy_likelihood"], correct=sum(s["correct"] for s in scored), n=n)
+    for line, entry in zip(lines, scored):
+        line["likelihood"] = entry
+        line.setdefault("prediction", entry["prediction"])
+        line.setdefault("correct", entry["correct"])
 
 
 def sets_by_budget(eval_sets: dict[str, list[dict]], cfg: EvalConfig) -> dict[int, list[str]]:

@@ -37,6 +37,7 @@ from adapters_lab.data.sources import COMMONSENSE_SETS, TRAIN_FILES  # noqa: E40
 from adapters_lab.files import write_json_atomic, write_text_atomic  # noqa: E402
 from adapters_lab.sweep import METRICS_FILE, STATUS_FILE, available_cells  # noqa: E402
 
+PROTOCOLS = ("paper", "strict", "likelihood", "likelihood_norm")
 TABLES = ("math_main", "commonsense_main", "placement", "capacity")
 MATH_COLUMNS = ["gsm8k", "AQuA", "mawps", "SVAMP"]
 DISPLAY = {"gsm8k": "GSM8K", "mawps": "MAWPS", "boolq": "BoolQ", "piqa": "PIQA", "social_i_qa": "SIQA",
@@ -83,18 +84,20 @@ def collect(sweep_dir: Path) -> dict[str, dict]:
     return cells
 
 
-def set_accuracy(metrics: dict, name: str) -> float | None:
-    """Paper-protocol accuracy of one evaluation set in %, or None."""
+def set_accuracy(metrics: dict, name: str, protocol: str = "paper") -> float | None:
+    """One evaluation set's accuracy in % under ``protocol`` (paper, strict, likelihood,
+    likelihood_norm), or None where the run has none."""
     result = metrics.get("eval", {}).get(name)
     if not isinstance(result, dict):
         return None
-    return 100.0 * result.get("accuracy_paper", result.get("accuracy"))
+    value = result.get(f"accuracy_{protocol}", result.get("accuracy") if protocol == "paper" else None)
+    return None if value is None else 100.0 * value
 
 
-def mean_accuracy(metrics: dict, names: list[str] | None = None) -> float | None:
-    """Mean paper-protocol accuracy (%) over ``names`` (default: every set the run evaluated)."""
+def mean_accuracy(metrics: dict, names: list[str] | None = None, protocol: str = "paper") -> float | None:
+    """Mean accuracy (%) under ``protocol`` over ``names`` (default: every set the run evaluated)."""
     sets = names or [k for k, v in metrics.get("eval", {}).items() if isinstance(v, dict)]
-    values = [set_accuracy(metrics, name) for name in sets]
+    values = [set_accuracy(metrics, name, protocol) for name in sets]
     return sum(values) / len(values) if values and None not in values else None
 
 
@@ -114,7 +117,7 @@ def paper_model(table: str, model: str) -> str | None:
     return model if model in models else ("llama7b" if "llama7b" in models else None)
 
 
-def main_table(table: str, model: str, cells: dict[str, dict], kept: list[str]) -> Table:
+def main_table(table: str, model: str, cells: dict[str, dict], kept: list[str], protocol: str = "paper") -> Table:
     columns = MATH_COLUMNS if table == "math_main" else COMMONSENSE_SETS
     t = Table(table, ["Method"] + [DISPLAY.get(c, c) for c in columns] + ["Avg"])
     ref = paper_model(table, model)
@@ -125,8 +128,8 @@ def main_table(table: str, model: str, cells: dict[str, dict], kept: list[str]) 
             continue
         entry = cells.get(f"paper/{method}")
         metrics = entry.get("metrics", {}) if entry else {}
-        row = [f"{label} (ours)"] + [cell_text(entry, set_accuracy(metrics, c)) for c in columns]
-        row.append(cell_text(entry, mean_accuracy(metrics, columns)))
+        row = [f"{label} (ours)"] + [cell_text(entry, set_accuracy(metrics, c, protocol)) for c in columns]
+        row.append(cell_text(entry, mean_accuracy(metrics, columns, protocol)))
         t.ours += [(len(t.rows), j) for j in range(1, len(row))]
         t.rows.append(row)
         published = PAPER[table]["models"].get(ref, {}).get(method, {})
@@ -136,7 +139,7 @@ def main_table(table: str, model: str, cells: dict[str, dict], kept: list[str]) 
     return t
 
 
-def placement_table(model: str, cells: dict[str, dict], kept: list[str]) -> Table:
+def placement_table(model: str, cells: dict[str, dict], kept: list[str], protocol: str = "paper") -> Table:
     positions = ["attn", "mlp", "both"]
     t = Table("placement", ["Method"] + [DISPLAY[p] for p in positions])
     ref = paper_model("placement", model)
@@ -148,7 +151,7 @@ def placement_table(model: str, cells: dict[str, dict], kept: list[str]) -> Tabl
         published = PAPER["placement"]["models"].get(ref, {}).get(method, {})
         for position in positions:
             entry = cells.get(f"placement/{method}_{position}")
-            value = mean_accuracy(entry["metrics"]) if entry and entry["status"] == "finished" else None
+            value = mean_accuracy(entry["metrics"], protocol=protocol) if entry and entry["status"] == "finished" else None
             row.append(cell_text(entry, value))
             paper_row.append(fmt(published.get(position)))
             if value is not None:
@@ -163,14 +166,14 @@ def placement_table(model: str, cells: dict[str, dict], kept: list[str]) -> Tabl
     return t
 
 
-def capacity_table(model: str, cells: dict[str, dict], kept: list[str]) -> Table:
+def capacity_table(model: str, cells: dict[str, dict], kept: list[str], protocol: str = "paper") -> Table:
     t = Table("capacity", ["Method", "Capacity", "Size", "Ours", "Paper"])
     t.notes.append(PAPER["capacity"]["note"])
     for cell in kept:
         method, size = cell.removeprefix("capacity/").rsplit("_", 1)
         word, number = CAPACITY_WORD[size[0]], int(size[1:])
         entry = cells.get(cell)
-        value = mean_accuracy(entry["metrics"]) if entry and entry["status"] == "finished" else None
+        value = mean_accuracy(entry["metrics"], protocol=protocol) if entry and entry["status"] == "finished" else None
         t.ours.append((len(t.rows), 3))
         t.rows.append([METHODS[method], word, str(number), cell_text(entry, value), ""])
         if value is not None:
@@ -240,14 +243,19 @@ def write_table(t: Table, model: str, out_dir: Path) -> list[Path]:
     return paths
 
 
-def build(table: str, model: str, sweep_dir: Path) -> Table:
-    """Rows for every cell whose adapter config exists (see ``adapters_lab.sweep.available_cells``)."""
+def build(table: str, model: str, sweep_dir: Path, protocol: str = "paper") -> Table:
+    """Rows for every cell whose adapter config exists (see ``adapters_lab.sweep.available_cells``),
+    accuracies under ``protocol``."""
     cells, kept = collect(sweep_dir), available_cells(table)[0]
     if table == "placement":
-        return placement_table(model, cells, kept)
-    if table == "capacity":
-        return capacity_table(model, cells, kept)
-    return main_table(table, model, cells, kept)
+        t = placement_table(model, cells, kept, protocol)
+    elif table == "capacity":
+        t = capacity_table(model, cells, kept, protocol)
+    else:
+        t = main_table(table, model, cells, kept, protocol)
+    if protocol != "paper":
+        t.notes.append(f"Our cells are {protocol} accuracies (the paper's rows use its own generation protocol).")
+    return t
 
 
 def missing_cells(t: Table) -> list[str]:
@@ -300,6 +308,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--run", action="store_true", help="run the sweep first (finished cells are skipped)")
     parser.add_argument("--smoke", action="store_true", help="tiny synthetic data and a few steps (CPU)")
     parser.add_argument("--check", action="store_true", help="exit 1 unless every cell of ours is filled")
+    parser.add_argument("--protocol", choices=PROTOCOLS, default="paper",
+                        help="which accuracy our cells show (likelihood needs runs with eval.scoring=likelihood|both)")
     parser.add_argument("--runs-dir", type=Path, default=None, help="sweep folders (default outputs/tables/runs)")
     parser.add_argument("--out", type=Path, default=ROOT / "outputs" / "tables")
     parser.add_argument("overrides", nargs="*", default=[], help="extra Hydra overrides after --")
@@ -321,7 +331,7 @@ def main(argv: list[str] | None = None) -> int:
             code = run_sweep(table, args.model, sweep_dir, overrides, args.smoke)
             if code:
                 print(f"{table}: the sweep exited with {code}; failed jobs are listed in {sweep_dir}/sweep_summary.md")
-        t = build(table, args.model, sweep_dir)
+        t = build(table, args.model, sweep_dir, args.protocol)
         for path in write_table(t, args.model, args.out):
             print(f"wrote {path}")
         if missing_cells(t):

@@ -116,3 +116,19 @@ def test_smoke_data_has_parsable_answers_for_every_set(tmp_path):
         assert records and all(label_parses(name, r["answer"]) for r in records), name
     for train in ("math_10k", "commonsense_170k"):
         assert json.loads((tmp_path / "ft-training_set" / f"{train}.json").read_text())
+
+
+def test_tables_show_the_protocol_asked_for(tmp_path):
+    sweep = tmp_path / "runs"
+    fake_job(sweep, "paper/lora", {"boolq": 0.5, "piqa": 0.25})
+    metrics_path = sweep / "paper/lora" / "x" / "metrics.json"
+    metrics = json.loads(metrics_path.read_text())
+    metrics["eval"]["boolq"].update(accuracy_likelihood=0.75, accuracy_likelihood_norm=0.625)
+    metrics_path.write_text(json.dumps(metrics))
+    columns = make_table.COMMONSENSE_SETS
+    row = {p: next(r for r in make_table.build("commonsense_main", "llama7b", sweep, p).rows if r[0] == "LoRA (ours)")
+           for p in make_table.PROTOCOLS}
+    assert row["paper"][1:3] == ["50.0", "25.0"] and row["strict"][1:3] == ["0.0", "0.0"]
+    assert row["likelihood"][1:3] == ["75.0", ""] and row["likelihood_norm"][1] == "62.5"  # piqa ran no likelihood
+    assert len(row["paper"]) == len(columns) + 2
+    assert "likelihood accuracies" in make_table.build("commonsense_main", "llama7b", sweep, "likelihood").notes[-1]

@@ -108,6 +108,16 @@ def eval_path(name: str, paths: PathsConfig) -> Path:
     return Path(paths.data_dir) / "dataset" / name / "test.json"
 
 
+def check_scoring(eval_cfg: EvalConfig, names: list[str]) -> None:
+    """``eval.scoring=likelihood`` needs sets whose answer is one of a fixed list."""
+    if str(getattr(eval_cfg.scoring, "value", eval_cfg.scoring)) != "likelihood":
+        return
+    free = [name for name in names if ANSWER_KIND[name] == "number"]
+    if free:
+        raise DataError(f"eval.scoring=likelihood: {free} have free-number answers, not a fixed list of options; "
+                        "use eval.scoring=both (likelihood where it applies) or drop them from dataset.eval_sets")
+
+
 def load_task_data(dataset: DatasetConfig, eval_cfg: EvalConfig, trainer: TrainerConfig,
                    paths: PathsConfig, seed: int, needs_train: bool = True) -> TaskData:
     """Read and check every file the run needs; raises DataError naming the key and path."""
@@ -155,6 +165,7 @@ def load_task_data(dataset: DatasetConfig, eval_cfg: EvalConfig, trainer: Traine
                 check_answer=lambda answer, n=name: label_parses(n, answer),
             ))
         eval_sets[name] = records[: eval_cfg.limit] if eval_cfg.limit else records
+    check_scoring(eval_cfg, list(eval_sets))
 
     val: list[dict] = []
     if needs_train and trainer.val_set_size > 0:
