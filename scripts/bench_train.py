@@ -212,8 +212,7 @@ def ours(model, adapter_node: dict, examples, trainer_overrides: dict, steps: in
     from adapters_lab.tracking import NullTracker
     from adapters_lab.train import make_accelerator, train
 
-    adapter = adapter_from_file(ROOT / "conf" / "adapter" / f"{adapter_node['config']}.yaml",
-                                adapter_node.get("overrides", {}))
+    adapter = adapter_from_file(adapter_node["config"], adapter_node.get("overrides", {}))
     adapter.inject(model)
     cfg = TrainerConfig(max_steps=steps, warmup_steps=0, progress_bar=False, checkpoint_every=0, log_every=10**6,
                         device=device.type, lr=3e-4, **trainer_overrides)
@@ -272,7 +271,7 @@ def check_varlen(shape: dict, device, dtype, lengths: list[int], rows: int, pack
     from adapters_lab.train import BatchPlan, forward_loss, prepare_model, to_device
 
     model = build_model({**shape, "num_hidden_layers": min(4, shape["num_hidden_layers"])}, device, dtype)
-    adapter_from_file(ROOT / "conf" / "adapter" / "lora.yaml", {"dropout": 0.0}).inject(model)
+    adapter_from_file("lora", {"dropout": 0.0}).inject(model)
     generator = torch.Generator(device="cpu").manual_seed(0)
     with torch.no_grad():  # non-zero B, so that A gets a gradient too
         for name, param in model.named_parameters():

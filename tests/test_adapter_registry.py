@@ -20,18 +20,25 @@ from tests.conftest import CONF_DIR
 NAMES = sorted(p.stem for p in (CONF_DIR / "adapter").glob("*.yaml"))
 
 
-@pytest.mark.parametrize("name", NAMES)
-def test_each_adapter_file_names_its_class_once_and_composes_to_it(make_cfg, name):
+def schema_class(name: str) -> type:
+    """The class a ``conf/adapter`` file's defaults list names: its schema entry, or its parent file's."""
     raw = OmegaConf.load(CONF_DIR / "adapter" / f"{name}.yaml")
     assert "_target_" not in raw, f"{name}.yaml: the class comes from its schema entry"
-    schemas = [str(e) for e in raw.defaults if str(e).startswith("/schema/adapter/")]
-    assert len(schemas) == 1
-    cls = ADAPTERS[schemas[0].removeprefix("/schema/adapter/").split("@")[0]]
+    parents = [str(e) for e in raw.defaults if str(e) != "_self_"]
+    assert len(parents) == 1, f"{name}.yaml: one schema or parent file, got {parents}"
+    if parents[0].startswith("/schema/adapter/"):
+        return ADAPTERS[parents[0].removeprefix("/schema/adapter/").split("@")[0]]
+    return schema_class(parents[0])
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_each_adapter_file_names_its_class_once_and_composes_to_it(make_cfg, name):
+    cls = schema_class(name)
     composed = make_cfg(f"adapter={name}").adapter
     assert composed._target_ == target(cls)
     adapter = build_adapter(composed)
     assert type(adapter) is cls
-    assert adapter_from_file(CONF_DIR / "adapter" / f"{name}.yaml") == adapter  # the scripts' path agrees
+    assert adapter_from_file(name) == adapter  # the scripts' path agrees
 
 
 def test_what_each_family_can_do_after_training():

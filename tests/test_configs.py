@@ -4,6 +4,7 @@ sweeps run; typos fail at compose time."""
 from __future__ import annotations
 
 import importlib.util
+from enum import Enum
 
 import pytest
 from hydra import compose, initialize_config_dir
@@ -12,8 +13,9 @@ from hydra.errors import ConfigCompositionException
 from hydra.utils import get_class
 from omegaconf import OmegaConf
 
+from adapters_lab.adapters.registry import adapter_class, schema
 from adapters_lab.sweep import sweep_cells
-from conftest import CONF_DIR
+from tests.conftest import CONF_DIR
 
 GROUPS = ["model", "adapter", "dataset", "trainer", "eval", "logger", "paths", "experiment", "sweep",
           "hparams_search", "launcher"]
@@ -120,3 +122,58 @@ def test_unknown_names_and_typos_fail_at_compose(override, needle):
         compose_hydra([override])
     assert needle in str(info.value) or needle in str(info.value.__cause__)
 
+
+
+def leaves(node, prefix: str = "") -> dict:
+    """Dotted key -> value of every non-mapping value in ``node`` (lists are one value)."""
+    out = {}
+    for key, value in node.items():
+        path = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(leaves(value, f"{path}."))
+        else:
+            out[path] = value
+    return out
+
+
+def plain(value):
+    value = OmegaConf.to_container(value) if OmegaConf.is_config(value) else value
+    return value.value if isinstance(value, Enum) else value
+
+
+def own_keys_and_parent(group: str, name: str):
+    """(the keys a variant file sets itself, the config it inherits them onto); None for files with no parent."""
+    raw = OmegaConf.to_container(OmegaConf.load(CONF_DIR / group / f"{name}.yaml"))
+    entries = [e for e in raw.pop("defaults", []) if e != "_self_"]
+    if group == "experiment":  # `# @package _global_`: the parent is what its defaults pull in
+        overrides = []
+        for entry in entries:
+            if isinstance(entry, str) and entry.startswith("/experiment/"):
+                overrides.append(f"experiment={entry.removeprefix('/experiment/')}")
+            else:
+                (key, value), = entry.items()
+                overrides.append(f"{key.removeprefix('override /')}={value}")
+        return leaves(raw), compose_hydra(overrides)
+    siblings = [e for e in entries if isinstance(e, str) and not e.startswith("/")]
+    if siblings:
+        return leaves(raw), compose_hydra([f"{group}={siblings[-1]}"])[group]
+    schemas = [e for e in entries if isinstance(e, str) and e.startswith("/schema/adapter/")]
+    if schemas:
+        return leaves(raw), schema(adapter_class(schemas[0].removeprefix("/schema/adapter/").split("@")[0]))
+    return None
+
+
+VARIANTS = [(g, n) for g in ("adapter", "eval", "experiment") for n in options(g)
+            if not (g == "experiment" and (n == "demo" or n.startswith("mllm/")))]
+
+
+@pytest.mark.parametrize("group,name", VARIANTS)
+def test_each_variant_holds_only_its_differences(group, name):
+    found = own_keys_and_parent(group, name)
+    if found is None:
+        pytest.skip(f"{group}/{name} inherits nothing")
+    own, parent = found
+    same = [key for key, value in own.items()
+            if OmegaConf.select(parent, key, throw_on_missing=False) is not None
+            and plain(OmegaConf.select(parent, key)) == plain(value)]
+    assert not same, f"{group}/{name}.yaml repeats what it inherits: {same}"

@@ -7,7 +7,6 @@ list. A new family: one file under ``adapters/`` and one line in the tuple below
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
@@ -61,13 +60,14 @@ def capable(ability: str) -> list[str]:
     return [name for name, cls in ADAPTERS.items() if getattr(cls, f"can_{ability}")()]
 
 
-def adapter_from_file(path: Path, overrides: dict[str, Any] | None = None) -> Adapter:
-    """A ``conf/adapter/<name>.yaml`` as an instance outside Hydra's compose (benchmark scripts):
-    its schema from the ``/schema/adapter/<Class>`` entry of its defaults list, then its keys, then
-    ``overrides``."""
-    node = OmegaConf.load(path)
-    entries = [str(e) for e in node.pop("defaults", []) if str(e).startswith("/schema/adapter/")]
-    if len(entries) != 1:
-        raise AdapterConfigError(f"{path}: defaults must list one /schema/adapter/<Class>@_here_ entry")
-    cls = adapter_class(entries[0].removeprefix("/schema/adapter/").split("@")[0])
-    return build_adapter(OmegaConf.merge(schema(cls), node, overrides or {}))
+def adapter_from_file(name: str, overrides: dict[str, Any] | None = None) -> Adapter:
+    """``conf/adapter/<name>.yaml`` as an instance outside a Hydra app (benchmark scripts), composed by
+    Hydra as ``adapter=<name>`` would be, then ``overrides`` merged in."""
+    from hydra import compose, initialize_config_dir
+
+    from adapters_lab.config import CONF_DIR, register_configs
+
+    register_configs()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        node = compose("config", overrides=[f"adapter={name}"]).adapter
+    return build_adapter(OmegaConf.merge(node, overrides or {}))
