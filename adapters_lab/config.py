@@ -46,6 +46,14 @@ class ModelInit(str, Enum):
     random = "random"  # model.arch's shape, random weights, a local tokenizer: nothing downloaded
 
 
+class ModelKind(str, Enum):
+    """What ``build_model`` builds (``model.kind``): a text decoder, or an image-text model (LLaVA,
+    Qwen2-VL) whose language model takes the adapter while its vision tower stays frozen."""
+
+    causal_lm = "causal_lm"
+    image_text = "image_text"
+
+
 class Batching(str, Enum):
     """How training examples form micro-batches (``trainer.batching``)."""
 
@@ -83,6 +91,19 @@ class WandbMode(str, Enum):
 
 
 @dataclass
+class TinyVisionConfig:
+    """The vision side of a tiny image-text model: a random CLIP tower (LLaVA) or Qwen2-VL ViT."""
+
+    hidden_size: int = 32
+    intermediate_size: int = 40
+    num_hidden_layers: int = 2
+    num_attention_heads: int = 2
+    image_size: int = 30  # LLaVA: square images resized to this; Qwen2-VL: min = max pixels = this squared
+    patch_size: int = 6
+    spatial_merge_size: int = 2  # Qwen2-VL only: patches merged per side by the connector
+
+
+@dataclass
 class TinyModelConfig:
     """A random-init decoder built from a config: no download, odd sizes to catch shape bugs."""
 
@@ -95,6 +116,7 @@ class TinyModelConfig:
     max_position_embeddings: int = 1024
     vocab_size: int = 384  # size of the locally trained byte-level BPE tokenizer
     init_std: float = 0.02
+    vision: Optional[TinyVisionConfig] = None  # image-text tiny models (model_type llava | qwen2_vl)
 
 
 @dataclass
@@ -128,6 +150,10 @@ class ModelConfig:
     attn_implementation: str = "sdpa"
     revision: Optional[str] = None
     trust_remote_code: bool = False
+    kind: ModelKind = ModelKind.causal_lm
+    # image-text models: train the vision-language connector fully (its own optimiser group at
+    # trainer.connector_lr); the vision tower is always frozen
+    train_connector: bool = False
 
 
 @dataclass
@@ -137,6 +163,17 @@ class ArithConfig:
     num_train: int = 256
     num_test: int = 32
     max_operand: int = 20
+    seed: int = 1234
+
+
+@dataclass
+class ShapesConfig:
+    """Seeded synthetic images of coloured shapes, with questions whose answers depend on the image."""
+
+    num_train: int = 256
+    num_test: int = 32
+    image_size: int = 30
+    questions: list[str] = field(default_factory=lambda: ["colour", "shape", "count", "position"])
     seed: int = 1234
 
 
@@ -156,6 +193,12 @@ class DatasetConfig:
     limit_train: Optional[int] = None  # take the first N training records
     max_bad_record_share: float = 0.01  # above this share of malformed records: fail
     arith: ArithConfig = field(default_factory=ArithConfig)
+    # Image-text datasets (LLaVA conversation records): the folder that record "image" paths are relative to
+    image_dir: Optional[str] = None
+    # With image_dir absent as a folder: keep only the records without an image, and say so (false: fail)
+    text_only_without_images: bool = False
+    prompt_suffix: str = ""  # appended to every evaluation question (e.g. LLaVA's ScienceQA answer instruction)
+    shapes: ShapesConfig = field(default_factory=ShapesConfig)
 
 
 @dataclass
@@ -193,6 +236,7 @@ class TrainerConfig:
     resume: str = "auto"  # auto (the run dir's last checkpoint, if any) | never | a checkpoint folder
     nan_policy: NanPolicy = NanPolicy.stop
     peak_tflops: Optional[float] = None  # for MFU; None: the device's dense bf16 datasheet peak
+    connector_lr: Optional[float] = None  # image-text models with model.train_connector: None = trainer.lr
 
 
 @dataclass

@@ -43,7 +43,8 @@ class Architecture:
 
 
 ARCHITECTURES: dict[str, Architecture] = {
-    **{t: Architecture("layers", _LLAMA_LIKE) for t in ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2")},
+    **{t: Architecture("layers", _LLAMA_LIKE) for t in ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2",
+                                                                "qwen2_vl_text")},
     "opt": Architecture(
         "layers",
         {"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj",

@@ -48,21 +48,24 @@ def _tokenizer_corpus() -> list[str]:
     return [train_prompt("question", "", "answer"), eval_prompt("question"), words, digits] * 4
 
 
-def build_tiny_tokenizer(vocab_size: int = 384) -> PreTrainedTokenizerFast:
+def build_tiny_tokenizer(vocab_size: int = 384, extra_special_tokens: tuple[str, ...] = (),
+                         corpus: list[str] | None = None, eos_token: str = "</s>") -> PreTrainedTokenizerFast:
     """A byte-level BPE tokenizer (LLaMA-like: BOS prepended, EOS and PAD separate), built in ms.
 
     Byte-level, so any text (the real benchmark files too) encodes without unknown tokens.
+    ``extra_special_tokens`` (an image token, chat markers) are kept whole; ``corpus`` replaces
+    the text the merges are learnt from.
     """
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
-        special_tokens=SPECIAL_TOKENS,
+        special_tokens=SPECIAL_TOKENS + list(extra_special_tokens),
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tok.train_from_iterator(_tokenizer_corpus(), trainer)
+    tok.train_from_iterator(corpus or _tokenizer_corpus(), trainer)
     tok.post_processor = processors.TemplateProcessing(
         single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", tok.token_to_id("<s>"))]
     )
@@ -70,8 +73,9 @@ def build_tiny_tokenizer(vocab_size: int = 384) -> PreTrainedTokenizerFast:
         tokenizer_object=tok,
         unk_token="<unk>",
         bos_token="<s>",
-        eos_token="</s>",
+        eos_token=eos_token,
         pad_token="<pad>",
+        extra_special_tokens=list(extra_special_tokens),
         padding_side="left",
         model_max_length=4096,
     )
