@@ -195,6 +195,8 @@ class DatasetConfig:
     arith: ArithConfig = field(default_factory=ArithConfig)
     # Image-text datasets (LLaVA conversation records): the folder that record "image" paths are relative to
     image_dir: Optional[str] = None
+    eval_image_dir: Optional[str] = None  # the evaluation records' image folder (None: image_dir)
+    eval_file: Optional[str] = None  # image-text: the file of the one evaluation set named (mllm_file: required)
     # With image_dir absent as a folder: keep only the records without an image, and say so (false: fail)
     text_only_without_images: bool = False
     prompt_suffix: str = ""  # appended to every evaluation question (e.g. LLaVA's ScienceQA answer instruction)

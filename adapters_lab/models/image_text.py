@@ -17,8 +17,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 from transformers import (AutoConfig, AutoImageProcessor, AutoModelForImageTextToText, AutoTokenizer,
-                          CLIPImageProcessor, LlavaConfig, LlavaForConditionalGeneration, Qwen2VLConfig,
-                          Qwen2VLForConditionalGeneration, Qwen2VLImageProcessor)
+                          CLIPImageProcessorPil, LlavaConfig, LlavaForConditionalGeneration, Qwen2VLConfig,
+                          Qwen2VLForConditionalGeneration, Qwen2VLImageProcessorPil)
 
 from adapters_lab.config import ModelConfig, TinyModelConfig
 from adapters_lab.models.causal_lm import build_tiny_tokenizer, ensure_pad_token, torch_dtype
@@ -122,9 +122,9 @@ def build_tiny_processor(tiny: TinyModelConfig, family: str):
                                      eos_token="</s>" if family == "llava" else "<|im_end|>")
     size = vision.image_size
     if family == "llava":
-        images = CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
+        images = CLIPImageProcessorPil(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
         return MultimodalProcessor(family, tokenizer, images, fmt, patch_size=vision.patch_size)
-    images = Qwen2VLImageProcessor(min_pixels=size * size, max_pixels=size * size, patch_size=vision.patch_size,
+    images = Qwen2VLImageProcessorPil(min_pixels=size * size, max_pixels=size * size, patch_size=vision.patch_size,
                                    merge_size=vision.spatial_merge_size, temporal_patch_size=2)
     return MultimodalProcessor(family, tokenizer, images, fmt)
 
