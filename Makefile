@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 TORCH_VERSION ?= 2.13.0
 
-.PHONY: install demo test bench-train bench-eval table-math table-commonsense table-placement table-capacity smoke-tables
+.PHONY: install demo test bench-train bench-eval bench-table table-math table-commonsense table-placement table-capacity smoke-tables
 install: $(VENV)/.installed
 
 # Torch first, pinned, so pip takes the local CPU wheel instead of pulling CUDA packages.
@@ -49,3 +49,8 @@ bench-train:
 DATA ?= ../shared/data/llm_adapters
 bench-eval:
 	$(PY) scripts/bench_eval.py --out outputs/bench_eval.json --data-dir $(DATA) --check 8 --suite 1,4
+
+# The math table's four cells on the random-init LLaMA-7B shape (math_10k-sized training set, whole
+# math suite at 4 beams), wall minutes per stage per cell; see docs/benchmarks.md.
+bench-table:
+	$(PY) scripts/bench_table.py --out outputs/bench_table.json
