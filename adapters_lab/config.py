@@ -122,7 +122,7 @@ class TinyModelConfig:
 @dataclass
 class ArchConfig:
     """A paper model's shape, as its ``config.json`` gives it, for ``model.init=random``. Names are
-    transformers' common ones; ``adapters_lab/random_init.py`` maps them to each model type's own."""
+    transformers' common ones; ``adapters_lab/models/random_init.py`` maps them to each model type's own."""
 
     model_type: str = MISSING  # llama, bloom, gptj, ...
     hidden_size: int = MISSING
