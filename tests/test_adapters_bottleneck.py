@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 import torch.nn.functional as F
 
 from adapters_lab.adapters.base import AdapterConfigError, freeze

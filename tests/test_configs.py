@@ -59,7 +59,8 @@ def test_every_sweep_cell_composes_and_gets_its_run_dir(sweep):
 
 
 PAPER = {  # LLM-Adapters README / paper, LLaMA-7B
-    "paper/lora": dict(name="lora", rank=32, alpha=64, modules=["q", "k", "v", "up", "down"], lr=3e-4, batch=16, epochs=3),
+    "paper/lora": dict(name="lora", rank=32, alpha=64, modules=["q", "k", "v", "up", "down"], lr=3e-4, batch=16,
+                       epochs=3),
     "paper/prefix": dict(name="prefix", num_virtual_tokens=10, lr=3e-2, batch=8, epochs=5),
     "paper/series": dict(name="adapterp", rank=256, modules=["up", "gate"], lr=3e-4, batch=16, epochs=3),
     "paper/parallel": dict(name="parallel", rank=256, modules=["up", "down"], lr=3e-4, batch=16, epochs=3),

@@ -25,7 +25,7 @@ from adapters_lab.data.tokenize import tokenize_records
 from adapters_lab.files import OutputDirError, probe_writable, write_json_atomic, write_text_atomic
 from adapters_lab.models import build_tiny_tokenizer, ensure_pad_token
 from adapters_lab.train import TrainerConfigError
-from conftest import CONF_DIR, REPO
+from tests.conftest import CONF_DIR, REPO
 
 
 @pytest.fixture

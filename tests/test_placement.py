@@ -72,7 +72,8 @@ def test_rank_pattern_sets_rank_per_module():
     (LoRA(name="lora", placement=Placement(regex="nothing.*")), r"adapter\.placement\.regex"),
     (LoRA(name="lora", placement=Placement(modules=["attn"])), r"adapter\.placement\.modules.*linear layers only"),
     (IA3(name="ia3", placement=Placement(modules=["mlp"]), feedforward_modules=[]), r"ia3 adapts linear layers only"),
-    (IA3(name="ia3", placement=Placement(modules=["k"]), feedforward_modules=["down"]), r"adapter\.feedforward_modules"),
+    (IA3(name="ia3", placement=Placement(modules=["k"]), feedforward_modules=["down"]),
+     r"adapter\.feedforward_modules"),
     (LoRA(name="lora", rank_pattern={"gate": 4}, placement=Placement(modules=["q"])), r"adapter\.rank_pattern\.gate"),
 ])
 def test_bad_placements_name_the_key(adapter, key):

@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 from adapters_lab.sweep import available_cells, cell_adapter, metric_value, sweep_cells
-from conftest import CONF_DIR, REPO
+from tests.conftest import CONF_DIR, REPO
 
 # CPU-sized jobs: two optimiser steps, one greedy generation of a few tokens per example.
 TINY = ["trainer.max_steps=2", "trainer.warmup_steps=0", "trainer.batch_size=2", "trainer.micro_batch_size=2",

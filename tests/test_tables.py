@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 from adapters_lab.sweep import STATUS_FILE
-from conftest import REPO
+from tests.conftest import REPO
 
 spec = importlib.util.spec_from_file_location("make_table", REPO / "scripts" / "make_table.py")
 make_table = importlib.util.module_from_spec(spec)
