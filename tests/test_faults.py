@@ -1,4 +1,4 @@
-"""Fault injection (issue 7, inputs and configs): bad data, bad answers, long prompts, tokenizers
+"""Fault injection (inputs and configs): bad data, bad answers, long prompts, tokenizers
 without padding, conflicting options, unwritable or full disks, crashes mid-write, finished runs.
 Every user error is raised before any model weight loads and names the file, record, key or value."""
 
