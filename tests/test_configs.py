@@ -14,6 +14,7 @@ from hydra.utils import get_class
 from omegaconf import OmegaConf
 
 from adapters_lab.adapters.registry import adapter_class, schema
+from adapters_lab.config import LoggerConfig
 from adapters_lab.sweep import sweep_cells
 from tests.conftest import CONF_DIR
 
@@ -161,10 +162,13 @@ def own_keys_and_parent(group: str, name: str):
     schemas = [e for e in entries if isinstance(e, str) and e.startswith("/schema/adapter/")]
     if schemas:
         return leaves(raw), schema(adapter_class(schemas[0].removeprefix("/schema/adapter/").split("@")[0]))
+    if group in GROUP_SCHEMAS:
+        return leaves(raw), OmegaConf.structured(GROUP_SCHEMAS[group])
     return None
 
 
-VARIANTS = [(g, n) for g in ("adapter", "eval", "experiment") for n in options(g)
+GROUP_SCHEMAS = {"logger": LoggerConfig}  # groups whose files sit directly on their schema
+VARIANTS = [(g, n) for g in ("adapter", "eval", "experiment", "logger") for n in options(g)
             if not (g == "experiment" and (n == "demo" or n.startswith("mllm/")))]
 
 
