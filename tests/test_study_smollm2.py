@@ -1,0 +1,93 @@
+"""scripts/study_smollm2.py (the GPU study's driver) and scripts/results_smollm2.py (its tables), on the
+tiny model on the CPU: each planned job composes, the budget stops the plan, and every table cell
+is the runs' metrics.json."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+
+from adapters_lab.config import CONF_DIR, register_configs
+
+REPO = Path(__file__).resolve().parents[1]
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled", "PYTHONPATH": str(REPO)}
+
+
+def script(name: str):
+    spec = importlib.util.spec_from_file_location(name, REPO / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+study = script("study_smollm2")
+results = script("results_smollm2")
+
+
+def test_plan_covers_every_family_and_set_and_each_job_composes():
+    sweeps = study.plan(math_limit=100)
+    jobs = {(m, d) for s in sweeps for m in s.methods
+            for d in next(o for o in s.overrides if o.startswith("dataset=")).split("=")[1].split(",")}
+    families = {"none", "lora", *study.OTHERS}
+    assert families == set(results.METHODS)
+    assert jobs == {(m, d) for m in families for d in ["arith", "math_data", *study.COMMONSENSE]}
+    assert [s.seeds for s in sweeps if "lora" in s.methods] == [[1, 2, 3]] * 4
+    common = ["model=smollm2_135m", "model.local_path=/nowhere", "trainer=fast", "eval=greedy"]
+    register_configs()
+    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
+        for sweep in sweeps:
+            for method in (sweep.methods[0], sweep.methods[-1]):
+                single = [o.split(",")[0] for o in sweep.overrides]
+                cfg = compose("config", [f"experiment=smollm2/{method}", *single, *common])
+                assert cfg.adapter.name == method and cfg.trainer.batching.value == "packed"
+                if cfg.dataset.name == "arith":
+                    assert cfg.dataset.arith.num_test >= 500 and cfg.eval.limit is None
+                assert cfg.trainer.max_steps > cfg.trainer.warmup_steps > 0
+
+
+def test_a_spent_budget_runs_nothing_and_says_so(tmp_path):
+    out = tmp_path / "study"
+    subprocess.run([sys.executable, "scripts/study_smollm2.py", "--tiny", "--budget-s", "1", "--out", str(out)],
+                   cwd=REPO, env=ENV, check=True, capture_output=True, timeout=300)
+    record = json.loads((out / "study.json").read_text())
+    assert [s["status"] for s in record["sweeps"]] == ["not run (budget spent)"] * len(study.plan(1))
+    assert not list(out.rglob("metrics.json"))
+
+
+def test_template_has_the_layout_and_no_numbers(tmp_path):
+    doc = tmp_path / "r.md"
+    subprocess.run([sys.executable, "scripts/results_smollm2.py", "--template", "--out", str(doc)],
+                   cwd=REPO, env=ENV, check=True, capture_output=True, timeout=120)
+    text = doc.read_text()
+    labels = tuple(f"| {label} |" for label in results.LABELS.values())
+    rows = [line for line in text.splitlines() if line.startswith(labels)]
+    assert len(rows) == 9 * (1 + 2 + 2)  # arith, math and commonsense (paper, strict): a row per family
+    assert any(row.startswith("| AdapterH |") for row in rows) and any(row.startswith("| Prompt |") for row in rows)
+    assert all(set(cell.strip()) <= {"–"} for row in rows for cell in row.strip("|").split("|")[1:])
+
+
+@pytest.mark.slow
+def test_tiny_study_sweep_and_its_tables_agree_with_metrics(tmp_path):
+    out, archive, doc = tmp_path / "study", tmp_path / "export" / "study.tar.gz", tmp_path / "r.md"
+    subprocess.run([sys.executable, "scripts/study_smollm2.py", "--tiny", "--only", "arith_lora", "--out", str(out),
+                    "--export", str(archive)], cwd=REPO, env=ENV, check=True, capture_output=True, timeout=900)
+    subprocess.run([sys.executable, "scripts/results_smollm2.py", str(archive), "--out", str(doc)],
+                   cwd=REPO, env=ENV, check=True, capture_output=True, timeout=120)
+    text = doc.read_text()
+    for method, label in (("none", "zero-shot"), ("lora", "LoRA")):
+        values = [100 * json.loads((out / "runs" / "arith" / method / f"seed{s}" / "metrics.json").read_text())
+                  ["eval"]["arith"]["accuracy_paper"] for s in (1, 2, 3)]
+        expected = f"{statistics.fmean(values):.1f} ({min(values):.1f}–{max(values):.1f}, 3 seeds)"
+        assert f"| {label} | {expected} |" in text
+    assert "| DoRA | – | – |" in text  # not run: no number
+    assert sum(line.startswith("| arith | ") for line in text.splitlines()) == 6  # the timing rows
+    assert "TINY random-init model" in text and "| arith_lora | completed |" in text
