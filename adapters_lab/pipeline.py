@@ -14,11 +14,12 @@ from transformers import set_seed
 
 from adapters_lab.adapters import build_adapter, count_parameters, freeze
 from adapters_lab.adapters.io import check_export, save_adapter, save_base_model, write_exports
-from adapters_lab.data.sources import load_task_data
+from adapters_lab.data.sources import data_files, load_task_data
 from adapters_lab.data.tokenize import tokenize_records
 from adapters_lab.evaluate import evaluate_sets
 from adapters_lab.files import probe_writable, write_json_atomic, write_text_atomic
 from adapters_lab.models import build_model
+from adapters_lab.report import MemorySampler, run_report
 from adapters_lab.sweep import finished_metrics, metric_value
 from adapters_lab.tracking import flatten, make_tracker
 from adapters_lab.train import check_trainer_config, clear_checkpoints, make_accelerator, train
@@ -60,6 +61,7 @@ def run(cfg: DictConfig) -> float | None:
     run_name = f"{cfg.model.name}-{adapter.name}-{cfg.dataset.name}"
     tracker = make_tracker(cfg.logger, OmegaConf.to_container(cfg, resolve=True), str(out_dir), run_name, main)
 
+    memory = MemorySampler(accelerator.device)  # reserved GPU memory, sampled for metrics.json's report
     # 2-3. Base model, frozen; the adapter injected into it.
     model, tokenizer = build_model(cfg.model, accelerator.device)
     freeze(model)
@@ -99,6 +101,8 @@ def run(cfg: DictConfig) -> float | None:
             write_exports(model, adapter, out_dir, cfg.export, base_model=base_model)
         if torch.cuda.is_available():
             metrics["peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
+        metrics["report"] = run_report(metrics, cfg.model, data_files(cfg.dataset, cfg.paths, adapter.trains),
+                                       out_dir / "adapter", memory)
         write_json_atomic(out_dir / "metrics.json", metrics)
         tracker.summary(flatten(metrics))
         log.info("metrics written to %s", out_dir / "metrics.json")

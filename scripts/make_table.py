@@ -37,6 +37,7 @@ from adapters_lab.data.sources import COMMONSENSE_SETS, TRAIN_FILES  # noqa: E40
 from adapters_lab.files import write_json_atomic, write_text_atomic  # noqa: E402
 from adapters_lab.sweep import METRICS_FILE, STATUS_FILE, available_cells  # noqa: E402
 
+REPORT_COLUMNS = ("Train min", "Eval min", "Peak GiB", "Adapter MB")
 PROTOCOLS = ("paper", "strict", "likelihood", "likelihood_norm")
 TABLES = ("math_main", "commonsense_main", "placement", "capacity")
 MATH_COLUMNS = ["gsm8k", "AQuA", "mawps", "SVAMP"]
@@ -117,7 +118,8 @@ def paper_model(table: str, model: str) -> str | None:
     return model if model in models else ("llama7b" if "llama7b" in models else None)
 
 
-def main_table(table: str, model: str, cells: dict[str, dict], kept: list[str], protocol: str = "paper") -> Table:
+def main_table(table: str, model: str, cells: dict[str, dict], kept: list[str], protocol: str = "paper",
+               report: bool = False) -> Table:
     columns = MATH_COLUMNS if table == "math_main" else COMMONSENSE_SETS
     t = Table(table, ["Method"] + [DISPLAY.get(c, c) for c in columns] + ["Avg"])
     ref = paper_model(table, model)
@@ -131,12 +133,27 @@ def main_table(table: str, model: str, cells: dict[str, dict], kept: list[str], 
         row = [f"{label} (ours)"] + [cell_text(entry, set_accuracy(metrics, c, protocol)) for c in columns]
         row.append(cell_text(entry, mean_accuracy(metrics, columns, protocol)))
         t.ours += [(len(t.rows), j) for j in range(1, len(row))]
-        t.rows.append(row)
+        t.rows.append(row + (report_cells(metrics) if report else []))
         published = PAPER[table]["models"].get(ref, {}).get(method, {})
-        t.rows.append([f"{label} (paper, {ref})"] + [fmt(published.get(c)) for c in columns + ["average"]])
+        t.rows.append([f"{label} (paper, {ref})"] + [fmt(published.get(c)) for c in columns + ["average"]]
+                      + [""] * len(REPORT_COLUMNS) * report)
     for name, published in PAPER[table].get("reference", {}).items():
-        t.rows.append([f"{name} (paper)"] + [fmt(published.get(c)) for c in columns + ["average"]])
+        t.rows.append([f"{name} (paper)"] + [fmt(published.get(c)) for c in columns + ["average"]]
+                      + [""] * len(REPORT_COLUMNS) * report)
+    if report:
+        t.header += list(REPORT_COLUMNS)
     return t
+
+
+def report_cells(metrics: dict) -> list[str]:
+    """Train and eval minutes, peak reserved GPU GiB and adapter MB from a run's ``report``."""
+    got = metrics.get("report") or {}
+
+    def number(value, scale: float, digits: int) -> str:
+        return "" if value is None else f"{value / scale:.{digits}f}"
+
+    return [number(got.get("train_seconds"), 60, 1), number(got.get("eval_seconds"), 60, 1),
+            number(got.get("peak_reserved_gib"), 1, 1), number(got.get("adapter_bytes"), 1e6, 1)]
 
 
 def placement_table(model: str, cells: dict[str, dict], kept: list[str], protocol: str = "paper") -> Table:
@@ -243,16 +260,16 @@ def write_table(t: Table, model: str, out_dir: Path) -> list[Path]:
     return paths
 
 
-def build(table: str, model: str, sweep_dir: Path, protocol: str = "paper") -> Table:
+def build(table: str, model: str, sweep_dir: Path, protocol: str = "paper", report: bool = False) -> Table:
     """Rows for every cell whose adapter config exists (see ``adapters_lab.sweep.available_cells``),
-    accuracies under ``protocol``."""
+    accuracies under ``protocol``; ``report``: the main tables gain time, memory and size columns."""
     cells, kept = collect(sweep_dir), available_cells(table)[0]
     if table == "placement":
         t = placement_table(model, cells, kept, protocol)
     elif table == "capacity":
         t = capacity_table(model, cells, kept, protocol)
     else:
-        t = main_table(table, model, cells, kept, protocol)
+        t = main_table(table, model, cells, kept, protocol, report)
     if protocol != "paper":
         t.notes.append(f"Our cells are {protocol} accuracies (the paper's rows use its own generation protocol).")
     return t
@@ -310,6 +327,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--check", action="store_true", help="exit 1 unless every cell of ours is filled")
     parser.add_argument("--protocol", choices=PROTOCOLS, default="paper",
                         help="which accuracy our cells show (likelihood needs runs with eval.scoring=likelihood|both)")
+    parser.add_argument("--report", action="store_true",
+                        help="main tables: train and eval minutes, peak reserved GPU memory and adapter size per row")
     parser.add_argument("--runs-dir", type=Path, default=None, help="sweep folders (default outputs/tables/runs)")
     parser.add_argument("--out", type=Path, default=ROOT / "outputs" / "tables")
     parser.add_argument("overrides", nargs="*", default=[], help="extra Hydra overrides after --")
@@ -331,7 +350,7 @@ def main(argv: list[str] | None = None) -> int:
             code = run_sweep(table, args.model, sweep_dir, overrides, args.smoke)
             if code:
                 print(f"{table}: the sweep exited with {code}; failed jobs are listed in {sweep_dir}/sweep_summary.md")
-        t = build(table, args.model, sweep_dir, args.protocol)
+        t = build(table, args.model, sweep_dir, args.protocol, args.report)
         for path in write_table(t, args.model, args.out):
             print(f"wrote {path}")
         if missing_cells(t):

@@ -132,3 +132,20 @@ def test_tables_show_the_protocol_asked_for(tmp_path):
     assert row["likelihood"][1:3] == ["75.0", ""] and row["likelihood_norm"][1] == "62.5"  # piqa ran no likelihood
     assert len(row["paper"]) == len(columns) + 2
     assert "likelihood accuracies" in make_table.build("commonsense_main", "llama7b", sweep, "likelihood").notes[-1]
+
+
+def test_main_tables_show_time_memory_and_size_from_the_report(tmp_path):
+    sweep = tmp_path / "runs"
+    fake_job(sweep, "paper/lora", {"gsm8k": 0.5, "AQuA": 0.25, "mawps": 1.0, "SVAMP": 0.0})
+    path = sweep / "paper/lora" / "x" / "metrics.json"
+    metrics = json.loads(path.read_text())
+    metrics["report"] = {"train_seconds": 90.0, "eval_seconds": 30.0, "peak_reserved_gib": 21.25,
+                         "adapter_bytes": 16_000_000}
+    path.write_text(json.dumps(metrics))
+    table = make_table.build("math_main", "llama7b", sweep, report=True)
+    assert table.header[-4:] == list(make_table.REPORT_COLUMNS)
+    lora = next(r for r in table.rows if r[0] == "LoRA (ours)")
+    assert lora[-4:] == ["1.5", "0.5", "21.2", "16.0"] and lora[1:6] == ["50.0", "25.0", "100.0", "0.0", "43.8"]
+    assert all(len(r) == len(table.header) for r in table.rows)
+    assert make_table.build("math_main", "llama7b", sweep).header[-1] == "Avg"  # off by default
+

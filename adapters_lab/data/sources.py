@@ -108,6 +108,14 @@ def eval_path(name: str, paths: PathsConfig) -> Path:
     return Path(paths.data_dir) / "dataset" / name / "test.json"
 
 
+def data_files(dataset: DatasetConfig, paths: PathsConfig, needs_train: bool = True) -> list[Path]:
+    """The files a run reads: its training file (not the synthetic or a hub set) and each evaluation set's."""
+    files = []
+    if needs_train and dataset.train != SYNTHETIC and not dataset.train.startswith(HUB_PREFIX):
+        files.append(train_path(dataset.train, paths))
+    return files + [eval_path(name, paths) for name in expand_eval_sets(list(dataset.eval_sets)) if name != SYNTHETIC]
+
+
 def check_scoring(eval_cfg: EvalConfig, names: list[str]) -> None:
     """``eval.scoring=likelihood`` needs sets whose answer is one of a fixed list."""
     if str(getattr(eval_cfg.scoring, "value", eval_cfg.scoring)) != "likelihood":
