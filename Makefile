@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 TORCH_VERSION ?= 2.13.0
 
-.PHONY: install demo demo-tiny study-smollm2 results-smollm2 test bench-train bench-eval bench-table table-math table-commonsense table-placement table-capacity smoke-tables
+.PHONY: install demo demo-tiny study-smollm2 results-smollm2 test bench-train bench-eval bench-table table-math table-math-data table-commonsense table-placement table-capacity smoke-tables
 install: $(VENV)/.installed
 
 # Torch first, pinned, so pip takes the local CPU wheel instead of pulling CUDA packages.
@@ -42,6 +42,8 @@ MODEL ?= llama7b
 ARGS  ?=
 table-math: install
 	$(PY) scripts/make_table.py math_main --model $(MODEL) --run -- $(ARGS)
+table-math-data: install
+	$(PY) scripts/make_table.py math_data_main --model $(MODEL) --run -- $(ARGS)
 table-commonsense: install
 	$(PY) scripts/make_table.py commonsense_main --model $(MODEL) --run -- $(ARGS)
 table-placement: install
@@ -49,7 +51,7 @@ table-placement: install
 table-capacity: install
 	$(PY) scripts/make_table.py capacity --model $(MODEL) --run -- $(ARGS)
 
-# All four on tiny_llama, synthetic data, a few CPU steps each; fails unless every cell is filled.
+# All five on tiny_llama, synthetic data, a few CPU steps each; fails unless every cell is filled.
 smoke-tables: install
 	rm -rf outputs/tables/smoke
 	$(PY) scripts/make_table.py all --model tiny_llama --run --smoke --check --out outputs/tables/smoke

@@ -1,6 +1,7 @@
 """The LLM-Adapters tables from our runs, with the paper's published numbers beside them.
 
     python scripts/make_table.py math_main --model llama7b --run   # run the sweep, then the table
+    python scripts/make_table.py math_data_main --model llama7b --run   # the paper-era six-set table (math_data)
     python scripts/make_table.py all --model tiny_llama --run --smoke --check   # `make smoke-tables`
 
 For each table (``conf/sweep/<table>.yaml``) it reads every job under the sweep folder (cell =
@@ -39,8 +40,10 @@ from adapters_lab.sweep import METRICS_FILE, STATUS_FILE, available_cells  # noq
 
 REPORT_COLUMNS = ("Train min", "Eval min", "Peak GiB", "Adapter MB")
 PROTOCOLS = ("paper", "strict", "likelihood", "likelihood_norm")
-TABLES = ("math_main", "commonsense_main", "placement", "capacity")
+TABLES = ("math_main", "math_data_main", "commonsense_main", "placement", "capacity")
 MATH_COLUMNS = ["gsm8k", "AQuA", "mawps", "SVAMP"]
+MATH_DATA_COLUMNS = ["MultiArith", "gsm8k", "AddSub", "AQuA", "SingleEq", "SVAMP"]  # the paper-era table
+MAIN_COLUMNS = {"math_main": MATH_COLUMNS, "math_data_main": MATH_DATA_COLUMNS, "commonsense_main": COMMONSENSE_SETS}
 DISPLAY = {"gsm8k": "GSM8K", "mawps": "MAWPS", "boolq": "BoolQ", "piqa": "PIQA", "social_i_qa": "SIQA",
            "hellaswag": "HellaSwag", "winogrande": "WinoGrande", "ARC-Easy": "ARC-e", "ARC-Challenge": "ARC-c",
            "openbookqa": "OBQA", "average": "Avg", "attn": "Attn", "mlp": "MLP", "both": "Both"}
@@ -120,7 +123,7 @@ def paper_model(table: str, model: str) -> str | None:
 
 def main_table(table: str, model: str, cells: dict[str, dict], kept: list[str], protocol: str = "paper",
                report: bool = False) -> Table:
-    columns = MATH_COLUMNS if table == "math_main" else COMMONSENSE_SETS
+    columns = MAIN_COLUMNS[table]
     t = Table(table, ["Method"] + [DISPLAY.get(c, c) for c in columns] + ["Avg"])
     ref = paper_model(table, model)
     if ref != model:
@@ -283,8 +286,9 @@ def missing_cells(t: Table) -> list[str]:
 def write_smoke_data(data_dir: Path, per_set: int = 4) -> None:
     """A tiny LLM-Adapters layout: training files and a few test records per set, answers of each set's type."""
     train, test = arith_splits(64, per_set, 20, 7)
-    write_json_atomic(data_dir / TRAIN_FILES["math_10k"], train)
-    for name in MATH_COLUMNS:
+    for source in ("math_10k", "math_data"):
+        write_json_atomic(data_dir / TRAIN_FILES[source], train)
+    for name in dict.fromkeys(MATH_COLUMNS + MATH_DATA_COLUMNS):
         records = [dict(r) for r in test]
         if name == "AQuA":
             for r in records:

@@ -111,10 +111,10 @@ def test_smoke_data_has_parsable_answers_for_every_set(tmp_path):
     from adapters_lab.data.sources import COMMONSENSE_SETS
 
     make_table.write_smoke_data(tmp_path)
-    for name in make_table.MATH_COLUMNS + COMMONSENSE_SETS:
+    for name in make_table.MATH_COLUMNS + make_table.MATH_DATA_COLUMNS + COMMONSENSE_SETS:
         records = json.loads((tmp_path / "dataset" / name / "test.json").read_text())
         assert records and all(label_parses(name, r["answer"]) for r in records), name
-    for train in ("math_10k", "commonsense_170k"):
+    for train in ("math_10k", "math_data", "commonsense_170k"):
         assert json.loads((tmp_path / "ft-training_set" / f"{train}.json").read_text())
 
 
@@ -149,3 +149,33 @@ def test_main_tables_show_time_memory_and_size_from_the_report(tmp_path):
     assert all(len(r) == len(table.header) for r in table.rows)
     assert make_table.build("math_main", "llama7b", sweep).header[-1] == "Avg"  # off by default
 
+
+def test_math_data_table_has_six_sets_and_the_published_paper_era_numbers(tmp_path):
+    """The upstream README's table at b2599fe (../shared/data/llm_adapters_math_data_table.md)."""
+    sweep = tmp_path / "runs"
+    fake_job(sweep, "paper/lora", {"MultiArith": 1.0, "gsm8k": 0.5, "AddSub": 0.5, "AQuA": 0.0, "SingleEq": 0.25,
+                                   "SVAMP": 0.75, "mawps": 0.0})
+    make_table.write_table(make_table.build("math_data_main", "llama13b", sweep), "llama13b", tmp_path / "out")
+    rows = read_csv(tmp_path / "out" / "math_data_main_llama13b.csv")
+    assert rows["Method"] == ["MultiArith", "GSM8K", "AddSub", "AQuA", "SingleEq", "SVAMP", "Avg"]
+    assert rows["LoRA (ours)"] == ["100.0", "50.0", "50.0", "0.0", "25.0", "75.0", "50.0"]  # mawps not a column
+    assert rows["LoRA (paper, llama13b)"] == ["94.8", "47.5", "87.3", "18.5", "89.8", "54.6", "65.4"]
+    assert rows["Series (paper, llama13b)"] == ["93.0", "44.0", "80.5", "22.0", "87.6", "50.8", "63.0"]
+    assert rows["GPT-3.5 (paper)"] == ["83.8", "56.4", "85.3", "38.9", "88.1", "69.9", "70.4"]
+    bloom = make_table.build("math_data_main", "bloomz7b", sweep)
+    assert next(r for r in bloom.rows if r[0] == "Prefix (paper, bloomz7b)")[1:] == [
+        "68.8", "13.8", "47.1", "12.5", "49.4", "24.1", "36.0"]
+    for model in ("bloomz7b", "gptj6b", "llama7b", "llama13b"):  # every published row, all six sets and the mean
+        for method, values in make_table.PAPER["math_data_main"]["models"][model].items():
+            assert list(values) == make_table.MATH_DATA_COLUMNS + ["average"], (model, method)
+
+
+def test_math_data_sweep_trains_on_math_data_with_the_paper_cells():
+    from adapters_lab.sweep import sweep_cells
+    from tests.conftest import compose_config
+
+    assert sweep_cells("math_data_main") == ["paper/prefix", "paper/series", "paper/parallel", "paper/lora"]
+    cfg = compose_config(["sweep=math_data_main", "experiment=paper/series"], fast=False)
+    assert cfg.dataset.train == "math_data" and cfg.trainer.val_set_size == 120
+    assert list(cfg.dataset.eval_sets) == make_table.MATH_DATA_COLUMNS
+    assert cfg.adapter.name == "adapterp" and cfg.adapter.rank == 256 and cfg.trainer.lr == 3e-4
