@@ -20,8 +20,8 @@ import torch.nn as nn
 from accelerate.utils import gather_object
 from transformers import GenerationConfig
 
-from adapters_lab.answers import PROTOCOLS, answer_kind, score
 from adapters_lab import decoding, likelihood
+from adapters_lab.answers import PROTOCOLS, answer_kind, score
 from adapters_lab.config import EvalConfig
 from adapters_lab.data.prompts import RESPONSE_MARKER, eval_prompt
 from adapters_lab.files import write_jsonl_atomic
@@ -68,7 +68,8 @@ def generate(model: nn.Module, tokenizer, prompts: list[str], batch_size: int, n
     fits = None
     if free is not None:  # no more prompts per batch than the KV cache of its longest (first) fits in memory
         def fits(index: int) -> int:
-            return decoding.prompts_that_fit(model, prompt_slots(max(1, lengths[index])), num_beams, max_new_tokens, free)
+            slots = prompt_slots(max(1, lengths[index]))
+            return decoding.prompts_that_fit(model, slots, num_beams, max_new_tokens, free)
 
         longest_fit = fits(order[0]) if order else 0
         if order and longest_fit < min(batch_size, len(prompts)):
@@ -217,7 +218,8 @@ def evaluate_sets(model: nn.Module, tokenizer, eval_sets: dict[str, list[dict]],
     prompt from ``rank`` on, and every process scores all of them."""
     protocol = str(getattr(cfg.protocol, "value", cfg.protocol))
     scoring = str(getattr(cfg.scoring, "value", cfg.scoring))
-    prompts = {name: [eval_prompt(r["instruction"], r["input"]) for r in records] for name, records in eval_sets.items()}
+    prompts = {name: [eval_prompt(r["instruction"], r["input"]) for r in records]
+               for name, records in eval_sets.items()}
     results: dict = {name: {} for name in eval_sets}
     lines = {name: [{"dataset": name, "prompt": prompt, "label": record["answer"]}
                     for record, prompt in zip(records, prompts[name])] for name, records in eval_sets.items()}
@@ -239,8 +241,9 @@ def summary(result: dict, protocol: str) -> str:
     """One log line's worth of a set's result."""
     parts = []
     if "accuracy_paper" in result:
-        parts.append(f"{protocol} {result[f'accuracy_{protocol}']:.4f} ({result['correct']}/{result['n']}; paper "
-                     f"{result['accuracy_paper']:.4f}, strict {result['accuracy_strict']:.4f}) in {result['seconds']:.1f}s")
+        parts.append(f"{protocol} {result[f'accuracy_{protocol}']:.4f} ({result['correct']}/{result['n']}; "
+                     f"paper {result['accuracy_paper']:.4f}, strict {result['accuracy_strict']:.4f}) "
+                     f"in {result['seconds']:.1f}s")
     if "accuracy_likelihood" in result:
         parts.append(f"likelihood {result['accuracy_likelihood']:.4f}, normalised "
                      f"{result['accuracy_likelihood_norm']:.4f} in {result['likelihood_seconds']:.1f}s")

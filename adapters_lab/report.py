@@ -74,8 +74,9 @@ def versions() -> dict[str, str | None]:
 
 
 def model_revision(model_cfg) -> str:
-    """Where the weights came from: ``tiny`` or ``model.init=random`` (random init), ``sha256:...`` of a local folder's files
-    (names and contents), or the hub commit of the cached snapshot (``model.revision`` otherwise)."""
+    """Where the weights came from: ``tiny`` or ``model.init=random`` (random init), ``sha256:...`` of a
+    local folder's files (names and contents), or the hub commit of the cached snapshot (``model.revision``
+    otherwise)."""
     if model_cfg.tiny is not None:
         return "tiny (random init)"
     if str(getattr(getattr(model_cfg, "init", None), "value", getattr(model_cfg, "init", None))) == "random":

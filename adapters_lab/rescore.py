@@ -13,7 +13,7 @@ import json
 import sys
 from pathlib import Path
 
-from adapters_lab.answers import PROTOCOLS, ANSWER_KIND, label_parses, score
+from adapters_lab.answers import ANSWER_KIND, PROTOCOLS, label_parses, score
 from adapters_lab.data.records import DataError
 
 REQUIRED = ("dataset", "output", "label")

@@ -167,11 +167,13 @@ def placement_table(model: str, cells: dict[str, dict], kept: list[str], protoco
     for method in ("series", "parallel", "lora"):
         if not any(cell.startswith(f"placement/{method}_") for cell in kept):
             continue
-        row, paper_row, ours_curve, paper_curve = [f"{METHODS[method]} (ours)"], [f"{METHODS[method]} (paper, {ref})"], {}, {}
+        row, paper_row = [f"{METHODS[method]} (ours)"], [f"{METHODS[method]} (paper, {ref})"]
+        ours_curve, paper_curve = {}, {}
         published = PAPER["placement"]["models"].get(ref, {}).get(method, {})
         for position in positions:
             entry = cells.get(f"placement/{method}_{position}")
-            value = mean_accuracy(entry["metrics"], protocol=protocol) if entry and entry["status"] == "finished" else None
+            finished = entry and entry["status"] == "finished"
+            value = mean_accuracy(entry["metrics"], protocol=protocol) if finished else None
             row.append(cell_text(entry, value))
             paper_row.append(fmt(published.get(position)))
             if value is not None:
@@ -311,7 +313,8 @@ def write_smoke_data(data_dir: Path, per_set: int = 4) -> None:
 def run_sweep(table: str, model: str, sweep_dir: Path, extra: list[str], smoke: bool = False) -> int:
     cells, missing = available_cells(table)
     if missing:
-        print(f"{table}: leaving out {len(missing)} cells whose adapter config does not exist yet: {', '.join(missing)}")
+        print(f"{table}: leaving out {len(missing)} cells whose adapter config does not exist yet: "
+              f"{', '.join(missing)}")
     if not cells:
         return 0
     command = [sys.executable, str(ROOT / "run.py"), f"sweep={table}", f"model={model}",

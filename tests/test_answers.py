@@ -117,7 +117,8 @@ def test_protocols_on_the_shipped_reference_outputs(dataset, shared_data):
     from adapters_lab.data.prompts import eval_prompt
 
     records = json.loads((shared_data / "llm_adapters" / "dataset" / dataset / "test.json").read_text())
-    verdicts = [score(dataset, r["output"], r["answer"], eval_prompt(r["instruction"])) for r in records if r["output"].strip()]
+    verdicts = [score(dataset, r["output"], r["answer"], eval_prompt(r["instruction"]))
+                for r in records if r["output"].strip()]
     paper = sum(v["paper"]["correct"] for v in verdicts) / len(verdicts)
     strict = sum(v["strict"]["correct"] for v in verdicts) / len(verdicts)
     if dataset == "AQuA":

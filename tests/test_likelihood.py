@@ -118,7 +118,8 @@ def test_likelihood_alone_and_beside_generation_in_metrics_and_lines(tiny, tmp_p
         assert [line["correct"] for line in lines] == [s["correct"] for s in scored]
     assert alone["average_likelihood"] == alone["average"]
 
-    monkeypatch.setattr(evaluate, "generate", lambda model, tok, prompts, *a: ["the correct answer is true"] * len(prompts))
+    monkeypatch.setattr(evaluate, "generate",
+                        lambda model, tok, prompts, *a: ["the correct answer is true"] * len(prompts))
     both = evaluate.evaluate_sets(model, tokenizer, {**sets, "gsm8k": [{"instruction": "1+1?", "input": "",
                                                                           "answer": "2"}]},
                                   EvalConfig(scoring="both", batch_size=4), CPU, tmp_path / "both")

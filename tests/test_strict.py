@@ -168,7 +168,9 @@ FILLER = st.lists(st.sampled_from(["Tom has {} apples.", "He buys {} more.", "{}
        style=st.sampled_from(["plain", "commas", "dollars", "minus"]))
 def test_a_stated_number_is_the_one_credited(stated, others, filler, after, style):
     """Reasoning numbers before the statement and after it never win over the stated number."""
-    fill = lambda templates: " ".join(t.format(*[f"{o:g}" for o in others][: t.count("{}")]) for t in templates)
+    def fill(templates):
+        return " ".join(t.format(*[f"{o:g}" for o in others][: t.count("{}")]) for t in templates)
+
     text = f"{fill(filler)} The answer is {render(stated, style)}. {fill(after).replace('answer', '')}"
     assert parse_strict("gsm8k", text) == pytest.approx(stated)
     for other in others:

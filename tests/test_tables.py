@@ -24,9 +24,11 @@ spec.loader.exec_module(make_table)
 def fake_job(sweep_dir: Path, cell: str, accuracies: dict[str, float] | None, error: str | None = None) -> None:
     job = sweep_dir / cell / "x"
     (job / ".hydra").mkdir(parents=True)
-    (job / ".hydra" / "hydra.yaml").write_text(yaml.safe_dump({"hydra": {"runtime": {"choices": {"experiment": cell}}}}))
+    choices = {"hydra": {"runtime": {"choices": {"experiment": cell}}}}
+    (job / ".hydra" / "hydra.yaml").write_text(yaml.safe_dump(choices))
     if accuracies is not None:
-        eval_ = {name: {"accuracy": 0.0, "accuracy_paper": acc, "accuracy_strict": 0.0} for name, acc in accuracies.items()}
+        eval_ = {name: {"accuracy": 0.0, "accuracy_paper": acc, "accuracy_strict": 0.0}
+                 for name, acc in accuracies.items()}
         (job / "metrics.json").write_text(json.dumps({"eval": {**eval_, "average": 0.0}}))
     else:
         (job / STATUS_FILE).write_text(json.dumps({"status": "failed", "error": error}))

@@ -25,7 +25,8 @@ TRAIN_FILES = {
     for name in ("math_10k", "math_7k", "math_14k", "math_50k", "math_data", "commonsense_170k", "commonsense_15k")
 }
 MATH_SETS = ["gsm8k", "AQuA", "SVAMP", "MultiArith", "AddSub", "SingleEq", "mawps"]
-COMMONSENSE_SETS = ["boolq", "piqa", "social_i_qa", "hellaswag", "winogrande", "ARC-Easy", "ARC-Challenge", "openbookqa"]
+COMMONSENSE_SETS = ["boolq", "piqa", "social_i_qa", "hellaswag", "winogrande", "ARC-Easy", "ARC-Challenge",
+                    "openbookqa"]
 SUITES = {"math": MATH_SETS, "commonsense": COMMONSENSE_SETS}
 SYNTHETIC = "arith"
 GSM8K_TRAIN = "gsm8k"
