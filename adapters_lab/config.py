@@ -62,6 +62,35 @@ class Batching(str, Enum):
     packed = "packed"  # padding-free rows of whole examples, no attention across examples
 
 
+class Device(str, Enum):
+    """Where training runs; ``auto`` takes a CUDA GPU when there is one."""
+
+    auto = "auto"
+    cpu = "cpu"
+    cuda = "cuda"
+
+
+class CompileMode(str, Enum):
+    """``torch.compile`` mode of the decoder layers (CUDA-graph modes do not suit per-layer graphs)."""
+
+    default = "default"
+    # Inductor times Triton GEMM templates against cuBLAS per shape and can fuse the elementwise ops
+    # around them; slower to compile
+    max_autotune_no_cudagraphs = "max-autotune-no-cudagraphs"
+
+
+class ResumeMode(str, Enum):
+    """``trainer.resume``: ``auto``, ``never``, or any other value: a checkpoint folder."""
+
+    auto = "auto"
+    never = "never"
+    folder = "folder"
+
+
+class TrainerConfigError(ValueError):
+    """A bad trainer option; the message names the key."""
+
+
 class NanPolicy(str, Enum):
     stop = "stop"  # save the last finite state, then stop with a message
     skip = "skip"  # drop the optimiser step whose loss was not finite
@@ -218,16 +247,14 @@ class TrainerConfig:
     val_set_size: int = 120
     eval_every: int = 200  # validation loss every N optimiser steps (0: only at the end)
     log_every: int = 10
-    device: str = "auto"  # auto | cpu | cuda
+    device: Device = Device.auto
     progress_bar: bool = True
     batching: Batching = Batching.padded
     pack_length: int = 0  # tokens per packed row; 0: the longest example rounded up to 8
     gradient_checkpointing: bool = False
     checkpoint_layers: Optional[int] = None  # recompute only the first N decoder layers (None: all)
     compile: bool = False  # torch.compile each decoder layer
-    # torch.compile mode of those layers: default, or max-autotune-no-cudagraphs (Inductor times Triton GEMM
-    # templates against cuBLAS per shape and can fuse the elementwise ops around them; slower to compile)
-    compile_mode: str = "default"
+    compile_mode: CompileMode = CompileMode.default  # default | max_autotune_no_cudagraphs
     # attention while training: flex_attention, sdpa, varlen (packed rows as cu_seqlens segments; CUDA:
     # torch.nn.attention.varlen), ...; None: the model's
     attn_implementation: Optional[str] = None

@@ -1,9 +1,10 @@
 """Errors that mean "your input or settings are wrong": shown as one clear line, not a traceback."""
 
 from adapters_lab.adapters.base import AdapterConfigError
+from adapters_lab.config import TrainerConfigError
 from adapters_lab.data.records import DataError
 from adapters_lab.files import OutputDirError
-from adapters_lab.train import NonFiniteLossError, TrainerConfigError
+from adapters_lab.training.loop import NonFiniteLossError
 
 USER_ERRORS = (
     AdapterConfigError, DataError, TrainerConfigError, OutputDirError, NonFiniteLossError,

@@ -22,7 +22,9 @@ from adapters_lab.models import build_model
 from adapters_lab.report import MemorySampler, run_report
 from adapters_lab.sweep import finished_metrics, metric_value
 from adapters_lab.tracking import flatten, make_tracker
-from adapters_lab.train import check_trainer_config, clear_checkpoints, make_accelerator, train
+from adapters_lab.training.checkpoints import clear_checkpoints
+from adapters_lab.training.loop import train
+from adapters_lab.training.settings import check_trainer_config, make_accelerator
 
 log = logging.getLogger(__name__)
 
@@ -49,8 +51,8 @@ def run(cfg: DictConfig) -> float | None:
     adapter = build_adapter(cfg.adapter)
     check_export(adapter, cfg.export.peft, cfg.export.merged)
     if adapter.trains:
-        check_trainer_config(cfg.trainer)
-        adapter.check_training(cfg.trainer)
+        trainer = check_trainer_config(cfg.trainer)  # the checked options, as objects, that train() takes
+        adapter.check_training(trainer.cfg)
     data = load_task_data(cfg.dataset, cfg.eval, cfg.trainer, cfg.paths, cfg.seed, needs_train=adapter.trains)
     probe_writable(out_dir)
     if main:
@@ -83,7 +85,7 @@ def run(cfg: DictConfig) -> float | None:
                                             ds.max_bad_record_share, f"dataset.train={ds.train} ({split})")
                     for split, records in (("train", data.train), ("val", data.val))}
         result = train(model, features["train"].examples, features["val"].examples, tokenizer.pad_token_id,
-                       cfg.trainer, accelerator, tracker, cfg.seed, checkpoint_dir=out_dir / "checkpoints")
+                       trainer, accelerator, tracker, cfg.seed, checkpoint_dir=out_dir / "checkpoints")
         metrics["train"] = asdict(result)
         metrics["data"] = {"train_records": len(data.train), "val_records": len(data.val),
                            "truncated": features["train"].truncated, "prompt_overflow": features["train"].prompt_overflow}

@@ -82,10 +82,13 @@ def synthetic_examples(count: int, vocab: int, bos: int, cutoff: int, seed: int)
 
 def full_updates(trainer, examples: list[dict], pad_token_id: int, seed: int) -> int:
     """Optimiser steps of the cell's full schedule on ``examples``, as the trainer counts them."""
-    from adapters_lab.train import BatchPlan, check_trainer_config, total_updates
+    from adapters_lab.data.batching import BatchPlan
+    from adapters_lab.training.loop import total_updates
+    from adapters_lab.training.settings import check_trainer_config
 
-    micro_per_epoch = BatchPlan(examples, trainer, pad_token_id, seed).micro_batches_per_epoch()
-    return total_updates(trainer, micro_per_epoch, check_trainer_config(trainer))
+    settings = check_trainer_config(trainer)
+    micro_per_epoch = BatchPlan(examples, settings.cfg, pad_token_id, seed).micro_batches_per_epoch()
+    return total_updates(settings.cfg, micro_per_epoch, settings.accumulation)
 
 
 def sync(device: torch.device) -> None:
@@ -124,15 +127,16 @@ def train_stage(cfg, model, tokenizer, adapter, examples: list[dict], device) ->
     """Train on ``examples`` (the first val_set_size held out, as a real run holds out a split) with the
     cell's recipe; returns the compile and train seconds and the TrainResult."""
     from adapters_lab.tracking import NullTracker
-    from adapters_lab.train import check_trainer_config, make_accelerator, train
+    from adapters_lab.training.loop import train
+    from adapters_lab.training.settings import check_trainer_config, make_accelerator
 
-    check_trainer_config(cfg.trainer)
-    adapter.check_training(cfg.trainer)
+    settings = check_trainer_config(cfg.trainer)
+    adapter.check_training(settings.cfg)
     held = cfg.trainer.val_set_size
     val, rest = examples[:held], examples[held:]
     accelerator = make_accelerator(cfg.trainer)
     with tempfile.TemporaryDirectory() as checkpoints:
-        result, seconds = timed(lambda: train(model, rest, val, tokenizer.pad_token_id, cfg.trainer, accelerator,
+        result, seconds = timed(lambda: train(model, rest, val, tokenizer.pad_token_id, settings, accelerator,
                                               NullTracker(), cfg.seed, checkpoint_dir=Path(checkpoints)), device)
     steady = result.steady_tokens_per_second
     compile_seconds = min(seconds, max(0.0, result.seconds - result.tokens / steady)) if steady > 0 else 0.0

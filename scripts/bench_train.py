@@ -5,16 +5,17 @@
     python scripts/bench_train.py --variants check_varlen,ours,ours_varlen,ours_liger,tuned
 
 HF PEFT baselines: ``paper`` (the paper's recipe: micro-batch 4 padded to the longest), ``tuned``
-(issue 5's anchor: 32 sequences of exactly 256 real tokens, compiled layers; not the math lengths),
+(the anchor the training target was set against: 32 sequences of exactly 256 real tokens, compiled
+layers; not the math lengths),
 ``tuned_lengths`` (the same tuning on the math lengths: 32 per micro-batch padded to 256, one shape
 for the compiled layers), ``tuned_packed`` (HF PEFT on adapters_lab's packed rows, position ids
 restarting per example, transformers' own ``--attn`` attention, compiled layers: what packing
 gives without the rest of our trainer). adapters_lab: ours, ours_padded, series, parallel.
 ``ours`` takes suffixes: ``_varlen`` (trainer.attn_implementation=varlen instead of --attn),
-``_plainlora`` (trainer.fused_lora=false: LoRA through nn.Dropout and separate adds, as before
-session 4), ``_liger`` (liger-kernel's RMSNorm, SwiGLU and RoPE for LLaMA; needs CUDA and the
+``_plainlora`` (trainer.fused_lora=false: LoRA through nn.Dropout and separate adds, the
+layers before commit 871c8c8), ``_liger`` (liger-kernel's RMSNorm, SwiGLU and RoPE for LLaMA; needs CUDA and the
 optional liger-kernel package), ``_nocompile`` (eager layers), ``_autotune`` (trainer.compile_mode=
-max-autotune-no-cudagraphs), e.g. ``ours_varlen_liger``.
+max_autotune_no_cudagraphs), e.g. ``ours_varlen_liger``.
 ``check_varlen`` trains nothing: on one packed batch of a 4-layer model of the same shape it
 prints the loss and LoRA-gradient differences of varlen vs flex attention (and SDPA vs flex, the
 bf16 noise floor), checking the CUDA varlen kernel.
@@ -47,7 +48,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from adapters_lab.kernels import compile_decoder_layers, default_peak_tflops, flops_per_token  # noqa: E402
+from adapters_lab.training.metrics import default_peak_tflops, flops_per_token  # noqa: E402
+from adapters_lab.training.speed.layers import compile_decoder_layers  # noqa: E402
 
 LENGTHS_FILE = ROOT / "scripts" / "math_data_lengths.json"
 MATH_DATA = ROOT.parent / "shared" / "data" / "llm_adapters" / "ft-training_set" / "math_data.json"
@@ -178,7 +180,7 @@ def peft_steps(model, batches, device, warmup: int, compile_layers: bool, dropou
 
 def padded_batches(examples, micro: int, fixed: int | None = None, pad_to: int | None = None):
     """(batch, real tokens) pairs of right-padded micro-batches. ``fixed``: every sequence made
-    exactly ``fixed`` real tokens (tuned PEFT as the issue defines it); ``pad_to``: the lengths kept,
+    exactly ``fixed`` real tokens (tuned PEFT as the training target defines it); ``pad_to``: the lengths kept,
     cut at ``pad_to`` tokens and each batch padded to ``pad_to`` columns (one shape, so compiled layers
     compile once)."""
     from adapters_lab.data.tokenize import PaddedCollator
@@ -210,7 +212,8 @@ def ours(model, adapter_node: dict, examples, trainer_overrides: dict, steps: in
     from adapters_lab.adapters.registry import adapter_from_file
     from adapters_lab.config import TrainerConfig
     from adapters_lab.tracking import NullTracker
-    from adapters_lab.train import make_accelerator, train
+    from adapters_lab.training.loop import train
+    from adapters_lab.training.settings import check_trainer_config, make_accelerator
 
     adapter = adapter_from_file(adapter_node["config"], adapter_node.get("overrides", {}))
     adapter.inject(model)
@@ -218,7 +221,7 @@ def ours(model, adapter_node: dict, examples, trainer_overrides: dict, steps: in
                         device=device.type, lr=3e-4, **trainer_overrides)
     accelerator = make_accelerator(cfg)
     flops = flops_per_token(model)
-    result = train(model, examples, [], 0, cfg, accelerator, NullTracker(), seed=0)
+    result = train(model, examples, [], 0, check_trainer_config(cfg), accelerator, NullTracker(), seed=0)
     return result, flops
 
 
@@ -266,9 +269,12 @@ def check_varlen(shape: dict, device, dtype, lengths: list[int], rows: int, pack
     """Loss and LoRA gradients of one packed batch under flex attention (CUDA only), SDPA with the
     position-id mask, and varlen attention, on a 4-layer model of ``shape`` with eager layers;
     prints the differences against the first of them and returns them."""
+    from accelerate.utils import send_to_device
+
     from adapters_lab.adapters.registry import adapter_from_file
     from adapters_lab.config import TrainerConfig
-    from adapters_lab.train import BatchPlan, forward_loss, prepare_model, to_device
+    from adapters_lab.data.batching import BatchPlan
+    from adapters_lab.training.speed import SpeedPaths, forward_loss
 
     model = build_model({**shape, "num_hidden_layers": min(4, shape["num_hidden_layers"])}, device, dtype)
     adapter_from_file("lora", {"dropout": 0.0}).inject(model)
@@ -280,13 +286,14 @@ def check_varlen(shape: dict, device, dtype, lengths: list[int], rows: int, pack
     examples = examples_from(lengths, shape["vocab_size"], 4 * rows * pack_length // 150, seed=2)
     cfg = TrainerConfig(batching="packed", pack_length=pack_length, micro_batch_size=rows, batch_size=rows,
                         attn_implementation="varlen", device=device.type, fused_loss=True)
-    plan = BatchPlan(examples, cfg, 0, seed=0)
-    batch = to_device(plan.batch(plan.epoch(0)[0])[0], device)
+    speed = SpeedPaths(cfg, device)
+    plan = BatchPlan(examples, cfg, 0, seed=0, extras=speed.batch_extras)
+    batch = send_to_device(plan.batch(plan.epoch(0)[0])[0], device)
     plain = {k: v for k, v in batch.items() if not k.startswith("varlen_")}
     results = {}
     for attn in (["flex_attention"] if device.type == "cuda" else []) + ["sdpa", "varlen"]:
         if attn == "varlen":
-            prepare_model(model, cfg)
+            speed.apply(model)
         else:
             model.set_attn_implementation(attn)
         model.zero_grad(set_to_none=True)

@@ -97,7 +97,7 @@ def test_processes_share_process_zeros_run_folder(tmp_path):
 
 
 def test_each_process_takes_every_world_th_micro_batch_and_none_goes_empty():
-    from adapters_lab.train import shard
+    from adapters_lab.training.step import shard
 
     assert [shard([0, 1, 2, 3], 2, r) for r in range(2)] == [[0, 2], [1, 3]]
     assert [shard([0, 1, 2], 2, r) for r in range(2)] == [[0, 2], [1]]

@@ -20,11 +20,11 @@ from hypothesis import strategies as st
 from adapters_lab import pipeline
 from adapters_lab.adapters.base import AdapterConfigError
 from adapters_lab.answers import ANSWER_KIND, is_correct, label_parses, parse_paper, parse_strict, score
+from adapters_lab.config import TrainerConfigError
 from adapters_lab.data.records import RECORD_KEYS, DataError, check_records, read_json_records
 from adapters_lab.data.tokenize import tokenize_records
 from adapters_lab.files import OutputDirError, probe_writable, write_json_atomic, write_text_atomic
 from adapters_lab.models import build_tiny_tokenizer, ensure_pad_token
-from adapters_lab.train import TrainerConfigError
 from tests.conftest import CONF_DIR, REPO
 
 

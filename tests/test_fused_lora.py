@@ -14,8 +14,9 @@ import torch
 
 from adapters_lab.adapters.lora import LoRALinear, enable_fused_lora
 from adapters_lab.data.tokenize import PackedCollator, PaddedCollator, pack_rows
-from adapters_lab.fused_lora import cpu_keep_mask
-from adapters_lab.train import enable_gradient_checkpointing, prepare_model
+from adapters_lab.training.speed import prepare_model
+from adapters_lab.training.speed.fused_lora import cpu_keep_mask
+from adapters_lab.training.speed.layers import enable_gradient_checkpointing
 from tests.train_helpers import run, tiny_lora_model, token_examples, trainable, trainer_cfg
 from tests.test_train_fast import assert_same, loss_and_grads
 
@@ -128,7 +129,7 @@ def test_compiled_layers_with_fused_lora_give_the_plain_loss_and_gradients():
 
 KERNEL_CHECK = """
 import torch
-from adapters_lab.fused_lora import triton_seeded_dropout
+from adapters_lab.training.speed.fused_lora import triton_seeded_dropout
 x = torch.randn(3, 5000) + 3.0  # no zeros, so a zero is a dropped element
 seed = torch.tensor([11])
 out = triton_seeded_dropout(x, seed, 0.25)

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from adapters_lab.data.tokenize import PaddedCollator
-from adapters_lab.train import epoch_batches
+from adapters_lab.data.batching import epoch_batches
 from tests.train_helpers import PAD, run, tiny_lora_model, token_examples, trainable, trainer_cfg
 
 BETAS, EPS = (0.9, 0.999), 1e-8

@@ -8,8 +8,9 @@ import random
 import pytest
 import torch
 
+from adapters_lab.data.batching import length_grouped_batches, packed_batches
 from adapters_lab.data.tokenize import IGNORE_INDEX, PackedCollator, PaddedCollator, pack_rows
-from adapters_lab.train import forward_loss, length_grouped_batches, packed_batches
+from adapters_lab.training.speed import forward_loss
 from tests.train_helpers import PAD, VOCAB, tiny_lora_model, token_examples
 
 

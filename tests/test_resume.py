@@ -50,7 +50,7 @@ def test_resumed_run_matches_an_uninterrupted_one(tmp_path, batching):
 
 
 def test_resume_refuses_a_checkpoint_made_with_other_settings(tmp_path):
-    from adapters_lab.train import TrainerConfigError
+    from adapters_lab.config import TrainerConfigError
 
     examples = token_examples(8)
     run(trainer_cfg(max_steps=2, checkpoint_every=1), examples, checkpoint_dir=tmp_path)

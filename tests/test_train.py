@@ -11,10 +11,13 @@ import pytest
 import torch
 from accelerate import Accelerator
 
-import adapters_lab.train as train_module
-from adapters_lab.config import TrainerConfig
+from adapters_lab.config import TrainerConfig, TrainerConfigError
 from adapters_lab.tracking import NullTracker
-from adapters_lab.train import NonFiniteLossError, TrainerConfigError, check_trainer_config, latest_checkpoint
+from adapters_lab.training import step as step_module
+from adapters_lab.training.checkpoints import latest_checkpoint
+from adapters_lab.training.loop import NonFiniteLossError
+from adapters_lab.training.metrics import progress_postfix
+from adapters_lab.training.settings import check_trainer_config
 from tests.train_helpers import run, token_examples, trainable, trainer_cfg
 
 
@@ -116,8 +119,8 @@ def test_the_step_loss_is_read_once_before_the_last_backward(monkeypatch):
     backward, so on a GPU the host queues backward, the optimiser step and the next batch while the
     GPU runs them."""
     events = []
-    read, backward = train_module.step_totals, Accelerator.backward
-    monkeypatch.setattr(train_module, "step_totals", lambda *args: (events.append("read"), read(*args))[1])
+    read, backward = step_module.step_totals, Accelerator.backward
+    monkeypatch.setattr(step_module, "step_totals", lambda *args: (events.append("read"), read(*args))[1])
     monkeypatch.setattr(Accelerator, "backward",
                         lambda self, loss, **kwargs: (events.append("backward"), backward(self, loss, **kwargs))[1])
     _, result = run(trainer_cfg(max_steps=2, batch_size=4, micro_batch_size=2), token_examples(8))
@@ -144,9 +147,9 @@ def test_padded_and_real_throughput_are_logged_and_shown():
     assert last["train/padded_tokens_per_second"] > last["train/tokens_per_second"] > 0
     assert result.padded_tokens > result.tokens
     assert result.padded_tokens_per_second == pytest.approx(result.padded_tokens / result.seconds)
-    postfix = train_module.progress_postfix(last)
+    postfix = progress_postfix(last)
     assert postfix["tok_s"] == f"{last['train/tokens_per_second']:,.0f}"
     assert postfix["padded_tok_s"] == f"{last['train/padded_tokens_per_second']:,.0f}"
     assert "mfu" not in postfix and "mem" not in postfix  # CPU: no peak rate or GPU memory known
-    shown = train_module.progress_postfix({**last, "train/mfu": 0.614, "train/peak_memory_gib": 51.53})
+    shown = progress_postfix({**last, "train/mfu": 0.614, "train/peak_memory_gib": 51.53})
     assert shown["mfu"] == "61%" and shown["mem"] == "51.5G"

@@ -6,11 +6,15 @@ import pytest
 import torch
 
 from adapters_lab.data.tokenize import PackedCollator, PaddedCollator, pack_rows
-from adapters_lab.kernels import (VARLEN_ATTENTION, check_varlen_supported, chunked_causal_lm_loss, flops_per_token,
-                                  padded_position_ids, reference_varlen_attention, varlen_batch_kwargs,
-                                  varlen_cu_seqlens)
-from adapters_lab.train import (BatchPlan, TrainerConfigError, enable_gradient_checkpointing, forward_loss,
-                                prepare_model, train)
+from adapters_lab.config import TrainerConfigError
+from adapters_lab.data.batching import BatchPlan
+from adapters_lab.training.metrics import flops_per_token
+from adapters_lab.training.settings import resolve_device
+from adapters_lab.training.speed import forward_loss, prepare_model
+from adapters_lab.training.speed.layers import enable_gradient_checkpointing
+from adapters_lab.training.speed.loss import chunked_causal_lm_loss
+from adapters_lab.training.speed.varlen import (VARLEN_ATTENTION, check_varlen_supported, padded_position_ids,
+                                                reference_varlen_attention, varlen_batch_kwargs, varlen_cu_seqlens)
 from tests.train_helpers import PAD, run, tiny_lora_model, token_examples, trainer_cfg
 
 
@@ -189,7 +193,8 @@ def test_training_with_varlen_matches_the_default_attention(batching):
 
 def test_batch_plan_adds_the_segments_on_the_cpu():
     examples = token_examples(30, seed=1)
-    plan = BatchPlan(examples, trainer_cfg(batching="packed", pack_length=64, attn_implementation="varlen"), PAD, 0)
+    plan = BatchPlan(examples, trainer_cfg(batching="packed", pack_length=64, attn_implementation="varlen"), PAD, 0,
+                     extras=varlen_batch_kwargs)
     batch, _ = plan.batch(plan.epoch(0)[0])
     assert batch["varlen_max_seqlen"] == plan.max_segment == 24  # longest example (20) rounded up to 8
     cu = batch["varlen_cu_seqlens"]
@@ -205,7 +210,8 @@ def test_varlen_on_a_gpu_without_the_kernel_is_refused(monkeypatch):
     assert check_varlen_supported(torch.device("cpu")) is None
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     with pytest.raises(TrainerConfigError, match="trainer.attn_implementation=varlen"):
-        prepare_model(tiny_lora_model(), trainer_cfg(attn_implementation="varlen", device="auto"))
+        cfg = trainer_cfg(attn_implementation="varlen", device="auto")
+        prepare_model(tiny_lora_model(), cfg, resolve_device(cfg.device))
 
 
 def _fake_kernels():
@@ -233,7 +239,7 @@ def test_cuda_branch_calls_the_kernel_of_either_torch_signature(monkeypatch, ver
     cu_seqlens, max_seqlen) is checked against stand-ins with torch's two signatures."""
     import torch.nn.attention.varlen as torch_varlen
 
-    from adapters_lab import kernels
+    from adapters_lab.training.speed import varlen as kernels
 
     calls, newer, older = _fake_kernels()
     monkeypatch.setattr(torch_varlen, "varlen_attn", newer if version == "newer" else older)

@@ -13,7 +13,8 @@ from adapters_lab.adapters.lora import LoRA
 from adapters_lab.config import TrainerConfig
 from adapters_lab.data.tokenize import IGNORE_INDEX
 from adapters_lab.tracking import NullTracker
-from adapters_lab.train import make_accelerator, train
+from adapters_lab.training.loop import train
+from adapters_lab.training.settings import check_trainer_config, make_accelerator
 
 VOCAB = 97
 PAD = 0
@@ -64,7 +65,7 @@ def run(cfg: TrainerConfig, examples: list[dict], seed: int = 0, checkpoint_dir=
     """Train a fresh tiny model (the same one for the same seed); returns (model, result)."""
     torch.manual_seed(seed)
     model = model if model is not None else tiny_lora_model(seed, dropout=dropout)
-    result = train(model, examples, val or [], PAD, cfg, make_accelerator(cfg), tracker or NullTracker(), seed,
+    result = train(model, examples, val or [], PAD, check_trainer_config(cfg), make_accelerator(cfg), tracker or NullTracker(), seed,
                    checkpoint_dir=checkpoint_dir)
     return model, result
 

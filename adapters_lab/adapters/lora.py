@@ -22,7 +22,7 @@ from transformers.pytorch_utils import Conv1D
 
 from adapters_lab.adapters.base import AdapterConfigError, InjectionReport, RankedAdapter
 from adapters_lab.adapters.placement import Target, check_patterns, pattern_value, select_modules
-from adapters_lab.fused_lora import fused_lora_linear
+from adapters_lab.training.speed.fused_lora import fused_lora_linear
 
 
 def linear_shape(module: nn.Module) -> tuple[int, int]:

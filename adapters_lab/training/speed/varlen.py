@@ -1,147 +1,19 @@
-"""Speed paths of the trainer that change how, never what, is computed; each is selected by a
-``trainer.*`` key and checked against the plain path in ``tests/test_train_fast.py``."""
+"""Variable-length attention over packed rows (``trainer.attn_implementation=varlen``).
+
+A packed micro-batch is ``rows x row_length`` tokens whose position ids restart at 0 for every
+example. Flattened to ``rows * row_length`` tokens, the examples are contiguous segments, and
+causal attention inside each segment is exactly the block-diagonal causal mask that the flex and
+SDPA paths build from the position ids. The segments are described by ``cu_seqlens`` (int32,
+first token of each segment, then the token count), computed on the CPU when the batch is
+collated, so the compiled layers see no host synchronisation and no per-batch mask.
+"""
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 import torch.nn as nn
-
-from adapters_lab.data.tokenize import IGNORE_INDEX
-
-
-class _LinearCrossEntropySum(torch.autograd.Function):
-    """Sum of token cross-entropies of ``hidden @ weight.T`` for a frozen ``weight``.
-
-    The logits exist one chunk of rows at a time (fp32 only inside the chunk); the gradient
-    with respect to ``hidden``, ``(softmax - onehot) @ weight``, is formed in the same pass
-    and kept, so backward is one multiply. The frozen weight gets no gradient.
-    """
-
-    @staticmethod
-    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, chunk: int):
-        accumulate = torch.promote_types(hidden.dtype, torch.float32)  # fp32, or fp64 for fp64 inputs
-        total = None  # partial sums added up as they come (no zero-filled accumulator)
-        grad = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
-        for start in range(0, hidden.shape[0], chunk):
-            h, y = hidden[start : start + chunk], labels[start : start + chunk]
-            logits = (h @ weight.T).to(accumulate)
-            valid = y != IGNORE_INDEX
-            target = y.clamp(min=0)
-            lse = torch.logsumexp(logits, dim=-1)
-            picked = logits.gather(1, target[:, None])[:, 0]
-            part = torch.where(valid, lse - picked, 0.0).sum()
-            total = part if total is None else total + part
-            if grad is not None:
-                probs = torch.exp(logits.sub_(lse[:, None]))
-                probs.scatter_add_(1, target[:, None], -torch.ones_like(probs[:, :1]))
-                probs.mul_(valid[:, None])
-                grad[start : start + chunk] = (probs.to(h.dtype) @ weight.to(h.dtype))
-        ctx.save_for_backward(grad)
-        if total is None:  # no rows
-            return hidden.new_zeros((), dtype=accumulate)
-        return total
-
-    @staticmethod
-    def backward(ctx, grad_total):
-        (grad,) = ctx.saved_tensors
-        return grad * grad_total.to(grad.dtype), None, None, None
-
-
-def chunked_causal_lm_loss(hidden: torch.Tensor, head: nn.Linear, labels: torch.Tensor, chunk: int = 4096) -> torch.Tensor:
-    """Mean next-token cross-entropy over labelled tokens, as transformers' causal-LM loss
-    (position t predicts label t+1), without materialising the full-vocabulary logits."""
-    hidden = hidden[:, :-1].reshape(-1, hidden.shape[-1])
-    shifted = labels[:, 1:].reshape(-1)
-    weight = head.weight
-    if torch.is_autocast_enabled(hidden.device.type):
-        weight = weight.to(torch.get_autocast_dtype(hidden.device.type))
-        hidden = hidden.to(weight.dtype)
-    with torch.autocast(hidden.device.type, enabled=False):
-        total = _LinearCrossEntropySum.apply(hidden, weight, shifted, chunk)
-    return total / (shifted != IGNORE_INDEX).sum().clamp(min=1)
-
-
-def check_fused_loss_supported(model: nn.Module) -> str | None:
-    """Why the chunked loss cannot stand in for the model's own head and loss, or None."""
-    head = model.get_output_embeddings()
-    if not isinstance(head, nn.Linear) or head.bias is not None:
-        return f"the output head is {type(head).__name__} with bias={getattr(head, 'bias', None) is not None}, not a bias-free nn.Linear"
-    for key in ("final_logit_softcapping", "logit_scale", "logits_scaling"):
-        if getattr(model.config, key, None) not in (None, 1.0):
-            return f"model.config.{key}={getattr(model.config, key)} rescales the logits"
-    if head.weight.requires_grad:
-        return "the output head is trainable"
-    return None
-
-
-def matmul_weights(model: nn.Module) -> tuple[int, int]:
-    """(frozen, trainable) element counts of the weights of every linear layer: the N in the
-    ~2N forward FLOPs per token of a decoder (embeddings are lookups, not matmuls)."""
-    frozen = trainable = 0
-    for module in model.modules():
-        if isinstance(module, nn.Linear):
-            if module.weight.requires_grad:
-                trainable += module.weight.numel()
-            else:
-                frozen += module.weight.numel()
-    return frozen, trainable
-
-
-def flops_per_token(model: nn.Module) -> int:
-    """Training FLOPs per token: forward 2N and input gradients 2N for every weight, plus
-    weight gradients 2N for trainable ones (attention scores are left out, as in the usual 6N)."""
-    frozen, trainable = matmul_weights(model)
-    return 4 * frozen + 6 * trainable
-
-
-# Dense bf16 tensor-core peak by device name (datasheets, without sparsity), TFLOP/s.
-PEAK_BF16_TFLOPS = {"H200": 989.0, "H100 PCIe": 756.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 125.0, "RTX 4090": 165.0}
-
-
-def default_peak_tflops(device: torch.device) -> float | None:
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
-    return next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), None)
-
-
-# trainer.compile_mode's values (checked in train.check_trainer_config): CUDA-graph modes do not suit
-# per-layer graphs.
-COMPILE_MODES = ("default", "max-autotune-no-cudagraphs")
-
-
-def compile_decoder_layers(model: nn.Module, mode: str = "default") -> int:
-    """``torch.compile`` each decoder layer (the repeated block), leaving the data-dependent
-    mask building and the loss outside the graphs; returns how many were compiled."""
-    layers = decoder_layers(model)
-    for layer in layers:
-        layer.compile(mode=mode)
-    return len(layers)
-
-
-def uncompile_decoder_layers(model: nn.Module) -> None:
-    """Back to eager layers after training: generation's changing shapes would recompile them."""
-    for layer in decoder_layers(model):
-        layer._compiled_call_impl = None
-
-
-def decoder_layers(model: nn.Module) -> nn.ModuleList:
-    decoder = model.get_decoder()
-    layers = getattr(decoder, "layers", None) or getattr(decoder, "h", None)
-    if layers is None:
-        raise ValueError(f"{type(model).__name__}: no decoder layer list found (expected .layers or .h)")
-    return layers
-
-
-# ---------------------------------------------------------------------------------------------
-# Variable-length attention over packed rows (``trainer.attn_implementation=varlen``).
-#
-# A packed micro-batch is ``rows x row_length`` tokens whose position ids restart at 0 for every
-# example. Flattened to ``rows * row_length`` tokens, the examples are contiguous segments, and
-# causal attention inside each segment is exactly the block-diagonal causal mask that the flex and
-# SDPA paths build from the position ids. The segments are described by ``cu_seqlens`` (int32,
-# first token of each segment, then the token count), computed on the CPU when the batch is
-# collated, so the compiled layers see no host synchronisation and no per-batch mask.
 
 VARLEN = "varlen"  # the trainer.attn_implementation value
 VARLEN_ATTENTION = "adapters_lab_varlen"  # the name registered with transformers' AttentionInterface
@@ -214,8 +86,6 @@ def check_varlen_supported(device: torch.device) -> str | None:
     except ImportError:
         return (f"torch {torch.__version__} has no torch.nn.attention.varlen.varlen_attn (torch >= 2.10 has it); "
                 "use trainer.attn_implementation=flex_attention")
-    import inspect
-
     params = inspect.signature(varlen_attn).parameters
     # torch 2.10 takes is_causal; later versions take window_size=(-1, 0) for causal attention.
     causal = {"window_size": (-1, 0)} if "window_size" in params else {"is_causal": True}
@@ -249,7 +119,7 @@ def varlen_attention_forward(module: nn.Module, query: torch.Tensor, key: torch.
     with the CUDA varlen flash kernel on GPU and ``reference_varlen_attention`` elsewhere."""
     if varlen_cu_seqlens is None:
         raise ValueError("attention implementation 'varlen' needs varlen_cu_seqlens and varlen_max_seqlen in the "
-                         "forward call (the trainer adds them to packed batches; see kernels.varlen_batch_kwargs)")
+                         "forward call (the trainer adds them to packed batches; see training.speed.varlen.varlen_batch_kwargs)")
     if attention_mask is not None:
         raise ValueError("attention implementation 'varlen' takes no attention mask (segments come from "
                          "varlen_cu_seqlens)")

@@ -10,7 +10,7 @@
   separate full-size tensor; in backward, its input gradient is added by ``addmm`` too (no dropout)
   or inside the dropout kernel, which applies the mask as it adds.
 
-Measured on an H200 (docs/benchmarks.md, session 4): the same speed as the plain layers on the
+Measured on an H200 (docs/benchmarks.md, 2026-12-01, commit 357fd03): the same speed as the plain layers on the
 LLaMA-7B shape and 6.6 GiB less peak memory.
 
 Masks follow the same distribution as ``nn.Dropout`` (each element kept with probability

@@ -1,0 +1,119 @@
+"""Checkpoints that resume exactly: ``<dir>/step-NNNNNNN/{adapter_model.safetensors,
+trainer_state.pt}`` hold the adapter weights, the optimiser and scheduler, the RNG states and the
+loop state (step, data position, counters); ``latest.json`` is written last (atomically), so it
+only ever names a complete checkpoint. Older ones are rotated out (``trainer.keep_checkpoints``)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import shutil
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+from safetensors.torch import load_file, save_file
+
+from adapters_lab.adapters.base import adapter_state_dict
+from adapters_lab.config import ResumeMode, TrainerConfigError
+from adapters_lab.files import atomic_path, write_json_atomic
+from adapters_lab.training.settings import STATE_FILE, TrainerSettings
+
+log = logging.getLogger(__name__)
+
+ADAPTER_FILE = "adapter_model.safetensors"
+LATEST = "latest.json"
+
+
+@dataclass
+class LoopState:
+    step: int = 0
+    epoch: int = 0
+    position: int = 0  # index of the next micro-batch in the epoch's plan
+    tokens: int = 0
+    padded_tokens: int = 0
+    seconds: float = 0.0
+    skipped_steps: int = 0
+    loss_history: list[float] = field(default_factory=list)
+    val_loss: float | None = None
+
+
+def rng_state() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(directory: Path, model: nn.Module, optimizer, scheduler, loop: LoopState,
+                    fingerprint: dict, keep: int) -> Path:
+    folder = Path(directory) / f"step-{loop.step:07d}"
+    folder.mkdir(parents=True, exist_ok=True)
+    tensors = {name: t.contiguous().cpu() for name, t in adapter_state_dict(model).items()}
+    with atomic_path(folder / ADAPTER_FILE) as tmp:
+        save_file(tensors, str(tmp))
+    state = {"loop": asdict(loop), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+             "rng": rng_state(), "fingerprint": fingerprint}
+    with atomic_path(folder / STATE_FILE) as tmp:
+        torch.save(state, tmp)
+    write_json_atomic(Path(directory) / LATEST, {"step": loop.step, "folder": folder.name})
+    for old in sorted(Path(directory).glob("step-*"))[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return folder
+
+
+def clear_checkpoints(directory: Path) -> None:
+    """A fresh start: drop another run's (or a half-written) checkpoints, so that pruning by step
+    number can never delete this run's newest one."""
+    stale = sorted(Path(directory).glob("step-*"))
+    if stale:
+        log.warning("trainer.resume: starting fresh; removing %d old checkpoint(s) in %s", len(stale), directory)
+    for folder in stale:
+        shutil.rmtree(folder, ignore_errors=True)
+    (Path(directory) / LATEST).unlink(missing_ok=True)
+
+
+def latest_checkpoint(directory: Path | None) -> Path | None:
+    if directory is None or not (Path(directory) / LATEST).is_file():
+        return None
+    folder = Path(directory) / json.loads((Path(directory) / LATEST).read_text())["folder"]
+    return folder if (folder / STATE_FILE).is_file() else None
+
+
+def resume_source(settings: TrainerSettings, directory: Path | None) -> Path | None:
+    """The checkpoint ``trainer.resume`` continues from, or None for a fresh start."""
+    if settings.resume == ResumeMode.auto:
+        return latest_checkpoint(directory)
+    return settings.resume_from  # None for never
+
+
+def load_checkpoint(folder: Path, model: nn.Module, optimizer, scheduler, fingerprint: dict) -> LoopState:
+    state = torch.load(folder / STATE_FILE, weights_only=False)
+    changed = {k: (state["fingerprint"].get(k), v) for k, v in fingerprint.items() if state["fingerprint"].get(k) != v}
+    if changed:
+        raise TrainerConfigError(
+            f"trainer.resume: checkpoint {folder} was made with other settings "
+            + ", ".join(f"{k}: {old} -> {new}" for k, (old, new) in changed.items())
+            + "; use a new output folder or trainer.resume=never")
+    tensors = load_file(str(folder / ADAPTER_FILE))
+    params = dict(model.named_parameters())
+    if set(tensors) != set(adapter_state_dict(model)):
+        raise TrainerConfigError(f"trainer.resume: {folder / ADAPTER_FILE} does not match the injected adapter")
+    with torch.no_grad():
+        for name, tensor in tensors.items():
+            params[name].copy_(tensor)
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    set_rng_state(state["rng"])
+    return LoopState(**state["loop"])

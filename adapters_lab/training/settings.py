@@ -1,0 +1,120 @@
+"""Trainer options checked once, before any weight loads, and turned into objects: the typed
+config (enums), gradient accumulation, the resume choice; the device and precision of the
+accelerator, worked out once."""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass
+from enum import Enum
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from omegaconf import DictConfig, OmegaConf
+
+from adapters_lab.config import Device, Precision, ResumeMode, TrainerConfig, TrainerConfigError
+
+STATE_FILE = "trainer_state.pt"  # a checkpoint folder holds it (training/checkpoints.py)
+
+
+@dataclass(frozen=True)
+class TrainerSettings:
+    """What ``check_trainer_config`` returns: the config with its choices as enums, and what
+    follows from it."""
+
+    cfg: TrainerConfig
+    accumulation: int  # micro-batches per optimiser step, over all processes
+    resume: ResumeMode
+    resume_from: Path | None  # the checkpoint folder of trainer.resume=<folder>
+
+
+def enum_value(key: str, kind: type[Enum], value) -> Enum:
+    """``value`` as a member of ``kind`` (by value or by name), or a one-line error naming the key."""
+    if isinstance(value, kind):
+        return value
+    for member in kind:
+        if value in (member.value, member.name):
+            return member
+    raise TrainerConfigError(f"trainer.{key}={value!r}: expected one of {', '.join(m.name for m in kind)}")
+
+
+def typed_trainer_config(cfg: TrainerConfig | DictConfig) -> TrainerConfig:
+    """The trainer config as a ``TrainerConfig`` whose enum fields hold enum members (a composed
+    DictConfig, or a dataclass built with strings as tests and scripts do)."""
+    if isinstance(cfg, DictConfig):
+        cfg = OmegaConf.to_object(cfg)
+    hints = typing.get_type_hints(TrainerConfig)
+    changes = {f.name: enum_value(f.name, hints[f.name], getattr(cfg, f.name)) for f in dataclasses.fields(cfg)
+               if isinstance(hints[f.name], type) and issubclass(hints[f.name], Enum)}
+    return dataclasses.replace(cfg, **changes)
+
+
+def resume_choice(value: str) -> tuple[ResumeMode, Path | None]:
+    if value in (ResumeMode.auto.value, ResumeMode.never.value):
+        return ResumeMode(value), None
+    if not (Path(value) / STATE_FILE).is_file():
+        raise TrainerConfigError(f"trainer.resume={value!r}: expected auto, never or a checkpoint folder "
+                                 f"holding {STATE_FILE}")
+    return ResumeMode.folder, Path(value)
+
+
+def _check_batches(cfg: TrainerConfig) -> None:
+    if cfg.micro_batch_size <= 0:
+        raise TrainerConfigError(f"trainer.micro_batch_size={cfg.micro_batch_size}: must be positive")
+    if cfg.batch_size <= 0 or cfg.batch_size % cfg.micro_batch_size:
+        raise TrainerConfigError(
+            f"trainer.batch_size={cfg.batch_size}: must be a positive multiple of "
+            f"trainer.micro_batch_size={cfg.micro_batch_size}")
+    if cfg.max_steps <= 0 and cfg.epochs <= 0:
+        raise TrainerConfigError(f"trainer.epochs={cfg.epochs}: must be positive when trainer.max_steps <= 0")
+    if cfg.pack_length < 0 or cfg.pack_length % 8:
+        raise TrainerConfigError(f"trainer.pack_length={cfg.pack_length}: must be 0 (auto) or a positive multiple of 8")
+
+
+def _check_optimiser(cfg: TrainerConfig) -> None:
+    if cfg.lr <= 0:
+        raise TrainerConfigError(f"trainer.lr={cfg.lr}: must be positive")
+    if cfg.peak_tflops is not None and cfg.peak_tflops <= 0:
+        raise TrainerConfigError(f"trainer.peak_tflops={cfg.peak_tflops}: must be positive")
+
+
+def _check_checkpoints(cfg: TrainerConfig) -> None:
+    if cfg.checkpoint_layers is not None and cfg.checkpoint_layers < 0:
+        raise TrainerConfigError(f"trainer.checkpoint_layers={cfg.checkpoint_layers}: must be >= 0 or null (all)")
+    if cfg.checkpoint_every < 0 or cfg.keep_checkpoints < 1:
+        raise TrainerConfigError(
+            f"trainer.checkpoint_every={cfg.checkpoint_every}, trainer.keep_checkpoints={cfg.keep_checkpoints}: "
+            "need checkpoint_every >= 0 and keep_checkpoints >= 1")
+
+
+def check_trainer_config(cfg: TrainerConfig | DictConfig) -> TrainerSettings:
+    """Validate the trainer options before any model loads (one-line errors naming the key);
+    the result is what ``train`` takes."""
+    typed = typed_trainer_config(cfg)
+    _check_batches(typed)
+    _check_optimiser(typed)
+    _check_checkpoints(typed)
+    resume, resume_from = resume_choice(typed.resume)
+    return TrainerSettings(typed, typed.batch_size // typed.micro_batch_size, resume, resume_from)
+
+
+def resolve_device(device: Device | str) -> torch.device:
+    """The training device of ``trainer.device``: the one place it is worked out."""
+    device = enum_value("device", Device, device)
+    if device == Device.cuda and not torch.cuda.is_available():
+        raise TrainerConfigError("trainer.device=cuda: no CUDA device is available")
+    return torch.device("cuda" if device != Device.cpu and torch.cuda.is_available() else "cpu")
+
+
+def mixed_precision(precision: Precision | str, device: torch.device) -> str:
+    precision = enum_value("precision", Precision, precision)
+    if precision == Precision.auto:
+        return "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "no"
+    return {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[precision.value]
+
+
+def make_accelerator(cfg: TrainerConfig | DictConfig) -> Accelerator:
+    device = resolve_device(cfg.device)
+    return Accelerator(cpu=device.type == "cpu", mixed_precision=mixed_precision(cfg.precision, device))

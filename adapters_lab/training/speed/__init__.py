@@ -1,0 +1,107 @@
+"""The trainer's speed and memory paths behind one interface, ``SpeedPaths``: packed-row
+attention (``trainer.attn_implementation``, varlen segments), compiled decoder layers
+(``trainer.compile``), the chunked loss (``trainer.fused_loss``), the fused LoRA op
+(``trainer.fused_lora``) and activation recomputation (``trainer.gradient_checkpointing``).
+Each changes how, never what, is computed (tests/test_train_fast.py checks each against the plain
+path). The loop calls ``apply`` before training and ``restore`` after it, ``batch_extras`` when a
+batch is collated, ``loss`` for a training forward and ``logits`` for a validation one."""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+import torch.nn as nn
+
+from adapters_lab.config import TrainerConfig, TrainerConfigError
+from adapters_lab.training.settings import typed_trainer_config
+from adapters_lab.training.speed.layers import (compile_decoder_layers, enable_gradient_checkpointing,
+                                                uncompile_decoder_layers)
+from adapters_lab.training.speed.loss import check_fused_loss_supported, chunked_causal_lm_loss
+from adapters_lab.training.speed.varlen import (VARLEN, VARLEN_KWARGS, check_varlen_supported,
+                                                register_varlen_attention, varlen_batch_kwargs)
+
+log = logging.getLogger(__name__)
+
+
+def mark_dynamic_segments(inputs: dict) -> None:
+    """varlen's segment boundaries change length per batch: one compiled graph for all."""
+    if "varlen_cu_seqlens" in inputs:
+        torch._dynamo.maybe_mark_dynamic(inputs["varlen_cu_seqlens"], 0)
+
+
+def forward_loss(model: nn.Module, batch: dict, fused: bool) -> torch.Tensor:
+    """Mean next-token loss of a batch (padded: attention_mask; packed: position_ids; varlen
+    attention: also varlen_cu_seqlens and varlen_max_seqlen)."""
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    mark_dynamic_segments(inputs)
+    if not fused:
+        return model(**inputs, labels=batch["labels"], use_cache=False).loss
+    hidden = model.get_decoder()(**inputs, use_cache=False).last_hidden_state
+    return chunked_causal_lm_loss(hidden, model.get_output_embeddings(), batch["labels"])
+
+
+class SpeedPaths:
+    """The configured speed paths for one training run on ``device``."""
+
+    def __init__(self, cfg: TrainerConfig, device: torch.device):
+        self.cfg, self.device = typed_trainer_config(cfg), torch.device(device)
+        self.varlen = cfg.attn_implementation == VARLEN
+        self.evaluation_attention: str | None = None
+
+    def check(self, model: nn.Module) -> None:
+        """A one-line error for a path this model or device cannot take."""
+        if self.cfg.fused_loss:
+            reason = check_fused_loss_supported(model)
+            if reason:
+                raise TrainerConfigError(f"trainer.fused_loss=true: {reason}")
+        if self.varlen:
+            reason = check_varlen_supported(self.device)
+            if reason:
+                raise TrainerConfigError(f"trainer.attn_implementation=varlen: {reason}")
+
+    def apply(self, model: nn.Module) -> "SpeedPaths":
+        """Switch the paths on, in place, on the (adapter-injected) model."""
+        from adapters_lab.adapters.lora import enable_fused_lora  # the adapters import the fused op from here
+
+        cfg = self.cfg
+        self.check(model)
+        self.evaluation_attention = model.config._attn_implementation
+        if cfg.gradient_checkpointing:
+            log.info("gradient checkpointing on %d decoder layers", enable_gradient_checkpointing(model, cfg.checkpoint_layers))
+        if self.varlen:
+            model.set_attn_implementation(register_varlen_attention())
+        elif cfg.attn_implementation:
+            model.set_attn_implementation(cfg.attn_implementation)
+        if cfg.fused_lora:
+            log.info("fused LoRA op on %d layers", enable_fused_lora(model))
+        if cfg.compile:
+            mode = cfg.compile_mode.value
+            log.info("compiled %d decoder layers (mode %s)", compile_decoder_layers(model, mode), mode)
+        return self
+
+    def restore(self, model: nn.Module) -> None:
+        """Generation after training runs eager layers and the model's own attention."""
+        if self.cfg.compile:
+            uncompile_decoder_layers(model)
+        if self.cfg.attn_implementation and self.evaluation_attention is not None:
+            model.set_attn_implementation(self.evaluation_attention)
+
+    def batch_extras(self, batch: dict, max_segment: int) -> dict:
+        """Entries a path needs beside a collated (CPU) batch: varlen's segment boundaries."""
+        return varlen_batch_kwargs(batch, max_segment) if self.varlen else {}
+
+    def loss(self, model: nn.Module, batch: dict) -> torch.Tensor:
+        return forward_loss(model, batch, self.cfg.fused_loss)
+
+    def logits(self, model: nn.Module, batch: dict) -> torch.Tensor:
+        """Logits of a padded validation batch (with its extras when varlen attention is on)."""
+        mark_dynamic_segments(batch)
+        extra = {k: batch[k] for k in VARLEN_KWARGS if k in batch}
+        return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False,
+                     **extra).logits
+
+
+def prepare_model(model: nn.Module, cfg: TrainerConfig, device: torch.device = torch.device("cpu")) -> SpeedPaths:
+    """``SpeedPaths(cfg, device).apply(model)``."""
+    return SpeedPaths(cfg, device).apply(model)
