@@ -107,6 +107,11 @@ class Scoring(str, Enum):
     both = "both"  # generation on every set, likelihood too on the fixed-answer ones
 
 
+class PromptTemplate(str, Enum):
+    paper = "paper"  # upstream's evaluation template (evaluate.py): the paper protocol
+    train = "train"  # the training template's user part: train and test prompts are the same text
+
+
 class DecoderKind(str, Enum):
     adapters_lab = "adapters_lab"  # adapters_lab/decoding.py: grouped beam cache, CUDA graphs on a GPU
     transformers = "transformers"  # transformers' generate (used anyway where ours does not apply)
@@ -277,6 +282,7 @@ class EvalConfig:
     protocol: Protocol = Protocol.paper  # which parse `eval.<set>.accuracy` reports
     # likelihood: `eval.<set>.accuracy_likelihood(_norm)` (lm-evaluation-harness acc / acc_norm), no generation
     scoring: Scoring = Scoring.generate
+    prompt_template: PromptTemplate = PromptTemplate.paper  # train: not the paper protocol (prompts differ)
     # Same tokens either way (tests/test_decoding.py); adapters_lab's is the fast one.
     decoder: DecoderKind = DecoderKind.adapters_lab
 

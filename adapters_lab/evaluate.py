@@ -23,7 +23,7 @@ from transformers import GenerationConfig
 from adapters_lab import decoding, likelihood
 from adapters_lab.answers import PROTOCOLS, answer_kind, score
 from adapters_lab.config import EvalConfig
-from adapters_lab.data.prompts import RESPONSE_MARKER, eval_prompt
+from adapters_lab.data.prompts import RESPONSE_MARKER, prompt_for
 from adapters_lab.files import write_jsonl_atomic
 
 log = logging.getLogger(__name__)
@@ -218,7 +218,8 @@ def evaluate_sets(model: nn.Module, tokenizer, eval_sets: dict[str, list[dict]],
     prompt from ``rank`` on, and every process scores all of them."""
     protocol = str(getattr(cfg.protocol, "value", cfg.protocol))
     scoring = str(getattr(cfg.scoring, "value", cfg.scoring))
-    prompts = {name: [eval_prompt(r["instruction"], r["input"]) for r in records]
+    template = str(getattr(cfg.prompt_template, "value", cfg.prompt_template))
+    prompts = {name: [prompt_for(template, r["instruction"], r["input"]) for r in records]
                for name, records in eval_sets.items()}
     results: dict = {name: {} for name in eval_sets}
     lines = {name: [{"dataset": name, "prompt": prompt, "label": record["answer"]}

@@ -13,12 +13,16 @@ from __future__ import annotations
 RESPONSE_MARKER = "### Response:"
 _INDENT = " " * 16
 
-_TRAIN_HEAD = "Below is an instruction that describes a task. Write a response that appropriately completes the request.  \n\n"
+_TRAIN_HEAD = (
+    "Below is an instruction that describes a task. Write a response that appropriately completes the request.  \n\n"
+)
 _TRAIN_HEAD_INPUT = (
     "Below is an instruction that describes a task, paired with an input that provides further context. "
     "Write a response that appropriately completes the request. \n\n"
 )
-_EVAL_HEAD = "Below is an instruction that describes a task. Write a response that appropriately completes the request. \n\n"
+_EVAL_HEAD = (
+    "Below is an instruction that describes a task. Write a response that appropriately completes the request. \n\n"
+)
 _EVAL_HEAD_INPUT = (
     "Below is an instruction that describes a task, paired with an input that provides further context. "
     "Write a response that appropriately completes the request.\n\n"
@@ -38,6 +42,16 @@ def train_prompt(instruction: str, input: str = "", output: str = "") -> str:
         f"{_TRAIN_HEAD}{_INDENT}### Instruction:\n{_INDENT}{instruction}\n{_INDENT}\n"
         f"{_INDENT}{RESPONSE_MARKER}\n{_INDENT}{output}"
     )
+
+
+def prompt_for(template: str, instruction: str, input: str = "") -> str:
+    """The evaluation prompt under ``eval.prompt_template``: ``paper`` (``eval_prompt``) or ``train``
+    (``train_prompt``'s user part, the exact text the loss masks when ``train_on_inputs`` is false)."""
+    if template == "train":
+        return train_prompt(instruction, input, "")
+    if template == "paper":
+        return eval_prompt(instruction, input)
+    raise ValueError(f"eval.prompt_template={template}: expected paper or train")
 
 
 def eval_prompt(instruction: str, input: str = "") -> str:
