@@ -112,6 +112,11 @@ class PromptTemplate(str, Enum):
     train = "train"  # the training template's user part: train and test prompts are the same text
 
 
+class MissingSets(str, Enum):
+    fail = "fail"  # an evaluation set whose file is missing stops the run before any weight loads
+    skip = "skip"  # evaluate the sets that exist; the missing ones are logged and listed in metrics.json
+
+
 class DecoderKind(str, Enum):
     adapters_lab = "adapters_lab"  # adapters_lab/decoding.py: grouped beam cache, CUDA graphs on a GPU
     transformers = "transformers"  # transformers' generate (used anyway where ours does not apply)
@@ -282,6 +287,7 @@ class EvalConfig:
     protocol: Protocol = Protocol.paper  # which parse `eval.<set>.accuracy` reports
     # likelihood: `eval.<set>.accuracy_likelihood(_norm)` (lm-evaluation-harness acc / acc_norm), no generation
     scoring: Scoring = Scoring.generate
+    missing_sets: MissingSets = MissingSets.fail  # skip: a suite's sets that exist (data.missing_sets lists the rest)
     prompt_template: PromptTemplate = PromptTemplate.paper  # train: not the paper protocol (prompts differ)
     # Same tokens either way (tests/test_decoding.py); adapters_lab's is the fast one.
     decoder: DecoderKind = DecoderKind.adapters_lab

@@ -90,6 +90,7 @@ def run(cfg: DictConfig) -> float | None:
         metrics["data"] = {"train_records": len(data.train), "val_records": len(data.val),
                            "truncated": features["train"].truncated, "prompt_overflow": features["train"].prompt_overflow}
     metrics.setdefault("data", {})["skipped_malformed"] = data.skipped
+    metrics["data"]["missing_sets"] = data.missing_sets  # eval.missing_sets=skip: sets left out for lack of a file
 
     # 6. Evaluation, each process a share of every set; 7. results (process 0 only), adapter weights alone.
     metrics["eval"] = evaluate_sets(model, tokenizer, data.eval_sets, cfg.eval, accelerator.device,

@@ -10,6 +10,7 @@ openbookqa exist), ``gsm8k`` (OpenAI's ``gsm8k/train.jsonl`` under ``paths.data_
 
 from __future__ import annotations
 
+import logging
 import random
 import re
 from dataclasses import dataclass, field
@@ -32,6 +33,7 @@ SYNTHETIC = "arith"
 GSM8K_TRAIN = "gsm8k"
 HUB_PREFIX = "hf:"
 CALCULATOR_NOTE_RE = re.compile(r"<<[^<>]*>>")
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -42,6 +44,7 @@ class TaskData:
     val: list[dict]
     eval_sets: dict[str, list[dict]]
     skipped: dict[str, int] = field(default_factory=dict)  # source -> malformed records skipped
+    missing_sets: list[str] = field(default_factory=list)  # evaluation sets without a file (eval.missing_sets=skip)
 
 
 def expand_eval_sets(names: list[str]) -> list[str]:
@@ -117,6 +120,21 @@ def data_files(dataset: DatasetConfig, paths: PathsConfig, needs_train: bool = T
     return files + [eval_path(name, paths) for name in expand_eval_sets(list(dataset.eval_sets)) if name != SYNTHETIC]
 
 
+def missing_eval_sets(dataset: DatasetConfig, eval_cfg: EvalConfig, paths: PathsConfig) -> list[str]:
+    """Under ``eval.missing_sets=skip``, the known evaluation sets whose test file does not exist
+    (logged); DataError when none of the asked-for sets exists. Empty under ``fail``."""
+    if str(getattr(eval_cfg.missing_sets, "value", eval_cfg.missing_sets)) != "skip":
+        return []
+    names = expand_eval_sets(list(dataset.eval_sets))
+    missing = [n for n in names if n in ANSWER_KIND and n != SYNTHETIC and not eval_path(n, paths).is_file()]
+    if names and len(missing) == len(names):
+        raise DataError(f"dataset.eval_sets={names}: none of these files exists under {paths.data_dir}/dataset/ "
+                        "(eval.missing_sets=skip needs at least one)")
+    for name in missing:
+        log.warning("eval.missing_sets=skip: leaving out %s (no file %s)", name, eval_path(name, paths))
+    return missing
+
+
 def check_scoring(eval_cfg: EvalConfig, names: list[str]) -> None:
     """``eval.scoring=likelihood`` needs sets whose answer is one of a fixed list."""
     if str(getattr(eval_cfg.scoring, "value", eval_cfg.scoring)) != "likelihood":
@@ -158,7 +176,8 @@ def load_task_data(dataset: DatasetConfig, eval_cfg: EvalConfig, trainer: Traine
             train = train[: dataset.limit_train]
 
     eval_sets: dict[str, list[dict]] = {}
-    for name in expand_eval_sets(list(dataset.eval_sets)):
+    missing = missing_eval_sets(dataset, eval_cfg, paths)
+    for name in (n for n in expand_eval_sets(list(dataset.eval_sets)) if n not in missing):
         if name not in ANSWER_KIND:
             raise DataError(
                 f"dataset.eval_sets: unknown evaluation set {name!r} "
@@ -190,4 +209,4 @@ def load_task_data(dataset: DatasetConfig, eval_cfg: EvalConfig, trainer: Traine
         train = [r for i, r in enumerate(train) if i not in val_ids]
     if needs_train and not train:
         raise DataError(f"dataset.train={dataset.train}: no training records")
-    return TaskData(train=train, val=val, eval_sets=eval_sets, skipped=skipped)
+    return TaskData(train=train, val=val, eval_sets=eval_sets, skipped=skipped, missing_sets=missing)
