@@ -95,3 +95,21 @@ def test_flex_attention_on_packed_rows_gives_the_padded_sdpa_loss():
         model.set_attn_implementation("flex_attention")
         packed_loss = forward_loss(model, packed(examples, rows, 48), fused=True)
     torch.testing.assert_close(packed_loss, padded_loss, rtol=1e-5, atol=1e-5)
+
+
+def test_padded_collator_gives_what_data_collator_for_seq2seq_gives():
+    """PaddedCollator against transformers' collator with right padding to a multiple of 8."""
+    from transformers import DataCollatorForSeq2Seq
+
+    from adapters_lab.models import build_tiny_tokenizer
+
+    tokenizer = build_tiny_tokenizer()
+    tokenizer.padding_side = "right"
+    examples = token_examples(5, seed=4, shortest=3, longest=30)
+    reference = DataCollatorForSeq2Seq(tokenizer, padding=True, pad_to_multiple_of=8, label_pad_token_id=IGNORE_INDEX,
+                                       return_tensors="pt")([dict(x) for x in examples])
+    ours = PaddedCollator(tokenizer.pad_token_id)(examples)
+    assert ours.keys() == {"input_ids", "labels", "attention_mask"}
+    for key in ours:
+        assert torch.equal(ours[key], reference[key]), key
+    assert ours["input_ids"].shape[1] == 32
