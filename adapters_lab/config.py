@@ -250,6 +250,9 @@ class TrainerConfig:
     micro_batch_size: int = 4  # examples per forward pass (grad accumulation = batch / micro)
     lr: float = 3e-4
     warmup_steps: int = 100
+    # share of the optimiser steps spent warming up, as HF's warmup_ratio: ceil(ratio * steps);
+    # when set it replaces warmup_steps
+    warmup_ratio: Optional[float] = None
     schedule: Schedule = Schedule.linear
     weight_decay: float = 0.0
     max_grad_norm: Optional[float] = 1.0

@@ -82,3 +82,43 @@ def test_schedule_clipping_and_weight_decay_match_a_hand_computation(schedule):
 def test_the_schedule_shapes():
     assert [scheduled_lr("linear", 1.0, s, 2, 6) for s in range(6)] == [0.0, 0.5, 1.0, 0.75, 0.5, 0.25]
     assert scheduled_lr("cosine", 1.0, 4, 2, 6) == pytest.approx(0.5)
+
+
+class LrRecorder:
+    def __init__(self):
+        self.lrs = []
+
+    def log(self, metrics, step=None):
+        if "train/lr" in metrics:
+            self.lrs.append(metrics["train/lr"])
+
+
+def test_warmup_ratio_is_the_ceiling_of_its_share_of_the_steps():
+    """trainer.warmup_ratio=0.25 of 6 steps: ceil(1.5) = 2 warm-up steps, as HF counts them; the
+    logged learning rates and the weights are those of warmup_steps=2 computed by hand."""
+    examples = token_examples(24, seed=2)
+    cfg = trainer_cfg(max_steps=6, warmup_steps=100, warmup_ratio=0.25, log_every=1, lr=2e-2)
+    recorder = LrRecorder()
+    model, _ = run(cfg, examples, seed=4, tracker=recorder)
+    # the rate after update k is the one update k+1 uses: warm-up 0, 1/2, then linear decay over 4 steps
+    assert recorder.lrs == pytest.approx([2e-2 * x for x in (0.5, 1.0, 0.75, 0.5, 0.25, 0.0)], abs=1e-12)
+    expected = reference_weights(trainer_cfg(max_steps=6, warmup_steps=2, lr=2e-2), examples, seed=4)
+    for name, weight in trainable(model).items():
+        torch.testing.assert_close(weight, expected[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_a_warmup_longer_than_the_run_is_warned_with_the_numbers(caplog):
+    examples = token_examples(16, seed=1)  # 8 micro-batches of 2, 2 per step: 4 steps an epoch
+    with caplog.at_level("WARNING", logger="adapters_lab.training.schedule"):
+        run(trainer_cfg(max_steps=-1, epochs=1, warmup_steps=5), examples)
+    messages = [r.getMessage() for r in caplog.records if r.name == "adapters_lab.training.schedule"]
+    assert any("trainer.warmup_steps=5" in m and "4 optimiser steps" in m and "peaks at 0.0075" in m
+               and "trainer.lr=0.01" in m for m in messages), messages  # 0.01 * 3 / 4 on the last step
+    assert any("trainer.epochs=1 gives 4 optimiser steps (8 micro-batches per epoch, 2 per step), fewer than the 5"
+               in m for m in messages), messages
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="adapters_lab.training.schedule"):
+        run(trainer_cfg(max_steps=4, warmup_ratio=1.0), examples)
+        run(trainer_cfg(max_steps=4, warmup_steps=3), examples)  # fits: no warning
+    messages = [r.getMessage() for r in caplog.records if r.name == "adapters_lab.training.schedule"]
+    assert len(messages) == 1 and "trainer.warmup_ratio=1.0 (4 steps)" in messages[0], messages

@@ -103,6 +103,9 @@ def test_sigterm_saves_a_checkpoint_then_exits(tmp_path):
     ("keep_checkpoints", 0, "trainer.keep_checkpoints=0"),
     ("peak_tflops", 0.0, "trainer.peak_tflops=0.0"),
     ("compile_mode", "reduce-overhead", "trainer.compile_mode='reduce-overhead'"),
+    ("lr", 1e38, r"trainer.lr=1e\+38: too large; AdamW"),
+    ("lr", float("nan"), "trainer.lr=nan"),
+    ("warmup_ratio", 1.5, "trainer.warmup_ratio=1.5"),
 ])
 def test_bad_trainer_options_name_the_key(key, value, match):
     with pytest.raises(TrainerConfigError, match=match.replace("[", r"\[")):

@@ -21,7 +21,6 @@ import torch
 import torch.nn as nn
 from accelerate import Accelerator
 from tqdm.auto import tqdm
-from transformers import get_scheduler
 
 from adapters_lab.config import NanPolicy, TrainerConfigError
 from adapters_lab.data.batching import BatchPlan
@@ -30,6 +29,7 @@ from adapters_lab.training import checkpoints
 from adapters_lab.training.checkpoints import LoopState
 from adapters_lab.training.metrics import Throughput, TrainResult, default_peak_tflops, flops_per_token, \
     progress_postfix, train_result, window_mean
+from adapters_lab.training.schedule import make_scheduler
 from adapters_lab.training.settings import TrainerSettings
 from adapters_lab.training.signals import TermSignal
 from adapters_lab.training.speed import SpeedPaths
@@ -117,8 +117,8 @@ class Recipe:
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(self.params, lr=cfg.lr, weight_decay=cfg.weight_decay,
                                       fused=accelerator.device.type == "cuda")
-        self.scheduler = get_scheduler(cfg.schedule.value, optimizer, num_training_steps=self.updates,
-                                       num_warmup_steps=min(cfg.warmup_steps, self.updates))
+        self.scheduler = make_scheduler(cfg, optimizer, self.updates, self.plan.micro_batches_per_epoch(),
+                                        self.settings.accumulation)
         world = accelerator.num_processes
         if self.settings.accumulation < world:
             raise TrainerConfigError(

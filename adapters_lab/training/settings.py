@@ -16,6 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from adapters_lab.config import Device, Precision, ResumeMode, TrainerConfig, TrainerConfigError
 
+ADAM_BETA1 = 0.9  # torch.optim.AdamW's default, which the trainer uses
 STATE_FILE = "trainer_state.pt"  # a checkpoint folder holds it (training/checkpoints.py)
 
 
@@ -74,8 +75,16 @@ def _check_batches(cfg: TrainerConfig) -> None:
 
 
 def _check_optimiser(cfg: TrainerConfig) -> None:
-    if cfg.lr <= 0:
+    if not cfg.lr > 0:
         raise TrainerConfigError(f"trainer.lr={cfg.lr}: must be positive")
+    if not cfg.lr / (1 - ADAM_BETA1) <= torch.finfo(torch.float32).max:  # inf and nan fail too
+        raise TrainerConfigError(
+            f"trainer.lr={cfg.lr}: too large; AdamW's first update (lr / (1 - beta1) = {cfg.lr / (1 - ADAM_BETA1):.3g}) "
+            f"overflows float32 (largest {torch.finfo(torch.float32).max:.3g})")
+    if cfg.warmup_ratio is not None and not 0 <= cfg.warmup_ratio <= 1:
+        raise TrainerConfigError(f"trainer.warmup_ratio={cfg.warmup_ratio}: must be in [0, 1] (or null: warmup_steps)")
+    if cfg.warmup_steps < 0:
+        raise TrainerConfigError(f"trainer.warmup_steps={cfg.warmup_steps}: must be >= 0")
     if cfg.peak_tflops is not None and cfg.peak_tflops <= 0:
         raise TrainerConfigError(f"trainer.peak_tflops={cfg.peak_tflops}: must be positive")
 
