@@ -1,5 +1,6 @@
 """Atomic result files: write to a temporary name in the same folder, then rename, so a kill
-at any point leaves either the old complete file or the new one."""
+at any point leaves either the old complete file or the new one. They get the mode a plain ``open``
+would give (0666 less the umask), not ``mkstemp``'s 0600, so a group can read shared results."""
 
 from __future__ import annotations
 
@@ -11,6 +12,19 @@ from pathlib import Path
 from typing import Iterator
 
 
+def current_umask() -> int:
+    """The process umask, read without changing it where /proc says it (Linux), else set and restored."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 @contextmanager
 def atomic_path(path: Path) -> Iterator[Path]:
     """Yields a temporary path beside ``path``; renamed onto it only if the block succeeds."""
@@ -18,6 +32,7 @@ def atomic_path(path: Path) -> Iterator[Path]:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
+    os.chmod(tmp, 0o666 & ~current_umask())
     try:
         yield Path(tmp)
         os.replace(tmp, path)

@@ -20,9 +20,9 @@ from adapters_lab.evaluate import evaluate_sets
 from adapters_lab.files import probe_writable, write_json_atomic, write_text_atomic
 from adapters_lab.models import build_model
 from adapters_lab.report import MemorySampler, run_report
-from adapters_lab.sweep import finished_metrics, metric_value
+from adapters_lab.runs import RunFolder, check_checkpoint
+from adapters_lab.sweep import metric_value
 from adapters_lab.tracking import flatten, make_tracker
-from adapters_lab.training.checkpoints import clear_checkpoints
 from adapters_lab.training.loop import train
 from adapters_lab.training.settings import check_trainer_config, make_accelerator
 
@@ -39,25 +39,39 @@ def shared_output_dir(path: Path, accelerator) -> Path:
 def run(cfg: DictConfig) -> float | None:
     """Run one experiment; returns ``metrics[cfg.optimized_metric]`` for sweepers."""
     accelerator = make_accelerator(cfg.trainer)
-    main = accelerator.is_main_process
     out_dir = shared_output_dir(Path(cfg.paths.output_dir), accelerator)
-    finished = finished_metrics(out_dir)
-    if finished is not None and not cfg.overwrite:
-        log.warning("%s holds metrics.json: skipping this finished run (overwrite=true redoes it)", out_dir)
-        return metric_value(finished, cfg.optimized_metric)
-    if finished is not None and main:  # overwrite=true redoes the training too, not a resume from its final checkpoint
-        clear_checkpoints(out_dir / "checkpoints")
+    share = (lambda value: broadcast_object_list([value])[0]) if accelerator.num_processes > 1 else None
+    with RunFolder(out_dir, cfg, accelerator.is_main_process, share) as folder:
+        finished = folder.finished()
+        if finished is not None:
+            log.warning("%s holds this config's metrics.json: skipping this finished run (overwrite=true redoes it)",
+                        out_dir)
+            return metric_value(finished, cfg.optimized_metric)
+        metrics = run_in(cfg, folder, accelerator)
+        folder.commit()
+    if accelerator.is_main_process:
+        log.info("metrics written to %s", out_dir / "metrics.json")
+        print(f"metrics.json: {out_dir / 'metrics.json'}")
+    return metric_value(metrics, cfg.optimized_metric)
+
+
+def run_in(cfg: DictConfig, folder: RunFolder, accelerator) -> dict:
+    """The run itself, into ``folder.prepare()`` (the run folder, or its staging area under overwrite)."""
+    main = accelerator.is_main_process
     # 1. Check everything that needs no weights: adapter options, trainer options, data files, disk.
     adapter = build_adapter(cfg.adapter)
     check_export(adapter, cfg.export.peft, cfg.export.merged)
     if adapter.trains:
         trainer = check_trainer_config(cfg.trainer)  # the checked options, as objects, that train() takes
         adapter.check_training(trainer.cfg)
+        if trainer.resume_from is not None:
+            check_checkpoint(trainer.resume_from, folder.fingerprint)
     data = load_task_data(cfg.dataset, cfg.eval, cfg.trainer, cfg.paths, cfg.seed, needs_train=adapter.trains)
-    probe_writable(out_dir)
+    probe_writable(folder.folder)
+    out_dir = folder.prepare()
     if main:
         write_text_atomic(out_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
-    accelerator.wait_for_everyone()  # checkpoints cleared before any process looks for one
+    accelerator.wait_for_everyone()  # the staging area settled before any process looks for a checkpoint
 
     set_seed(cfg.seed)
     run_name = f"{cfg.model.name}-{adapter.name}-{cfg.dataset.name}"
@@ -97,18 +111,22 @@ def run(cfg: DictConfig) -> float | None:
                                     out_dir / "predictions" if main else None, accelerator.num_processes,
                                     accelerator.process_index)
     if main:
-        tracker.log_predictions(out_dir / "predictions")
-        if adapter.trains:
-            base_model = cfg.model.hub_id or cfg.model.name
-            save_adapter(model, adapter, out_dir / "adapter", base_model=base_model)
-            write_exports(model, adapter, out_dir, cfg.export, base_model=base_model)
-        if torch.cuda.is_available():
-            metrics["peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
-        metrics["report"] = run_report(metrics, cfg.model, data_files(cfg.dataset, cfg.paths, adapter.trains),
-                                       out_dir / "adapter", memory)
-        write_json_atomic(out_dir / "metrics.json", metrics)
-        tracker.summary(flatten(metrics))
-        log.info("metrics written to %s", out_dir / "metrics.json")
-        print(f"metrics.json: {out_dir / 'metrics.json'}")
+        write_results(cfg, model, adapter, tracker, out_dir, metrics, folder.fingerprint, memory)
     tracker.finish()
-    return metric_value(metrics, cfg.optimized_metric)
+    return metrics
+
+
+def write_results(cfg: DictConfig, model, adapter, tracker, out_dir: Path, metrics: dict, fingerprint: dict,
+                  memory: MemorySampler) -> None:
+    """Adapter, exports and ``metrics.json`` (last: it marks the run finished), process 0 only."""
+    tracker.log_predictions(out_dir / "predictions")
+    if adapter.trains:
+        base_model = cfg.model.hub_id or cfg.model.name
+        save_adapter(model, adapter, out_dir / "adapter", base_model=base_model)
+        write_exports(model, adapter, out_dir, cfg.export, base_model=base_model)
+    if torch.cuda.is_available():
+        metrics["peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
+    metrics["report"] = run_report(metrics, cfg.model, data_files(cfg.dataset, cfg.paths, adapter.trains),
+                                   out_dir / "adapter", memory)
+    tracker.summary(flatten(metrics))
+    write_json_atomic(out_dir / "metrics.json", {**metrics, "fingerprint": fingerprint})

@@ -4,8 +4,9 @@
   ``job_status.json`` into every job's folder (completed / failed with its error / skipped because
   finished earlier) and rewrites ``sweep_summary.{json,md}`` in the sweep folder after each job,
   so the summary exists even when Hydra stops with the first failure's error at the end.
-- :func:`finished_metrics`: a run folder that already holds ``metrics.json`` is finished;
-  ``pipeline.run`` returns its metric instead of training again unless ``overwrite=true``.
+- A job is "skipped (finished earlier)" by the rule ``pipeline.run`` follows (:func:`adapters_lab.runs.reusable`):
+  its folder holds ``metrics.json`` with this job's config fingerprint; one with another config's
+  results fails naming the keys that differ (``overwrite=true`` redoes it).
 - :func:`sweep_cells` / :func:`cell_adapter`: the cells of a ``conf/sweep`` file and the adapter
   each needs, so a caller can leave out cells whose adapter config does not exist yet.
 """
@@ -27,20 +28,12 @@ from omegaconf import DictConfig, OmegaConf
 
 from adapters_lab.config import CONF_DIR
 from adapters_lab.files import write_json_atomic, write_text_atomic
+from adapters_lab.runs import RunFolderError, reusable
 
 log = logging.getLogger(__name__)
 
 STATUS_FILE = "job_status.json"
 SUMMARY_NAME = "sweep_summary"
-METRICS_FILE = "metrics.json"
-
-
-def finished_metrics(run_dir: Path) -> dict | None:
-    """The metrics of a finished run (its ``metrics.json``, written atomically last), else None."""
-    path = Path(run_dir) / METRICS_FILE
-    if not path.is_file():
-        return None
-    return json.loads(path.read_text(encoding="utf-8"))
 
 
 def metric_value(metrics: dict, key: str) -> float | None:
@@ -94,7 +87,10 @@ class SweepSummary(Callback):
 
     def on_job_start(self, config: DictConfig, **kwargs: Any) -> None:
         out_dir = config.hydra.runtime.output_dir
-        self._finished_before[out_dir] = finished_metrics(Path(out_dir)) is not None and not config.get("overwrite", False)
+        try:
+            self._finished_before[out_dir] = reusable(Path(out_dir), config)
+        except RunFolderError:  # an unreadable metrics.json: the job itself reports it
+            self._finished_before[out_dir] = False
 
     def on_job_end(self, config: DictConfig, job_return: JobReturn, **kwargs: Any) -> None:
         out_dir = Path(config.hydra.runtime.output_dir)
@@ -112,7 +108,8 @@ class SweepSummary(Callback):
             record["status"] = "failed"
             record["error"] = f"{type(err).__name__}: {err}"
             record["traceback"] = "".join(traceback.format_exception(type(err), err, err.__traceback__))
-            log.error("job %s failed: %s", out_dir.name, record["error"])
+            if config.hydra.mode == RunMode.MULTIRUN:  # a single run's error is run.py's to print
+                log.error("job %s failed: %s", out_dir.name, record["error"])
         write_json_atomic(out_dir / STATUS_FILE, record)
         if config.hydra.mode == RunMode.MULTIRUN:
             write_summary(Path(config.hydra.sweep.dir))

@@ -36,7 +36,8 @@ sys.path.insert(0, str(ROOT))
 from adapters_lab.data.arith import arith_splits  # noqa: E402
 from adapters_lab.data.sources import COMMONSENSE_SETS, TRAIN_FILES  # noqa: E402
 from adapters_lab.files import write_json_atomic, write_text_atomic  # noqa: E402
-from adapters_lab.sweep import METRICS_FILE, STATUS_FILE, available_cells  # noqa: E402
+from adapters_lab.runs import METRICS_FILE  # noqa: E402
+from adapters_lab.sweep import STATUS_FILE, available_cells  # noqa: E402
 
 REPORT_COLUMNS = ("Train min", "Eval min", "Peak GiB", "Adapter MB")
 PROTOCOLS = ("paper", "strict", "likelihood", "likelihood_norm")

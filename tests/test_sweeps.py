@@ -98,3 +98,25 @@ def test_optuna_search_optimises_the_returned_metric(tmp_path):
     assert best["best_params"]["adapter.rank"] in (4, 8, 16, 32, 64)
     statuses = json.loads((sweep_dir / "sweep_summary.json").read_text())["counts"]
     assert statuses == {"completed": 2}
+
+
+def test_a_reordered_sweep_never_reports_one_config_beside_another_ones_results(tmp_path):
+    """Job folders are named by job number: rank 4 re-run into the folder of rank 2 must not count as finished."""
+    sweep_dir = tmp_path / "sweep"
+    first = multirun("adapter.rank=2,4", f"hydra.sweep.dir={sweep_dir}")
+    assert first.returncode == 0, first.stderr[-2000:]
+    jobs = json.loads((sweep_dir / "sweep_summary.json").read_text())["jobs"]
+    metrics = {job["dir"]: (sweep_dir / job["dir"] / "metrics.json").read_bytes() for job in jobs}
+
+    again = multirun("adapter.rank=4,2", f"hydra.sweep.dir={sweep_dir}")
+    assert again.returncode != 0
+    jobs = json.loads((sweep_dir / "sweep_summary.json").read_text())["jobs"]
+    assert [job["status"] for job in jobs] == ["failed", "failed"]
+    assert "adapter.rank: 2 -> 4" in jobs[0]["error"] and "adapter.rank: 4 -> 2" in jobs[1]["error"]
+    assert "overwrite=true replaces it" in jobs[0]["error"]
+    assert {job["dir"]: (sweep_dir / job["dir"] / "metrics.json").read_bytes() for job in jobs} == metrics
+
+    same = multirun("adapter.rank=2,4", f"hydra.sweep.dir={sweep_dir}")
+    assert same.returncode == 0, same.stderr[-2000:]
+    jobs = json.loads((sweep_dir / "sweep_summary.json").read_text())["jobs"]
+    assert [job["status"] for job in jobs] == ["skipped (finished earlier)"] * 2
