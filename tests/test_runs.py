@@ -17,7 +17,7 @@ import pytest
 from adapters_lab import pipeline
 from adapters_lab.files import write_json_atomic
 from adapters_lab.runs import FolderLock, RunFolderError, fingerprint
-from conftest import FAST, REPO, compose_config
+from tests.conftest import FAST, REPO, compose_config
 
 
 class Built(Exception):
