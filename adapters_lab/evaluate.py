@@ -17,10 +17,10 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
-from accelerate.utils import gather_object
+from accelerate.utils import broadcast_object_list, gather_object
 from transformers import GenerationConfig
 
-from adapters_lab import decoding, likelihood
+from adapters_lab import decoding, eval_progress, likelihood
 from adapters_lab.answers import PROTOCOLS, answer_kind, score
 from adapters_lab.config import EvalConfig
 from adapters_lab.data.prompts import RESPONSE_MARKER, prompt_for
@@ -78,6 +78,7 @@ def generate(model: nn.Module, tokenizer, prompts: list[str], batch_size: int, n
                      longest_fit, lengths[order[0]], num_beams, max_new_tokens)
     pending = balanced_batches(order, batch_size, fits)
     built: dict[str, decoding.Decoder] = {}  # the decoder of the last batch, reused while shapes fit
+    progress = eval_progress.Progress("eval generate", len(prompts))
     while pending:
         chunk = pending.pop(0)
         try:
@@ -102,6 +103,7 @@ def generate(model: nn.Module, tokenizer, prompts: list[str], batch_size: int, n
             continue
         for i, text in zip(chunk, tokenizer.batch_decode(new_tokens, skip_special_tokens=True)):
             outputs[i] = text
+        progress.advance(len(chunk))
     if built:
         built.clear()
         release_memory(device)
@@ -224,17 +226,30 @@ def evaluate_sets(model: nn.Module, tokenizer, eval_sets: dict[str, list[dict]],
     results: dict = {name: {} for name in eval_sets}
     lines = {name: [{"dataset": name, "prompt": prompt, "label": record["answer"]}
                     for record, prompt in zip(records, prompts[name])] for name, records in eval_sets.items()}
-    if scoring in ("generate", "both"):
-        generate_and_score(model, tokenizer, eval_sets, prompts, cfg, device, results, lines, processes, rank)
-    if scoring in ("likelihood", "both"):
-        for name in (n for n in eval_sets if likelihood.supports(n)):
-            likelihood_and_score(model, tokenizer, name, eval_sets[name], prompts[name], cfg, device, results[name],
-                                 lines[name], processes, rank)
-    for name in eval_sets:
+    model_hash = eval_progress.model_digest(model)
+    keys = {name: eval_progress.set_key(model_hash, cfg, name, prompts[name], eval_sets[name]) for name in eval_sets}
+    kept = {name: eval_progress.load_finished(predictions_dir, name, keys[name]) for name in eval_sets}
+    if processes > 1:  # process 0 reads the run folder; the others skip the same sets
+        kept = broadcast_object_list([kept])[0]
+    for name in (n for n in eval_sets if kept[n] is not None):
+        results[name], lines[name] = kept[name]["result"], kept[name]["lines"]
+    todo = {name: records for name, records in eval_sets.items() if kept[name] is None}
+    scores_likelihood = [n for n in todo if scoring in ("likelihood", "both") and likelihood.supports(n)]
+
+    def finished(name: str) -> None:
         if rank == 0:
             log.info("eval %s: %s", name, summary(results[name], protocol))
         if predictions_dir is not None:
             write_jsonl_atomic(predictions_dir / f"{name}.jsonl", lines[name])
+            eval_progress.save_finished(predictions_dir, name, keys[name], results[name], lines[name])
+
+    if scoring in ("generate", "both"):
+        generate_and_score(model, tokenizer, todo, prompts, cfg, device, results, lines, processes, rank,
+                           done=lambda name: None if name in scores_likelihood else finished(name))
+    for name in scores_likelihood:
+        likelihood_and_score(model, tokenizer, name, eval_sets[name], prompts[name], cfg, device, results[name],
+                             lines[name], processes, rank)
+        finished(name)
     return with_averages(results)
 
 
@@ -266,8 +281,9 @@ def with_averages(results: dict) -> dict:
 
 def generate_and_score(model: nn.Module, tokenizer, eval_sets: dict[str, list[dict]], prompts: dict[str, list[str]],
                        cfg: EvalConfig, device: torch.device, results: dict, lines: dict, processes: int,
-                       rank: int) -> None:
-    """Generation and both parse protocols for every set, into ``results`` and ``lines`` per set."""
+                       rank: int, done=lambda name: None) -> None:
+    """Generation and both parse protocols for every set, into ``results`` and ``lines`` per set;
+    ``done(name)`` once a set is scored."""
     protocol = str(getattr(cfg.protocol, "value", cfg.protocol))
     for max_new, names in sets_by_budget(eval_sets, cfg).items():
         start = time.perf_counter()
@@ -281,6 +297,7 @@ def generate_and_score(model: nn.Module, tokenizer, eval_sets: dict[str, list[di
             share = group_seconds * len(generated) / group_prompts if group_prompts else 0.0
             results[name].update(result, seconds=share + time.perf_counter() - start, group_seconds=group_seconds)
             lines[name] = scored
+            done(name)
 
 
 def likelihood_and_score(model: nn.Module, tokenizer, name: str, records: list[dict], prompts: list[str],

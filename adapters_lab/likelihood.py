@@ -19,6 +19,7 @@ import torch.nn as nn
 from accelerate.utils import find_executable_batch_size
 
 from adapters_lab.answers import answer_kind
+from adapters_lab.eval_progress import Progress
 from adapters_lab.strict import OPTION_LIST_RE
 
 ANSWER_FORMAT_RE = re.compile(r"Answer format:\s*([A-Za-z0-9/]+)")
@@ -54,6 +55,7 @@ def response_logprobs(model: nn.Module, tokenizer, rows: list[tuple[list[int], l
     rows per forward (halved on running out of GPU memory; finished batches are kept)."""
     order = sorted(range(len(rows)), key=lambda i: -sum(map(len, rows[i])))
     sums: dict[int, float] = {}
+    progress = Progress("eval likelihood (prompt, option) rows", len(rows))
 
     @find_executable_batch_size(starting_batch_size=max(1, batch_size))
     def run(size: int) -> None:
@@ -61,6 +63,7 @@ def response_logprobs(model: nn.Module, tokenizer, rows: list[tuple[list[int], l
         for start in range(0, len(todo), size):
             chunk = todo[start: start + size]
             sums.update(zip(chunk, _batch_logprobs(model, tokenizer, [rows[i] for i in chunk], device)))
+            progress.advance(len(chunk))
 
     if rows:
         run()

@@ -208,7 +208,8 @@ def test_bench_eval_tiny_prints_and_writes_its_table(tmp_path, capsys):
     for beams, profile in ((1, result["step_profile"]["1_beams"]), (4, result["step_profile"]["4_beams"])):
         assert profile["attended_slots"] == profile["prompt_slots"] + beams * 3 and profile["ms_per_step"] > 0
         assert any("aten::mm" in line for line in profile["top_kernels"])  # the projections are in the profile
-        assert set(profile["attention"]) == {"ours", "chosen_backend"} and profile["attention"]["ours"]["kv_gb_per_s"] > 0
+        assert set(profile["attention"]) == {"ours", "chosen_backend"}
+        assert profile["attention"]["ours"]["kv_gb_per_s"] > 0
         assert profile["attention"]["chosen_backend"] is None  # a CPU decoder leaves the kernel to SDPA
     # fp32 on the CPU: our decoder gives generate's exact texts, greedy and with beams
     assert result["check"]["same_text_as_generate_1_beams"] == result["check"]["same_text_as_generate_4_beams"] == 1.0
@@ -220,7 +221,68 @@ def test_bench_eval_tiny_prints_and_writes_its_table(tmp_path, capsys):
     for r in rows.values():
         assert r["examples_per_s"] == pytest.approx(r["examples"] / r["seconds"])
         assert r["math_suite_minutes"] == pytest.approx(result["math_suite_questions"] / r["examples_per_s"] / 60)
-    assert result["speedup_4beam"] == pytest.approx(rows[("ours", 4)]["examples_per_s"] / rows[("upstream", 4)]["examples_per_s"])
+    speedup = rows[("ours", 4)]["examples_per_s"] / rows[("upstream", 4)]["examples_per_s"]
+    assert result["speedup_4beam"] == pytest.approx(speedup)
     table = capsys.readouterr().out
     assert "| procedure | beams | batch | KV cache |" in table and table.count("\n| ours |") == 2
     assert "Speed-up over upstream" in table
+
+
+def test_progress_lines_per_batch(tiny, caplog):
+    model, tokenizer = tiny
+    prompts = [eval_prompt(q) for q in QUESTIONS]
+    with caplog.at_level("INFO", logger="adapters_lab.eval_progress"):
+        evaluate.generate(model, tokenizer, prompts, 2, 1, 2, CPU, "transformers")
+    lines = [r.getMessage() for r in caplog.records if r.name == "adapters_lab.eval_progress"]
+    assert [line.split(",")[0] for line in lines] == ["eval generate: 2/5 examples", "eval generate: 4/5 examples",
+                                                       "eval generate: 5/5 examples"]
+    assert all("/s, ETA" in line for line in lines) and lines[-1].endswith("ETA 0s")
+
+
+def test_a_killed_evaluation_resumes_at_the_next_unfinished_set(tiny, tmp_path, monkeypatch):
+    """Sets are kept as they finish; a rerun reuses them (same model, settings, data) and generates only
+    the rest; the metrics and prediction lines equal an uninterrupted run's."""
+    model, tokenizer = tiny
+    questions = arith_splits(0, 6, 20, seed=3)[1]
+    eval_sets = {"gsm8k": questions[:3], "AddSub": questions[3:]}
+    monkeypatch.setattr(evaluate, "default_max_new_tokens", {"gsm8k": 4, "AddSub": 3}.get)  # two groups
+    real_generate, calls = evaluate.generate, []
+
+    def spy(model, tokenizer, prompts, *args):
+        calls.append(len(prompts))
+        if kill["at"] == len(calls):
+            raise KeyboardInterrupt  # the process dies here
+        return real_generate(model, tokenizer, prompts, *args)
+
+    kill = {"at": None}
+    monkeypatch.setattr(evaluate, "generate", spy)
+    cfg = EvalConfig(batch_size=4, num_beams=1)
+    whole = evaluate.evaluate_sets(model, tokenizer, eval_sets, cfg, CPU, tmp_path / "whole")
+    kill["at"], calls[:] = 2, []
+    with pytest.raises(KeyboardInterrupt):
+        evaluate.evaluate_sets(model, tokenizer, eval_sets, cfg, CPU, tmp_path / "killed")
+    assert (tmp_path / "killed" / "partial" / "gsm8k.json").is_file()
+    assert not (tmp_path / "killed" / "partial" / "AddSub.json").exists()
+    kill["at"], calls[:] = None, []
+    resumed = evaluate.evaluate_sets(model, tokenizer, eval_sets, cfg, CPU, tmp_path / "killed")
+    assert calls == [3]  # AddSub only
+    for name in eval_sets:
+        assert {k: v for k, v in resumed[name].items() if "seconds" not in k} == \
+               {k: v for k, v in whole[name].items() if "seconds" not in k}
+        assert (tmp_path / "killed" / f"{name}.jsonl").read_text() == (tmp_path / "whole" / f"{name}.jsonl").read_text()
+    calls[:] = []  # other settings: nothing is reused
+    evaluate.evaluate_sets(model, tokenizer, eval_sets, EvalConfig(batch_size=4, num_beams=2), CPU, tmp_path / "other")
+    evaluate.evaluate_sets(model, tokenizer, eval_sets, cfg, CPU, tmp_path / "other")
+    assert calls == [3, 3, 3, 3]
+    calls[:] = []  # other trainable weights (another adapter): nothing is reused
+    evaluate.evaluate_sets(model, tokenizer, eval_sets, cfg, CPU, tmp_path / "killed")
+    assert calls == []
+    param = next(p for p in model.parameters() if p.requires_grad)
+    saved = param.detach().clone()
+    with torch.no_grad():
+        param.add_(1e-3)
+        try:
+            evaluate.evaluate_sets(model, tokenizer, eval_sets, cfg, CPU, tmp_path / "killed")
+        finally:
+            param.copy_(saved)
+    assert calls == [3, 3]
