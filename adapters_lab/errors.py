@@ -4,9 +4,10 @@ from adapters_lab.adapters.base import AdapterConfigError
 from adapters_lab.config import TrainerConfigError
 from adapters_lab.data.records import DataError
 from adapters_lab.files import OutputDirError
+from adapters_lab.training.checkpoints import CheckpointWriteError
 from adapters_lab.training.loop import NonFiniteLossError
 
 USER_ERRORS = (
-    AdapterConfigError, DataError, TrainerConfigError, OutputDirError, NonFiniteLossError,
+    AdapterConfigError, DataError, TrainerConfigError, OutputDirError, NonFiniteLossError, CheckpointWriteError,
     FileNotFoundError, PermissionError,
 )

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
+import re
 import signal
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -18,6 +22,7 @@ from adapters_lab.training.checkpoints import latest_checkpoint
 from adapters_lab.training.loop import NonFiniteLossError
 from adapters_lab.training.metrics import progress_postfix
 from adapters_lab.training.settings import check_trainer_config
+from tests.conftest import FAST, REPO
 from tests.train_helpers import run, token_examples, trainable, trainer_cfg
 
 
@@ -156,3 +161,58 @@ def test_padded_and_real_throughput_are_logged_and_shown():
     assert "mfu" not in postfix and "mem" not in postfix  # CPU: no peak rate or GPU memory known
     shown = progress_postfix({**last, "train/mfu": 0.614, "train/peak_memory_gib": 51.53})
     assert shown["mfu"] == "61%" and shown["mem"] == "51.5G"
+
+
+def test_sigint_saves_a_checkpoint_and_resuming_gives_the_uninterrupted_weights(tmp_path):
+    class SendInt(NullTracker):
+        def log(self, metrics, step=None):
+            if step == 2:
+                os.kill(os.getpid(), signal.SIGINT)
+
+    examples, cfg = token_examples(16), trainer_cfg(max_steps=5, log_every=1, checkpoint_every=0)
+    full_model, full = run(cfg, examples, seed=1, dropout=0.1)
+    with pytest.raises(SystemExit) as exit_info:
+        run(cfg, examples, seed=1, dropout=0.1, checkpoint_dir=tmp_path, tracker=SendInt())
+    assert exit_info.value.code == 128 + signal.SIGINT
+    assert json.loads((tmp_path / "latest.json").read_text())["step"] == 2
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored
+    resumed_model, resumed = run(cfg, examples, seed=1, dropout=0.1, checkpoint_dir=tmp_path)
+    assert resumed.resumed_from_step == 2 and resumed.loss_history == full.loss_history
+    for name, value in trainable(full_model).items():
+        assert torch.equal(value, trainable(resumed_model)[name]), name
+
+
+@pytest.mark.parametrize("failure", [
+    RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 4416 vs 4314"),  # torch.save, disk full
+    OSError(errno.ENOSPC, "No space left on device"),
+])
+def test_a_checkpoint_that_cannot_be_written_is_one_line(tmp_path, monkeypatch, failure):
+    from adapters_lab.errors import USER_ERRORS
+    from adapters_lab.training import checkpoints
+
+    def full_disk(*args, **kwargs):
+        raise failure
+
+    monkeypatch.setattr(checkpoints.torch, "save", full_disk)
+    with pytest.raises(checkpoints.CheckpointWriteError) as err:
+        run(trainer_cfg(max_steps=2, checkpoint_every=1), token_examples(8), checkpoint_dir=tmp_path)
+    message = str(err.value)
+    assert "\n" not in message and isinstance(err.value, USER_ERRORS)
+    assert f"could not write {tmp_path / 'step-0000001'}" in message and "MiB free" in message
+    assert "trainer.checkpoint_every" in message and str(failure).splitlines()[-1][:40] in message
+    assert not (tmp_path / "latest.json").exists()  # nothing names the unfinished checkpoint
+
+
+def test_the_run_log_holds_a_loss_line_every_log_every_steps(tmp_path):
+    """Python logging (Hydra writes it to run.log and the console) carries the step, loss, learning
+    rate, tokens/s and ETA every trainer.log_every steps, with the progress bar off."""
+    command = [sys.executable, "run.py", "experiment=demo", *FAST, "trainer.max_steps=4", "trainer.log_every=2",
+               "eval.max_new_tokens=2", f"hydra.run.dir={tmp_path}"]
+    env = {**os.environ, "WANDB_MODE": "disabled", "HF_HUB_OFFLINE": "1"}
+    done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    pattern = r"step (\d)/4: loss \d+\.\d{4}, lr \S+, [\d,]+ tok/s, ETA (\S+)"
+    lines = re.findall(pattern, (tmp_path / "run.log").read_text())
+    assert [step for step, _ in lines] == ["2", "4"], lines
+    assert lines[-1][1] == "00:00:00"  # nothing left at the last step
+    assert re.findall(pattern, done.stdout + done.stderr) == lines  # and on the console

@@ -5,6 +5,7 @@ only ever names a complete checkpoint. Older ones are rotated out (``trainer.kee
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import random
@@ -56,17 +57,36 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+class CheckpointWriteError(OSError):
+    """A checkpoint could not be written (a full disk, as a rule); the message is one line."""
+
+
+@contextlib.contextmanager
+def written(folder: Path):
+    """A failed write under ``folder`` as one line naming the folder, the free space and the cause
+    (torch.save reports a full disk as "[enforce fail at inline_container.cc:...] unexpected pos")."""
+    try:
+        yield
+    except (OSError, RuntimeError) as err:
+        free = shutil.disk_usage(folder).free if folder.exists() else 0
+        cause = str(err).strip().splitlines()[-1][:200] if str(err).strip() else type(err).__name__
+        raise CheckpointWriteError(
+            f"trainer checkpoint: could not write {folder} ({free / 2**20:,.1f} MiB free): {cause}; free space "
+            "there or raise trainer.checkpoint_every") from err
+
+
 def save_checkpoint(directory: Path, model: nn.Module, optimizer, scheduler, loop: LoopState,
                     fingerprint: dict, keep: int) -> Path:
     folder = Path(directory) / f"step-{loop.step:07d}"
     folder.mkdir(parents=True, exist_ok=True)
     tensors = {name: t.contiguous().cpu() for name, t in adapter_state_dict(model).items()}
-    with atomic_path(folder / ADAPTER_FILE) as tmp:
-        save_file(tensors, str(tmp))
     state = {"loop": asdict(loop), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
              "rng": rng_state(), "fingerprint": fingerprint}
-    with atomic_path(folder / STATE_FILE) as tmp:
-        torch.save(state, tmp)
+    with written(folder):
+        with atomic_path(folder / ADAPTER_FILE) as tmp:
+            save_file(tensors, str(tmp))
+        with atomic_path(folder / STATE_FILE) as tmp:
+            torch.save(state, tmp)
     write_json_atomic(Path(directory) / LATEST, {"step": loop.step, "folder": folder.name})
     for old in sorted(Path(directory).glob("step-*"))[:-keep]:
         shutil.rmtree(old, ignore_errors=True)

@@ -21,6 +21,7 @@ import torch
 import torch.nn as nn
 from accelerate import Accelerator
 from tqdm.auto import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 from adapters_lab.config import NanPolicy, TrainerConfigError
 from adapters_lab.data.batching import BatchPlan
@@ -28,10 +29,10 @@ from adapters_lab.data.tokenize import PaddedCollator
 from adapters_lab.training import checkpoints
 from adapters_lab.training.checkpoints import LoopState
 from adapters_lab.training.metrics import Throughput, TrainResult, default_peak_tflops, flops_per_token, \
-    progress_postfix, train_result, window_mean
+    log_line, progress_postfix, train_result, window_mean
 from adapters_lab.training.schedule import make_scheduler
 from adapters_lab.training.settings import TrainerSettings
-from adapters_lab.training.signals import TermSignal
+from adapters_lab.training.signals import StopSignals
 from adapters_lab.training.speed import SpeedPaths
 from adapters_lab.training.step import CausalLMObjective, StepTotals, forward_backward, update
 from adapters_lab.training.validation import validation_loss
@@ -102,14 +103,15 @@ class Recipe:
         self.bar = tqdm(total=self.updates, initial=self.loop.step, unit="step",
                         disable=not (self.cfg.progress_bar and self.accelerator.is_main_process))
         self.batches = self.plan.epoch(self.loop.epoch)
-        with TermSignal() as term:
+        with StopSignals() as signals, logging_redirect_tqdm():  # log lines above the progress bar
             while self.loop.step < self.updates:
-                totals = self.train_step(self.next_group(), term.received)
+                totals = self.train_step(self.next_group(), signals.received)
                 if totals is None:  # a non-finite loss skipped (trainer.nan_policy=skip)
                     continue
                 self.log(totals)
                 self.maybe_validate()
-                self.maybe_checkpoint(stop=term.received if self.accelerator.num_processes == 1 else totals.stop)
+                stop = signals.received if self.accelerator.num_processes == 1 else totals.stop
+                self.maybe_checkpoint(stop, signals.signum or signal.SIGTERM)  # SIGTERM: another process's
         return self.finish()
 
     def setup_optimizer(self) -> None:
@@ -186,6 +188,8 @@ class Recipe:
                                       self.epoch_progress())
         self.tracker.log(stats, loop.step)
         self.bar.set_postfix(progress_postfix(stats))
+        if self.accelerator.is_main_process:  # Hydra's run.log and the console, whatever the progress bar
+            log.info("%s", log_line(loop.step, self.updates, stats, self.throughput.eta(loop, self.updates)))
 
     def validate(self) -> None:
         self.loop.val_loss = validation_loss(self.model, self.val_examples, PaddedCollator(self.plan.collate.pad_token_id),
@@ -203,7 +207,7 @@ class Recipe:
         return checkpoints.save_checkpoint(self.checkpoint_dir, self.model, self.optimizer, self.scheduler, self.loop,
                                            self.fingerprint, self.cfg.keep_checkpoints)
 
-    def maybe_checkpoint(self, stop: bool) -> None:
+    def maybe_checkpoint(self, stop: bool, signum: int) -> None:
         """Save every ``trainer.checkpoint_every`` steps, at the end, and when asked to stop (then exit)."""
         every, step = self.cfg.checkpoint_every, self.loop.step
         if not (every > 0 and step % every == 0 or step == self.updates or stop):
@@ -212,8 +216,8 @@ class Recipe:
         saved = self.save()
         if stop:
             self.bar.close()
-            log.warning("SIGTERM: checkpoint saved in %s at step %d; exiting", saved, step)
-            raise SystemExit(128 + signal.SIGTERM)
+            log.warning("%s: checkpoint saved in %s at step %d; exiting", signal.Signals(signum).name, saved, step)
+            raise SystemExit(128 + signum)
 
     def finish(self) -> TrainResult:
         self.throughput.bank(self.loop)

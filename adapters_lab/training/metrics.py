@@ -85,6 +85,15 @@ def progress_postfix(stats: dict) -> dict[str, str]:
     return postfix
 
 
+def log_line(step: int, updates: int, stats: dict, eta_seconds: float) -> str:
+    """The line logged every ``trainer.log_every`` steps: step, loss, learning rate, tokens/s, ETA."""
+    eta = "?" if eta_seconds != eta_seconds else time.strftime("%H:%M:%S", time.gmtime(eta_seconds))
+    if eta_seconds >= 86400:
+        eta = f"{int(eta_seconds // 86400)}d {eta}"
+    return (f"step {step}/{updates}: loss {stats['train/loss']:.4f}, lr {stats['train/lr']:.3g}, "
+            f"{stats['train/tokens_per_second']:,.0f} tok/s, ETA {eta}")
+
+
 class Throughput:
     """Wall time of the run (``loop.seconds`` banks it at each checkpoint, so a resumed run adds
     its segments) and the steady rate after the first steps (compilation, warm-up)."""
@@ -95,7 +104,8 @@ class Throughput:
         self.steady_start: float | None = None
         self.steady_tokens = 0
         self.flops, self.peak_tflops, self.world, self.device = flops, peak_tflops, world, device
-        self.segment_start = time.perf_counter()
+        self.segment_start = self.started = time.perf_counter()
+        self.start_step = loop.step
 
     def step(self, loop: LoopState, tokens: int) -> None:
         """After an optimiser step that saw ``tokens`` real tokens."""
@@ -123,6 +133,11 @@ class Throughput:
         if self.device.type == "cuda":
             stats["train/peak_memory_gib"] = peak_memory_gib(self.device)
         return stats
+
+    def eta(self, loop: LoopState, updates: int) -> float:
+        """Seconds left at this run's rate so far (this process's segment, a resume's included)."""
+        done = loop.step - self.start_step
+        return (time.perf_counter() - self.started) / done * (updates - loop.step) if done > 0 else float("nan")
 
     def steady_rate(self, loop: LoopState) -> float:
         seconds = time.perf_counter() - self.steady_start if self.steady_start is not None else 0.0

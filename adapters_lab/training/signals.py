@@ -1,27 +1,36 @@
-"""Stop requests that the loop answers with a checkpoint before exiting."""
+"""Stop requests that the loop answers with a checkpoint before exiting: SIGTERM (what SLURM sends
+before pre-emption) and SIGINT (Ctrl-C; a second one interrupts at once)."""
 
 from __future__ import annotations
 
 import signal
 import threading
 
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
-class TermSignal:
-    """Turns SIGTERM (what SLURM sends before preemption) into a flag the loop checks after
-    each optimiser step, so it can checkpoint before exiting."""
+
+class StopSignals:
+    """Turns SIGTERM and SIGINT into a flag the loop checks after each optimiser step, so it can
+    checkpoint before exiting; ``signum`` is the first one received."""
 
     def __init__(self):
-        self.received = False
-        self.previous = None
+        self.signum: int | None = None
+        self.previous: dict = {}
+
+    @property
+    def received(self) -> bool:
+        return self.signum is not None
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():
-            self.previous = signal.signal(signal.SIGTERM, self._handle)
+            self.previous = {s: signal.signal(s, self._handle) for s in STOP_SIGNALS}
         return self
 
     def _handle(self, signum, frame):
-        self.received = True
+        if signum == signal.SIGINT and self.signum == signal.SIGINT:
+            raise KeyboardInterrupt  # a second Ctrl-C: do not wait for the step to end
+        self.signum = self.signum or signum
 
     def __exit__(self, *exc):
-        if self.previous is not None:
-            signal.signal(signal.SIGTERM, self.previous)
+        for signum, handler in self.previous.items():
+            signal.signal(signum, handler)
