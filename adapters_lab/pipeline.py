@@ -14,10 +14,8 @@ from transformers import set_seed
 
 from adapters_lab.adapters import build_adapter, count_parameters, freeze
 from adapters_lab.adapters.io import check_export, save_adapter, save_base_model, write_exports
-from adapters_lab.data.sources import data_files, load_task_data
-from adapters_lab.data.tokenize import tokenize_records
-from adapters_lab.evaluate import evaluate_sets
 from adapters_lab.files import probe_writable, write_json_atomic, write_text_atomic
+from adapters_lab.kinds import model_kind
 from adapters_lab.models import build_model
 from adapters_lab.report import MemorySampler, run_report
 from adapters_lab.runs import RunFolder, check_checkpoint
@@ -60,13 +58,15 @@ def run_in(cfg: DictConfig, folder: RunFolder, accelerator) -> dict:
     main = accelerator.is_main_process
     # 1. Check everything that needs no weights: adapter options, trainer options, data files, disk.
     adapter = build_adapter(cfg.adapter)
+    kind = model_kind(cfg.model)  # causal LM or image-text: its data, builder, tokens, collator, evaluation
+    kind.check(adapter, cfg)
     check_export(adapter, cfg.export.peft, cfg.export.merged)
     if adapter.trains:
         trainer = check_trainer_config(cfg.trainer)  # the checked options, as objects, that train() takes
         adapter.check_training(trainer.cfg)
         if trainer.resume_from is not None:
             check_checkpoint(trainer.resume_from, folder.fingerprint)
-    data = load_task_data(cfg.dataset, cfg.eval, cfg.trainer, cfg.paths, cfg.seed, needs_train=adapter.trains)
+    data = kind.load_data(cfg, needs_train=adapter.trains)
     probe_writable(folder.folder)
     out_dir = folder.prepare()
     if main:
@@ -79,45 +79,48 @@ def run_in(cfg: DictConfig, folder: RunFolder, accelerator) -> dict:
 
     memory = MemorySampler(accelerator.device)  # reserved GPU memory, sampled for metrics.json's report
     # 2-3. Base model, frozen; the adapter injected into it.
-    model, tokenizer = build_model(cfg.model, accelerator.device)
+    model, tokenizer = build_model(cfg.model, accelerator.device)  # by model.kind: (model, tokenizer or processor)
     freeze(model)
     if cfg.model.tiny is not None and adapter.trains and main:
         save_base_model(model, tokenizer, out_dir / "base_model")  # random init: others need it to load the adapter
-    report = adapter.inject(model, tokenizer)
+    report = adapter.inject(model, kind.text_tokenizer(tokenizer))
+    described = kind.describe(model, cfg)  # image-text: the connector trained or frozen, counts per part
     params = count_parameters(model)
     log.info("%s", report.summary())
     log.info("parameters: %s trainable of %s (%.4f%%)", f"{params['trainable']:,}", f"{params['total']:,}",
              100 * params["trainable"] / params["total"])
     metrics: dict = {"run": run_name, "params": params,
-                     "adapter": {"modules": len(report.adapted), "summary": report.summary()}}
+                     "adapter": {"modules": len(report.adapted), "summary": report.summary()}, **described}
     model.to(accelerator.device)
 
     # 4-5. Data as tokens, then training.
     if adapter.trains:
         ds = cfg.dataset
-        features = {split: tokenize_records(records, tokenizer, ds.cutoff_len, ds.train_on_inputs, ds.add_eos_token,
-                                            ds.max_bad_record_share, f"dataset.train={ds.train} ({split})")
+        features = {split: kind.features(records, tokenizer, ds, f"dataset.train={ds.train} ({split})")
                     for split, records in (("train", data.train), ("val", data.val))}
-        result = train(model, features["train"].examples, features["val"].examples, tokenizer.pad_token_id,
-                       trainer, accelerator, tracker, cfg.seed, checkpoint_dir=out_dir / "checkpoints")
+        result = train(model, features["train"].examples, features["val"].examples,
+                       kind.text_tokenizer(tokenizer).pad_token_id, trainer, accelerator, tracker, cfg.seed,
+                       checkpoint_dir=out_dir / "checkpoints", **kind.train_options(model, tokenizer, cfg))
         metrics["train"] = asdict(result)
         metrics["data"] = {"train_records": len(data.train), "val_records": len(data.val),
                            "truncated": features["train"].truncated, "prompt_overflow": features["train"].prompt_overflow}
     metrics.setdefault("data", {})["skipped_malformed"] = data.skipped
     metrics["data"]["missing_sets"] = data.missing_sets  # eval.missing_sets=skip: sets left out for lack of a file
+    metrics["data"].update(kind.data_notes(data))
 
     # 6. Evaluation, each process a share of every set; 7. results (process 0 only), adapter weights alone.
-    metrics["eval"] = evaluate_sets(model, tokenizer, data.eval_sets, cfg.eval, accelerator.device,
+    metrics["eval"] = kind.evaluate(model, tokenizer, data.eval_sets, cfg, accelerator.device,
                                     out_dir / "predictions" if main else None, accelerator.num_processes,
                                     accelerator.process_index)
     if main:
-        write_results(cfg, model, adapter, tracker, out_dir, metrics, folder.fingerprint, memory)
+        write_results(cfg, model, adapter, tracker, out_dir, metrics, folder.fingerprint, memory,
+                      kind.data_files(cfg, adapter.trains))
     tracker.finish()
     return metrics
 
 
 def write_results(cfg: DictConfig, model, adapter, tracker, out_dir: Path, metrics: dict, fingerprint: dict,
-                  memory: MemorySampler) -> None:
+                  memory: MemorySampler, data_files: list[Path]) -> None:
     """Adapter, exports and ``metrics.json`` (last: it marks the run finished), process 0 only."""
     tracker.log_predictions(out_dir / "predictions")
     if adapter.trains:
@@ -126,7 +129,6 @@ def write_results(cfg: DictConfig, model, adapter, tracker, out_dir: Path, metri
         write_exports(model, adapter, out_dir, cfg.export, base_model=base_model)
     if torch.cuda.is_available():
         metrics["peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
-    metrics["report"] = run_report(metrics, cfg.model, data_files(cfg.dataset, cfg.paths, adapter.trains),
-                                   out_dir / "adapter", memory)
+    metrics["report"] = run_report(metrics, cfg.model, data_files, out_dir / "adapter", memory)
     tracker.summary(flatten(metrics))
     write_json_atomic(out_dir / "metrics.json", {**metrics, "fingerprint": fingerprint})

@@ -4,12 +4,23 @@ from __future__ import annotations
 
 import functools
 
+import pytest
+import torch
 from omegaconf import OmegaConf
 
 from adapters_lab.config import ModelConfig
 from tests.conftest import CONF_DIR
 
 TINY = ("tiny_llava", "tiny_qwen2vl")
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """The tiny models run many times faster on one thread on a shared, loaded machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def model_config(name: str, **overrides) -> ModelConfig:
@@ -27,8 +38,6 @@ def _processor(name: str):
 
 def build(name: str, seed: int = 0):
     """(model, processor) with seeded random weights (the processor is built once per model)."""
-    import torch
-
     from adapters_lab.models.image_text import build_image_text
 
     torch.manual_seed(seed)

@@ -11,8 +11,13 @@ import torch
 from adapters_lab.adapters.base import Placement, freeze
 from adapters_lab.adapters.ia3 import IA3
 from adapters_lab.adapters.lora import LoRA
-from adapters_lab.models.parts import count_by_part, model_parts, parameter_groups, part_of_parameters, \
-    set_connector_trainable
+from adapters_lab.models.parts import (
+    count_by_part,
+    model_parts,
+    parameter_groups,
+    part_of_parameters,
+    set_connector_trainable,
+)
 from tests.adapter_helpers import randomize_trainable
 from tests.mm_helpers import TINY, batch, build, shapes
 

@@ -52,14 +52,16 @@ def test_memorising_a_handful_scores_full_marks_only_after_training(make_cfg, tm
     through the real generate-and-parse path (the evaluation set is the training set)."""
     data = ["dataset.arith.num_train=4", "dataset.arith.num_test=1", "trainer.val_set_size=0",
             "eval.max_new_tokens=24"]
-    original = pipeline.load_task_data
+    from adapters_lab.kinds import causal_lm  # the causal-LM kind reads the task data for the pipeline
+
+    original = causal_lm.load_task_data
 
     def train_split_as_eval_set(*args, **kwargs):
         task = original(*args, **kwargs)
         task.eval_sets = {"arith": arith_splits(4, 1, 20, 1234)[0]}
         return task
 
-    monkeypatch.setattr(pipeline, "load_task_data", train_split_as_eval_set)
+    monkeypatch.setattr(causal_lm, "load_task_data", train_split_as_eval_set)
     before = make_cfg(*data, "adapter=none")
     pipeline.run(before)
     assert _accuracy(before) <= 0.25

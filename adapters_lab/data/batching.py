@@ -51,7 +51,7 @@ class BatchPlan:
     attention's segment boundaries)."""
 
     def __init__(self, examples: list[dict], cfg: TrainerConfig, pad_token_id: int, seed: int,
-                 extras: Extras | None = None):
+                 extras: Extras | None = None, collate=None):
         self.examples, self.seed, self.cfg, self.extras = examples, seed, cfg, extras
         self.lengths = [len(x["input_ids"]) for x in examples]
         self.batching = Batching(cfg.batching)
@@ -65,8 +65,8 @@ class BatchPlan:
                     f"trainer.pack_length={cfg.pack_length}: shorter than the longest training example "
                     f"({max(self.lengths)} tokens); raise it or set 0 (auto)")
             self.collate = PackedCollator(pad_token_id, self.row_length)
-        else:
-            self.collate = PaddedCollator(pad_token_id)
+        else:  # a model kind's own padded collator (image-text: with the images) or the text one
+            self.collate = collate or PaddedCollator(pad_token_id)
 
     def epoch(self, epoch: int) -> list:
         mbs = self.cfg.micro_batch_size

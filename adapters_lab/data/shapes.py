@@ -73,7 +73,8 @@ def shapes_records(num: int, kinds: list[str], size: int, seed: int, split: str)
     """``num`` records cycling through ``kinds``, seeded by (seed, split)."""
     unknown = [k for k in kinds if k not in QUESTIONS]
     if unknown or not kinds:
-        raise ValueError(f"dataset.shapes.questions={list(kinds)}: unknown kind(s) {unknown} (known: {list(QUESTIONS)})")
+        raise ValueError(f"dataset.shapes.questions={list(kinds)}: unknown kind(s) {unknown} "
+                         f"(known: {list(QUESTIONS)})")
     rng = random.Random(f"{seed}-{split}")
     records = []
     for index in range(num):

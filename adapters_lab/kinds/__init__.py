@@ -1,6 +1,7 @@
 """Model kinds: what differs between a causal LM run and an image-text run, behind one interface the
-pipeline calls (config checks, data, the model builder, tokens, the collator and optimiser groups,
-evaluation). A new kind is a new module here with the same methods."""
+pipeline calls (config checks, data, tokens, the collator and optimiser groups, evaluation);
+``build_model`` in ``adapters_lab.models`` builds each kind's model. A new kind is a new module here
+with the same methods."""
 
 from __future__ import annotations
 

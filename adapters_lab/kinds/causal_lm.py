@@ -4,10 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from adapters_lab.data.sources import load_task_data
+from adapters_lab.data.sources import data_files, load_task_data
 from adapters_lab.data.tokenize import tokenize_records
 from adapters_lab.evaluate import evaluate_sets
-from adapters_lab.models import build_causal_lm
 
 
 class CausalLMKind:
@@ -19,8 +18,12 @@ class CausalLMKind:
     def load_data(self, cfg, needs_train: bool):
         return load_task_data(cfg.dataset, cfg.eval, cfg.trainer, cfg.paths, cfg.seed, needs_train=needs_train)
 
-    def build(self, cfg, device=None):
-        return build_causal_lm(cfg, device)
+    def data_notes(self, data) -> dict:
+        """Extra data figures for metrics.json: none."""
+        return {}
+
+    def data_files(self, cfg, needs_train: bool) -> list[Path]:
+        return data_files(cfg.dataset, cfg.paths, needs_train)
 
     def text_tokenizer(self, tokenizer):
         return tokenizer

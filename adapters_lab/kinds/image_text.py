@@ -10,9 +10,9 @@ from adapters_lab.adapters.base import AdapterConfigError
 from adapters_lab.adapters.prefix import PrefixTuning
 from adapters_lab.adapters.prompt import PromptTuning
 from adapters_lab.data.mllm import ImageTextCollator, tokenize_conversations
-from adapters_lab.models.image_text import build_image_text, family_of
+from adapters_lab.models.image_text import family_of
 from adapters_lab.models.parts import count_by_part, parameter_groups, set_connector_trainable
-from adapters_lab.multimodal.data import load_image_text_data
+from adapters_lab.multimodal.data import SHAPES, eval_file, load_image_text_data
 from adapters_lab.multimodal.evaluate import evaluate_image_text_sets
 
 log = logging.getLogger(__name__)
@@ -41,6 +41,10 @@ class ImageTextKind:
         reason = refusal(adapter, family_of(cfg.model), cfg.model.name)
         if reason:
             raise AdapterConfigError(reason)
+        scoring = _value(getattr(cfg.eval, "scoring", "generate"))
+        if scoring != "generate":
+            raise AdapterConfigError(f"eval.scoring={scoring}: image-text models are scored on generated answers "
+                                     "(eval.scoring=generate)")
         trainer = cfg.trainer
         for key, bad in (("batching", _value(trainer.batching) == "packed"), ("fused_loss", trainer.fused_loss),
                          ("attn_implementation", trainer.attn_implementation == "varlen")):
@@ -55,8 +59,15 @@ class ImageTextKind:
                         "text-only questions", cfg.dataset.name, source, dropped)
         return data
 
-    def build(self, cfg, device=None):
-        return build_image_text(cfg)
+    def data_notes(self, data) -> dict:
+        """Records dropped because their images are absent (the run used text-only questions)."""
+        return {"text_only_dropped": data.text_only_dropped} if data.text_only_dropped else {}
+
+    def data_files(self, cfg, needs_train: bool) -> list[Path]:
+        """The record files a run reads (not the generated shapes, nor the images)."""
+        ds = cfg.dataset
+        files = [Path(ds.train).expanduser()] if needs_train and ds.train != SHAPES else []
+        return files + [eval_file(name, ds, cfg.paths) for name in ds.eval_sets if name != SHAPES]
 
     def text_tokenizer(self, processor):
         return processor.tokenizer

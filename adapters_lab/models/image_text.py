@@ -16,9 +16,18 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
-from transformers import (AutoConfig, AutoImageProcessor, AutoModelForImageTextToText, AutoTokenizer,
-                          CLIPImageProcessorPil, LlavaConfig, LlavaForConditionalGeneration, Qwen2VLConfig,
-                          Qwen2VLForConditionalGeneration, Qwen2VLImageProcessorPil)
+from transformers import (
+    AutoConfig,
+    AutoImageProcessor,
+    AutoModelForImageTextToText,
+    AutoTokenizer,
+    CLIPImageProcessorPil,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+    Qwen2VLConfig,
+    Qwen2VLForConditionalGeneration,
+    Qwen2VLImageProcessorPil,
+)
 
 from adapters_lab.config import ModelConfig, TinyModelConfig
 from adapters_lab.models.causal_lm import build_tiny_tokenizer, ensure_pad_token, torch_dtype

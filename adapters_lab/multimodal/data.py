@@ -43,7 +43,8 @@ IMAGE_TEXT_SETS = {
 
 def image_text_set(name: str) -> ImageTextSet:
     if name not in IMAGE_TEXT_SETS:
-        raise DataError(f"dataset.eval_sets: unknown image-text evaluation set {name!r} (known: {sorted(IMAGE_TEXT_SETS)})")
+        raise DataError(f"dataset.eval_sets: unknown image-text evaluation set {name!r} "
+                        f"(known: {sorted(IMAGE_TEXT_SETS)})")
     return IMAGE_TEXT_SETS[name]
 
 

@@ -66,7 +66,8 @@ def score_image_text_set(name: str, records: list[dict], generated: list[str]) -
         output = text.strip()
         prediction, value = score_answer(kind, output, record)
         total += value
-        lines.append({"dataset": name, "id": record["id"], "kind": kind, "question": record["conversations"][-2]["value"],
+        lines.append({"dataset": name, "id": record["id"], "kind": kind,
+                      "question": record["conversations"][-2]["value"],
                       "has_image": record["image"] is not None, "generated": text, "output": output,
                       "prediction": prediction, "label": record["answer"], "answers": record.get("answers"),
                       "score": value, "correct": value == 1.0})

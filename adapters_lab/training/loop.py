@@ -65,17 +65,19 @@ def nan_message(value: float, step: int, loop: LoopState, cfg, saved: Path | Non
 
 def train(model: nn.Module, train_examples: list[dict], val_examples: list[dict], pad_token_id: int,
           settings: TrainerSettings, accelerator: Accelerator, tracker, seed: int,
-          checkpoint_dir: Path | None = None) -> TrainResult:
+          checkpoint_dir: Path | None = None, collate=None, param_groups: list[dict] | None = None) -> TrainResult:
     """Train the trainable (adapter) parameters of ``model`` with the options ``check_trainer_config``
     returned; checkpoints go to ``checkpoint_dir`` and ``trainer.resume=auto`` continues from the last
-    one there."""
+    one there. A model kind may give its own padded ``collate`` (image-text: with the images) and the
+    optimiser's ``param_groups`` with their own ``lr`` (image-text: the connector at trainer.connector_lr)."""
     speed = SpeedPaths(settings.cfg, accelerator.device)
-    plan = BatchPlan(train_examples, settings.cfg, pad_token_id, seed, extras=speed.batch_extras)
+    plan = BatchPlan(train_examples, settings.cfg, pad_token_id, seed, extras=speed.batch_extras, collate=collate)
     if not any(p.requires_grad for p in model.parameters()):
         raise TrainerConfigError("the adapter added no trainable parameter")
     speed.apply(model)
     try:
-        return Recipe(model, plan, val_examples, settings, accelerator, tracker, speed, checkpoint_dir).run()
+        return Recipe(model, plan, val_examples, settings, accelerator, tracker, speed, checkpoint_dir,
+                      collate or PaddedCollator(pad_token_id), param_groups).run()
     finally:
         speed.restore(model)
 
@@ -84,8 +86,11 @@ class Recipe:
     """One training run; its state between steps is ``self.loop`` (what a checkpoint saves)."""
 
     def __init__(self, model: nn.Module, plan: BatchPlan, val_examples: list[dict], settings: TrainerSettings,
-                 accelerator: Accelerator, tracker, speed: SpeedPaths, checkpoint_dir: Path | None):
+                 accelerator: Accelerator, tracker, speed: SpeedPaths, checkpoint_dir: Path | None,
+                 val_collate=None, param_groups: list[dict] | None = None):
         self.model, self.plan, self.val_examples, self.settings = model, plan, val_examples, settings
+        self.val_collate = val_collate or PaddedCollator(plan.collate.pad_token_id)
+        self.param_groups = param_groups
         self.cfg, self.accelerator, self.tracker, self.speed = settings.cfg, accelerator, tracker, speed
         self.checkpoint_dir = checkpoint_dir
         self.updates = total_updates(self.cfg, plan.micro_batches_per_epoch(), settings.accumulation)
@@ -117,7 +122,7 @@ class Recipe:
     def setup_optimizer(self) -> None:
         cfg, accelerator = self.cfg, self.accelerator
         self.params = [p for p in self.model.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(self.params, lr=cfg.lr, weight_decay=cfg.weight_decay,
+        optimizer = torch.optim.AdamW(self.param_groups or self.params, lr=cfg.lr, weight_decay=cfg.weight_decay,
                                       fused=accelerator.device.type == "cuda")
         self.scheduler = make_scheduler(cfg, optimizer, self.updates, self.plan.micro_batches_per_epoch(),
                                         self.settings.accumulation)
@@ -192,7 +197,7 @@ class Recipe:
             log.info("%s", log_line(loop.step, self.updates, stats, self.throughput.eta(loop, self.updates)))
 
     def validate(self) -> None:
-        self.loop.val_loss = validation_loss(self.model, self.val_examples, PaddedCollator(self.plan.collate.pad_token_id),
+        self.loop.val_loss = validation_loss(self.model, self.val_examples, self.val_collate,
                                              self.cfg.micro_batch_size, self.accelerator, self.speed)
         self.tracker.log({"val/loss": self.loop.val_loss}, self.loop.step)
 

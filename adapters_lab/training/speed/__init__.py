@@ -18,8 +18,8 @@ from adapters_lab.training.settings import typed_trainer_config
 from adapters_lab.training.speed.layers import (compile_decoder_layers, enable_gradient_checkpointing,
                                                 uncompile_decoder_layers)
 from adapters_lab.training.speed.loss import check_fused_loss_supported, chunked_causal_lm_loss
-from adapters_lab.training.speed.varlen import (VARLEN, VARLEN_KWARGS, check_varlen_supported,
-                                                register_varlen_attention, varlen_batch_kwargs)
+from adapters_lab.training.speed.varlen import (VARLEN, check_varlen_supported, register_varlen_attention,
+                                                varlen_batch_kwargs)
 
 log = logging.getLogger(__name__)
 
@@ -97,9 +97,8 @@ class SpeedPaths:
     def logits(self, model: nn.Module, batch: dict) -> torch.Tensor:
         """Logits of a padded validation batch (with its extras when varlen attention is on)."""
         mark_dynamic_segments(batch)
-        extra = {k: batch[k] for k in VARLEN_KWARGS if k in batch}
-        return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False,
-                     **extra).logits
+        inputs = {k: v for k, v in batch.items() if k != "labels"}  # image-text batches carry pixel_values too
+        return model(**inputs, use_cache=False).logits
 
 
 def prepare_model(model: nn.Module, cfg: TrainerConfig, device: torch.device = torch.device("cpu")) -> SpeedPaths:
