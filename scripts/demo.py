@@ -30,7 +30,7 @@ def prepare_model(model_dir: Path) -> None:
     spec = importlib.util.spec_from_file_location("prepare_smollm2", ROOT / "scripts" / "prepare_smollm2.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    module.prepare(model_dir)
+    print(f"model: {module.prepare(model_dir)}", flush=True)
 
 
 def run(name: str, overrides: list[str], out: Path) -> tuple[dict, float]:
