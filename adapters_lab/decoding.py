@@ -3,7 +3,7 @@
 It computes what transformers' ``generate`` computes with ``do_sample=False``: greedy, or beam
 search with length penalty 1 and ``early_stopping=False``, the decoding LLM-Adapters'
 ``evaluate.py`` runs (Hu et al., 2023); ``tests/test_decoding.py`` checks the tokens against
-``generate``. What differs is the cost (issue 4):
+``generate``. What differs is the cost (the evaluation-time targets: docs/benchmarks.md):
 
 - One KV cache tensor per K and V, ``(layers, prompts, kv_heads, slots, head_dim)``: each prompt
   is stored once, right-aligned to slot ``prompt_slots``, and the token chosen at step ``s`` by
