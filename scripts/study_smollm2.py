@@ -64,6 +64,11 @@ class Sweep:
     command: list[str] = field(default_factory=list)
 
 
+def python_path() -> str:
+    """This checkout first, then the caller's PYTHONPATH (wheels installed with --target stay visible)."""
+    return os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+
+
 def experiments(methods: list[str]) -> str:
     return "experiment=" + ",".join(f"smollm2/{m}" for m in methods)
 
@@ -126,7 +131,7 @@ def run_sweep(sweep: Sweep, cmd: list[str], seconds_left: float) -> None:
     sweep.command = cmd[1:]
     print(f"\n== {sweep.name} ({seconds_left:.0f} s left): {' '.join(cmd[1:])}", flush=True)
     start = time.perf_counter()
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "WANDB_MODE": "disabled", "HF_HUB_OFFLINE": "1"}
+    env = {**os.environ, "PYTHONPATH": python_path(), "WANDB_MODE": "disabled", "HF_HUB_OFFLINE": "1"}
     process = subprocess.Popen(cmd, cwd=ROOT, env=env, start_new_session=True)
     try:
         code = process.wait(timeout=seconds_left)
