@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 TORCH_VERSION ?= 2.13.0
 
-.PHONY: install demo demo-tiny study-smollm2 results-smollm2 test bench-train bench-eval bench-table table-math table-math-data table-commonsense table-placement table-capacity smoke-tables
+.PHONY: install demo demo-tiny study-smollm2 results-smollm2 test bench-train bench-eval bench-table table-math table-math-data table-commonsense table-placement table-capacity table-mllm smoke-tables
 install: $(VENV)/.installed
 
 # Torch first, pinned, so pip takes the local CPU wheel instead of pulling CUDA packages.
@@ -50,11 +50,15 @@ table-placement: install
 	$(PY) scripts/make_table.py placement --model $(MODEL) --run -- $(ARGS)
 table-capacity: install
 	$(PY) scripts/make_table.py capacity --model $(MODEL) --run -- $(ARGS)
+# The multimodal PEFT study's table (methods x connector on/off); MODEL=llava15_7b | qwen2vl_2b | qwen2vl_7b.
+table-mllm: install
+	$(PY) scripts/make_table.py mllm_main --model $(MODEL) --run -- $(ARGS)
 
 # All five on tiny_llama, synthetic data, a few CPU steps each; fails unless every cell is filled.
 smoke-tables: install
 	rm -rf outputs/tables/smoke
 	$(PY) scripts/make_table.py all --model tiny_llama --run --smoke --check --out outputs/tables/smoke
+	$(PY) scripts/make_table.py mllm_main --model tiny_llava --run --smoke --check --out outputs/tables/smoke
 
 # Training throughput on one GPU: HF PEFT (paper recipe; tuned on fixed 256, on the same lengths, on packed rows) vs adapters_lab; see docs/benchmarks.md.
 bench-train:

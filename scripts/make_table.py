@@ -42,6 +42,7 @@ from adapters_lab.sweep import STATUS_FILE, available_cells  # noqa: E402
 REPORT_COLUMNS = ("Train min", "Eval min", "Peak GiB", "Adapter MB")
 PROTOCOLS = ("paper", "strict", "likelihood", "likelihood_norm")
 TABLES = ("math_main", "math_data_main", "commonsense_main", "placement", "capacity")
+IMAGE_TEXT_TABLES = ("mllm_main",)  # image-text models only (not in "all"): scripts/mllm_table.py
 MATH_COLUMNS = ["gsm8k", "AQuA", "mawps", "SVAMP"]
 MATH_DATA_COLUMNS = ["MultiArith", "gsm8k", "AddSub", "AQuA", "SingleEq", "SVAMP"]  # the paper-era table
 MAIN_COLUMNS = {"math_main": MATH_COLUMNS, "math_data_main": MATH_DATA_COLUMNS, "commonsense_main": COMMONSENSE_SETS}
@@ -255,7 +256,8 @@ def plot(t: Table, title: str, path: Path) -> None:
 
 
 def write_table(t: Table, model: str, out_dir: Path) -> list[Path]:
-    title = f"LLM-Adapters {t.name} table, {model} (ours) beside the paper; accuracy %"
+    title = (f"Multimodal PEFT study table, {model} (ours); accuracy %" if t.name in IMAGE_TEXT_TABLES
+             else f"LLM-Adapters {t.name} table, {model} (ours) beside the paper; accuracy %")
     stem = out_dir / f"{t.name}_{model}"
     paths = [stem.with_suffix(".md"), stem.with_suffix(".csv"), stem.with_suffix(".tex")]
     for path, text in zip(paths, (markdown(t, title), csv_text(t), latex(t, title))):
@@ -269,6 +271,10 @@ def write_table(t: Table, model: str, out_dir: Path) -> list[Path]:
 def build(table: str, model: str, sweep_dir: Path, protocol: str = "paper", report: bool = False) -> Table:
     """Rows for every cell whose adapter config exists (see ``adapters_lab.sweep.available_cells``),
     accuracies under ``protocol``; ``report``: the main tables gain time, memory and size columns."""
+    if table in IMAGE_TEXT_TABLES:
+        from scripts.mllm_table import mllm_table
+
+        return mllm_table(model, sweep_dir, Table, fmt)
     cells, kept = collect(sweep_dir), available_cells(table)[0]
     if table == "placement":
         t = placement_table(model, cells, kept, protocol)
@@ -328,7 +334,7 @@ def run_sweep(table: str, model: str, sweep_dir: Path, extra: list[str], smoke: 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("tables", nargs="+", choices=TABLES + ("all",))
+    parser.add_argument("tables", nargs="+", choices=TABLES + IMAGE_TEXT_TABLES + ("all",))
     parser.add_argument("--model", default="llama7b")
     parser.add_argument("--run", action="store_true", help="run the sweep first (finished cells are skipped)")
     parser.add_argument("--smoke", action="store_true", help="tiny synthetic data and a few steps (CPU)")
@@ -342,6 +348,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("overrides", nargs="*", default=[], help="extra Hydra overrides after --")
     args, extra = parser.parse_known_args(argv)
     tables = list(TABLES) if "all" in args.tables else args.tables
+    from scripts.mllm_table import SMOKE as MLLM_SMOKE
     args.out = args.out.resolve()  # the sweep runs in the repository root
     runs_dir = (args.runs_dir or args.out / "runs").resolve()
     overrides = list(args.overrides) + extra
@@ -349,7 +356,8 @@ def main(argv: list[str] | None = None) -> int:
         data_dir = args.out / "smoke_data"
         write_smoke_data(data_dir)
         excludes = ",".join(SWEEP_EXCLUDES + [o.split("=", 1)[0] for o in SMOKE_OVERRIDES])
-        overrides = [*SMOKE_OVERRIDES, f"paths.data_dir={data_dir}",
+        image_text = [*MLLM_SMOKE] if set(tables) <= set(IMAGE_TEXT_TABLES) else []
+        overrides = [*SMOKE_OVERRIDES, *image_text, f"paths.data_dir={data_dir}",
                      f"hydra.job.config.override_dirname.exclude_keys=[{excludes}]", *overrides]
     incomplete = []
     for table in tables:
