@@ -60,6 +60,9 @@ class Batching(str, Enum):
     padded = "padded"  # the paper's: shuffled, right-padded to the longest in the micro-batch
     length_grouped = "length_grouped"  # shuffled, then similar lengths grouped: less padding
     packed = "packed"  # padding-free rows of whole examples, no attention across examples
+    # padded's optimiser steps and loss (same order, micro-batches and weighting) as packed rows, one forward
+    # a step (data/paper_packing.py)
+    paper_packed = "paper_packed"
 
 
 class Device(str, Enum):

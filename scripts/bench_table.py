@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import math
 import random
 import sys
 import tempfile
@@ -185,7 +184,7 @@ def run_cell(cell: str, args, device: torch.device) -> dict:
                      "batch_size": cfg.trainer.batch_size, "micro_batch_size": cfg.trainer.micro_batch_size,
                      "batching": str(cfg.trainer.batching.value), "num_beams": cfg.eval.num_beams,
                      "eval_accuracy": metrics.get("average")}
-    del model
+    model = None  # freed before the next cell is built
     free(device)
     return row
 
@@ -243,7 +242,8 @@ def main(argv=None) -> dict:
     if set(cells) - set(CELLS):
         raise SystemExit(f"--cells: unknown {sorted(set(cells) - set(CELLS))} (known: {', '.join(CELLS)})")
     device = torch.device("cpu" if args.tiny or not torch.cuda.is_available() else "cuda")
-    results = json.loads(args.out.read_text()) if args.out.is_file() else {"setting": setting(args, device), "cells": {}}
+    fresh = {"setting": setting(args, device), "cells": {}}
+    results = json.loads(args.out.read_text()) if args.out.is_file() else fresh
     if results["setting"] != setting(args, device):
         raise SystemExit(f"--out {args.out}: holds cells timed with {results['setting']}, not {setting(args, device)}; "
                          "use another file")

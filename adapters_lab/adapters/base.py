@@ -107,9 +107,10 @@ class Adapter:
 
     def check_training(self, trainer: Any) -> None:
         """Refuse trainer options this method cannot train with (before any weight loads)."""
-        if self.virtual_tokens and str(getattr(trainer.batching, "value", trainer.batching)) == "packed":
+        batching = str(getattr(trainer.batching, "value", trainer.batching))
+        if self.virtual_tokens and batching in ("packed", "paper_packed"):
             raise AdapterConfigError(
-                f"trainer.batching=packed: {self.name} puts virtual tokens before each sequence and a packed row "
+                f"trainer.batching={batching}: {self.name} puts virtual tokens before each sequence and a packed row "
                 "holds several; use trainer.batching=padded"
             )
 

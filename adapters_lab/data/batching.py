@@ -2,8 +2,9 @@
 position is (epoch, index) and a resumed run sees the same batches in the same order.
 
 ``trainer.batching`` picks the sampler: ``padded`` (a seeded shuffle, as HF Trainer's sampler),
-``length_grouped`` (similar lengths together, HF's length-grouped sampler idea) or ``packed``
-(padding-free rows of whole examples).
+``length_grouped`` (similar lengths together, HF's length-grouped sampler idea), ``packed``
+(padding-free rows of whole examples) or ``paper_packed`` (padded's steps as packed rows,
+``data/paper_packing.py``).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from typing import Callable
 import torch
 
 from adapters_lab.config import Batching, TrainerConfig, TrainerConfigError
+from adapters_lab.data.paper_packing import PaperPackedCollator, step_groups
 from adapters_lab.data.tokenize import PackedCollator, PaddedCollator, pack_rows
 
 
@@ -58,13 +60,14 @@ class BatchPlan:
         # a fixed bound on segment lengths (varlen's max_seqlen, static for compiled code; the
         # packed row length when trainer.pack_length=0): the longest example rounded up to 8
         self.max_segment = -(-max(self.lengths) // 8) * 8 if self.lengths else 8
-        if self.batching == Batching.packed:
-            self.row_length = cfg.pack_length or self.max_segment
-            if max(self.lengths) > self.row_length:
+        if self.batching in (Batching.packed, Batching.paper_packed):  # paper_packed's 0: one row a step
+            self.row_length = cfg.pack_length or (self.max_segment if self.batching == Batching.packed else 0)
+            if self.row_length and max(self.lengths) > self.row_length:
                 raise TrainerConfigError(
                     f"trainer.pack_length={cfg.pack_length}: shorter than the longest training example "
                     f"({max(self.lengths)} tokens); raise it or set 0 (auto)")
-            self.collate = PackedCollator(pad_token_id, self.row_length)
+            packed = self.batching == Batching.packed
+            self.collate = (PackedCollator if packed else PaperPackedCollator)(pad_token_id, self.row_length)
         else:  # a model kind's own padded collator (image-text: with the images) or the text one
             self.collate = collate or PaddedCollator(pad_token_id)
 
@@ -74,13 +77,15 @@ class BatchPlan:
             return packed_batches(self.lengths, mbs, self.row_length, self.seed, epoch)
         if self.batching == Batching.length_grouped:
             return length_grouped_batches(self.lengths, mbs, self.seed, epoch)
+        if self.batching == Batching.paper_packed:  # one entry per optimiser step: its micro-batches
+            return step_groups(epoch_batches(len(self.examples), mbs, self.seed, epoch), self.cfg.batch_size // mbs)
         return epoch_batches(len(self.examples), mbs, self.seed, epoch)
 
     def batch(self, micro: list) -> tuple[dict, int]:
         """The collated tensors (on the CPU) and their real token count (no device sync)."""
-        if self.batching == Batching.packed:
-            rows = [[self.examples[i] for i in row] for row in micro]
-            batch, real = self.collate(rows), sum(self.lengths[i] for row in micro for i in row)
+        if self.batching in (Batching.packed, Batching.paper_packed):  # rows, or a step's micro-batches
+            groups = [[self.examples[i] for i in group] for group in micro]
+            batch, real = self.collate(groups), sum(self.lengths[i] for group in micro for i in group)
         else:
             batch, real = self.collate([self.examples[i] for i in micro]), sum(self.lengths[i] for i in micro)
         if self.extras is not None:

@@ -32,7 +32,8 @@ def arch_config_kwargs(arch: ArchConfig, model_name: str) -> dict:
     """``arch`` as keyword arguments of its model type's transformers config; a key that type does
     not take fails naming it (BLOOM, say, has no intermediate_size: its MLP is 4 x hidden)."""
     if arch.model_type not in CONFIG_MAPPING:
-        raise ValueError(f"model={model_name}: model.arch.model_type={arch.model_type!r} is not a transformers model type")
+        raise ValueError(f"model={model_name}: model.arch.model_type={arch.model_type!r} is not a transformers "
+                         "model type")
     config_class = CONFIG_MAPPING[arch.model_type]
     accepted = set(inspect.signature(config_class.__init__).parameters) | set(config_class.attribute_map)
     accepted |= {"rope_theta"} if "rope_parameters" in accepted else set()

@@ -14,7 +14,7 @@ import torch
 from accelerate import Accelerator
 from omegaconf import DictConfig, OmegaConf
 
-from adapters_lab.config import Device, Precision, ResumeMode, TrainerConfig, TrainerConfigError
+from adapters_lab.config import Batching, Device, Precision, ResumeMode, TrainerConfig, TrainerConfigError
 
 ADAM_BETA1 = 0.9  # torch.optim.AdamW's default, which the trainer uses
 STATE_FILE = "trainer_state.pt"  # a checkpoint folder holds it (training/checkpoints.py)
@@ -26,7 +26,7 @@ class TrainerSettings:
     follows from it."""
 
     cfg: TrainerConfig
-    accumulation: int  # micro-batches per optimiser step, over all processes
+    accumulation: int  # forwards per optimiser step, over all processes (paper_packed: one, holding them all)
     resume: ResumeMode
     resume_from: Path | None  # the checkpoint folder of trainer.resume=<folder>
 
@@ -106,7 +106,8 @@ def check_trainer_config(cfg: TrainerConfig | DictConfig) -> TrainerSettings:
     _check_optimiser(typed)
     _check_checkpoints(typed)
     resume, resume_from = resume_choice(typed.resume)
-    return TrainerSettings(typed, typed.batch_size // typed.micro_batch_size, resume, resume_from)
+    forwards = 1 if typed.batching == Batching.paper_packed else typed.batch_size // typed.micro_batch_size
+    return TrainerSettings(typed, forwards, resume, resume_from)
 
 
 def resolve_device(device: Device | str) -> torch.device:

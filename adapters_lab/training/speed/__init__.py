@@ -14,10 +14,12 @@ import torch
 import torch.nn as nn
 
 from adapters_lab.config import TrainerConfig, TrainerConfigError
+from adapters_lab.data.paper_packing import LOSS_WEIGHTS
 from adapters_lab.training.settings import typed_trainer_config
 from adapters_lab.training.speed.layers import (compile_decoder_layers, enable_gradient_checkpointing,
                                                 uncompile_decoder_layers)
-from adapters_lab.training.speed.loss import check_fused_loss_supported, chunked_causal_lm_loss
+from adapters_lab.training.speed.loss import (check_fused_loss_supported, chunked_causal_lm_loss,
+                                              weighted_causal_lm_loss)
 from adapters_lab.training.speed.varlen import (VARLEN, check_varlen_supported, register_varlen_attention,
                                                 varlen_batch_kwargs)
 
@@ -32,13 +34,17 @@ def mark_dynamic_segments(inputs: dict) -> None:
 
 def forward_loss(model: nn.Module, batch: dict, fused: bool) -> torch.Tensor:
     """Mean next-token loss of a batch (padded: attention_mask; packed: position_ids; varlen
-    attention: also varlen_cu_seqlens and varlen_max_seqlen)."""
-    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    attention: also varlen_cu_seqlens and varlen_max_seqlen); a paper_packed batch's weighted sum
+    (its ``loss_weights``: the padded step's loss)."""
+    inputs = {k: v for k, v in batch.items() if k not in ("labels", LOSS_WEIGHTS)}
+    weights = batch.get(LOSS_WEIGHTS)
     mark_dynamic_segments(inputs)
-    if not fused:
+    if not fused and weights is None:
         return model(**inputs, labels=batch["labels"], use_cache=False).loss
+    if not fused:
+        return weighted_causal_lm_loss(model(**inputs, use_cache=False).logits, batch["labels"], weights)
     hidden = model.get_decoder()(**inputs, use_cache=False).last_hidden_state
-    return chunked_causal_lm_loss(hidden, model.get_output_embeddings(), batch["labels"])
+    return chunked_causal_lm_loss(hidden, model.get_output_embeddings(), batch["labels"], weights=weights)
 
 
 class SpeedPaths:

@@ -18,7 +18,8 @@ class _LinearCrossEntropySum(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, chunk: int):
+    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, chunk: int,
+                token_weights: torch.Tensor | None = None):
         accumulate = torch.promote_types(hidden.dtype, torch.float32)  # fp32, or fp64 for fp64 inputs
         total = None  # partial sums added up as they come (no zero-filled accumulator)
         grad = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
@@ -26,15 +27,17 @@ class _LinearCrossEntropySum(torch.autograd.Function):
             h, y = hidden[start : start + chunk], labels[start : start + chunk]
             logits = (h @ weight.T).to(accumulate)
             valid = y != IGNORE_INDEX
+            if token_weights is not None:  # each token's weight in the sum (0 for unlabelled ones)
+                valid = valid * token_weights[start : start + chunk].to(accumulate)
             target = y.clamp(min=0)
             lse = torch.logsumexp(logits, dim=-1)
             picked = logits.gather(1, target[:, None])[:, 0]
-            part = torch.where(valid, lse - picked, 0.0).sum()
+            part = torch.where(valid != 0, (lse - picked) * valid, 0.0).sum()
             total = part if total is None else total + part
             if grad is not None:
                 probs = torch.exp(logits.sub_(lse[:, None]))
                 probs.scatter_add_(1, target[:, None], -torch.ones_like(probs[:, :1]))
-                probs.mul_(valid[:, None])
+                probs.mul_(valid[:, None].to(probs.dtype))
                 grad[start : start + chunk] = (probs.to(h.dtype) @ weight.to(h.dtype))
         ctx.save_for_backward(grad)
         if total is None:  # no rows
@@ -44,22 +47,34 @@ class _LinearCrossEntropySum(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_total):
         (grad,) = ctx.saved_tensors
-        return grad * grad_total.to(grad.dtype), None, None, None
+        return grad * grad_total.to(grad.dtype), None, None, None, None
 
 
-def chunked_causal_lm_loss(hidden: torch.Tensor, head: nn.Linear, labels: torch.Tensor,
-                           chunk: int = 4096) -> torch.Tensor:
+def chunked_causal_lm_loss(hidden: torch.Tensor, head: nn.Linear, labels: torch.Tensor, chunk: int = 4096,
+                           weights: torch.Tensor | None = None) -> torch.Tensor:
     """Mean next-token cross-entropy over labelled tokens, as transformers' causal-LM loss
-    (position t predicts label t+1), without materialising the full-vocabulary logits."""
+    (position t predicts label t+1), without materialising the full-vocabulary logits; with
+    ``weights`` (one per label position) their weighted sum instead."""
     hidden = hidden[:, :-1].reshape(-1, hidden.shape[-1])
     shifted = labels[:, 1:].reshape(-1)
+    token_weights = weights[:, 1:].reshape(-1) if weights is not None else None
     weight = head.weight
     if torch.is_autocast_enabled(hidden.device.type):
         weight = weight.to(torch.get_autocast_dtype(hidden.device.type))
         hidden = hidden.to(weight.dtype)
     with torch.autocast(hidden.device.type, enabled=False):
-        total = _LinearCrossEntropySum.apply(hidden, weight, shifted, chunk)
+        total = _LinearCrossEntropySum.apply(hidden, weight, shifted, chunk, token_weights)
+    if weights is not None:
+        return total
     return total / (shifted != IGNORE_INDEX).sum().clamp(min=1)
+
+
+def weighted_causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """The sum of next-token cross-entropies weighted per label position (``weights``, 0 where
+    unlabelled): transformers' causal-LM loss with per-token weights in place of the mean."""
+    token_losses = nn.functional.cross_entropy(logits[:, :-1].float().transpose(1, 2), labels[:, 1:].clamp(min=0),
+                                               reduction="none")
+    return (token_losses * weights[:, 1:]).sum()
 
 
 def check_fused_loss_supported(model: nn.Module) -> str | None:
