@@ -201,15 +201,15 @@ class Decoder:
         # Zeros, not empty: masked slots still enter q.k, and garbage could hold NaN.
         self.cache = SlotCache(torch.zeros(shape, dtype=dtype, device=self.device),
                                torch.zeros(shape, dtype=dtype, device=self.device))
-        rows, long = prompts * beams, dict(dtype=torch.long, device=self.device)
+        rows, index_kwargs = prompts * beams, dict(dtype=torch.long, device=self.device)
         self.rows = rows
-        self.step = torch.zeros((), **long)  # index of the token being chosen
-        self.tokens = torch.zeros(rows, **long)  # last chosen token per beam row
-        self.next_position = torch.zeros(rows, **long)  # position id of the first generated token
+        self.step = torch.zeros((), **index_kwargs)  # index of the token being chosen
+        self.tokens = torch.zeros(rows, **index_kwargs)  # last chosen token per beam row
+        self.next_position = torch.zeros(rows, **index_kwargs)  # position id of the first generated token
         self.prompt_mask = torch.zeros(prompts, prompt_slots, dtype=torch.bool, device=self.device)
-        self.ancestry = torch.zeros(prompts, beams, max_new_tokens, **long)  # row holding step s of beam k
-        self.own_row = torch.arange(beams, **long).view(1, beams, 1)
-        self.sequences = torch.zeros(prompts, beams, max_new_tokens, **long)  # running beams' tokens
+        self.ancestry = torch.zeros(prompts, beams, max_new_tokens, **index_kwargs)  # row holding step s of beam k
+        self.own_row = torch.arange(beams, **index_kwargs).view(1, beams, 1)
+        self.sequences = torch.zeros(prompts, beams, max_new_tokens, **index_kwargs)  # running beams' tokens
         self.scores = torch.zeros(prompts, beams, dtype=torch.float32, device=self.device)
         self.done = torch.zeros((), dtype=torch.bool, device=self.device)
         if beams > 1:
@@ -312,9 +312,9 @@ class Decoder:
         heads = self.model.config.get_text_config().num_attention_heads
         prompts, dtype = min(self.prompts, 32), self.cache.keys.dtype
         generator = torch.Generator(device=self.device).manual_seed(0)
-        random = dict(generator=generator, device=self.device, dtype=dtype)
-        query = torch.randn(prompts, heads, self.beams, dim, **random)
-        key, value = (torch.randn(prompts, kv_heads, slots, dim, **random) for _ in range(2))
+        randn_kwargs = dict(generator=generator, device=self.device, dtype=dtype)
+        query = torch.randn(prompts, heads, self.beams, dim, **randn_kwargs)
+        key, value = (torch.randn(prompts, kv_heads, slots, dim, **randn_kwargs) for _ in range(2))
         mask = torch.rand(prompts, 1, self.beams, slots, generator=generator, device=self.device) < 0.5
         mask[..., -1] = True  # no fully masked row
         backend = fastest_step_backend(query, key, value, mask, dim**-0.5)

@@ -13,6 +13,7 @@ import itertools
 import logging
 import math
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -58,32 +59,32 @@ def generate(model: nn.Module, tokenizer, prompts: list[str], batch_size: int, n
     lengths = [len(tokenizer(p)["input_ids"]) for p in prompts]
     order = sorted(range(len(prompts)), key=lambda i: -lengths[i])
     longest = max(lengths, default=0) + max_new_tokens
-    ours = decoder == "adapters_lab" and decoding.supports(model, longest)
-    if decoder == "adapters_lab" and not ours:
+    our_decoder = decoder == "adapters_lab" and decoding.supports(model, longest)
+    if decoder == "adapters_lab" and not our_decoder:
         log.info("eval: decoding with transformers' generate: our decoder takes llama, mistral and qwen2 models "
                  "without virtual tokens and with full attention over %d tokens (this is a %s model)",
                  longest, model.config.model_type)
     outputs: list[str] = [""] * len(prompts)
-    free = free_gpu_bytes(device) if ours else None
-    fits = None
+    free = free_gpu_bytes(device) if our_decoder else None
+    prompts_fitting = None
     if free is not None:  # no more prompts per batch than the KV cache of its longest (first) fits in memory
-        def fits(index: int) -> int:
+        def prompts_fitting(index: int) -> int:
             slots = prompt_slots(max(1, lengths[index]))
             return decoding.prompts_that_fit(model, slots, num_beams, max_new_tokens, free)
 
-        longest_fit = fits(order[0]) if order else 0
+        longest_fit = prompts_fitting(order[0]) if order else 0
         if order and longest_fit < min(batch_size, len(prompts)):
             log.info("eval: the longest prompts go %d per batch, not %d: the KV cache of %d prompts of %d tokens, "
                      "%d beams and %d new tokens fits in the GPU's free memory", longest_fit, batch_size,
                      longest_fit, lengths[order[0]], num_beams, max_new_tokens)
-    pending = balanced_batches(order, batch_size, fits)
-    built: dict[str, decoding.Decoder] = {}  # the decoder of the last batch, reused while shapes fit
+    pending = balanced_batches(order, batch_size, prompts_fitting)
+    last = LastDecoder()  # the decoder of the last batch, reused while shapes fit
     progress = eval_progress.Progress("eval generate", len(prompts))
     while pending:
         chunk = pending.pop(0)
         try:
-            if ours:
-                new_tokens = _decode(model, tokenizer, [prompts[i] for i in chunk], built, num_beams, max_new_tokens)
+            if our_decoder:
+                new_tokens = _decode(model, tokenizer, [prompts[i] for i in chunk], last, num_beams, max_new_tokens)
             else:
                 new_tokens = _generate(model, tokenizer, [prompts[i] for i in chunk], num_beams, max_new_tokens,
                                        device)
@@ -94,7 +95,7 @@ def generate(model: nn.Module, tokenizer, prompts: list[str], batch_size: int, n
         if new_tokens is None:
             # The KV cache of the longest prompts (they come first) did not fit: halve and go on. Out of
             # the except block, so the failed attempt's tensors (held by the traceback) are free.
-            built.clear()
+            last.decoder = None
             release_memory(device)
             half = len(chunk) // 2
             log.warning("eval: out of memory at batch %d x %d beams (%s); retrying as two of %d and %d",
@@ -104,8 +105,8 @@ def generate(model: nn.Module, tokenizer, prompts: list[str], batch_size: int, n
         for i, text in zip(chunk, tokenizer.batch_decode(new_tokens, skip_special_tokens=True)):
             outputs[i] = text
         progress.advance(len(chunk))
-    if built:
-        built.clear()
+    if last.decoder is not None:
+        last.decoder = None
         release_memory(device)
     model.train(was_training)
     return outputs
@@ -116,16 +117,16 @@ def prompt_slots(length: int) -> int:
     return PROMPT_SLOT_MULTIPLE * math.ceil(length / PROMPT_SLOT_MULTIPLE)
 
 
-def balanced_batches(order: list[int], batch_size: int, fits=None) -> list[list[int]]:
+def balanced_batches(order: list[int], batch_size: int, prompts_fitting=None) -> list[list[int]]:
     """``order`` (longest prompt first) cut into batches of at most ``batch_size`` prompts, and at
-    most ``fits(first)`` where given (how many prompts as long as the batch's first fit in memory),
+    most ``prompts_fitting(first)`` where given (how many prompts as long as the batch's first fit in memory),
     each of the rest's average size under that cap: the fewest batches, of nearly one size. Our
     decoder fills a short batch up to the size it was built for, so 1,319 prompts at 256 go as
     6 x 220 rather than 5 x 256 + 39 padded to 256 with copies; and pooled sets whose longest
     prompts need smaller batches do not shrink the batches of the shorter ones."""
     batches, start = [], 0
     while start < len(order):
-        cap = max(1, min(batch_size, fits(order[start]) if fits else batch_size))
+        cap = max(1, min(batch_size, prompts_fitting(order[start]) if prompts_fitting else batch_size))
         rest = len(order) - start
         size = math.ceil(rest / math.ceil(rest / cap))
         batches.append(order[start : start + size])
@@ -157,20 +158,27 @@ def _generate(model: nn.Module, tokenizer, prompts: list[str], num_beams: int, m
     return model.generate(**enc, generation_config=config)[:, enc["input_ids"].shape[1]:]
 
 
-def _decode(model: nn.Module, tokenizer, prompts: list[str], built: dict[str, decoding.Decoder], num_beams: int,
+@dataclass
+class LastDecoder:
+    """The decoder built for the last batch (buffers, CUDA graphs), kept for the next one."""
+
+    decoder: decoding.Decoder | None = None
+
+
+def _decode(model: nn.Module, tokenizer, prompts: list[str], last: LastDecoder, num_beams: int,
             max_new_tokens: int) -> torch.Tensor:
-    """Our decoder on one batch, reusing ``built["decoder"]`` (buffers, CUDA graphs) when the batch
+    """Our decoder on one batch, reusing ``last.decoder`` (buffers, CUDA graphs) when the batch
     fits its shape: a shorter last batch is filled up with copies of its last prompt."""
     enc = tokenizer(prompts, return_tensors="pt", padding=True)
     slots = prompt_slots(enc["input_ids"].shape[1])
-    decoder = built.get("decoder")
-    fits = decoder is not None and decoder.prompts >= len(prompts) and slots <= decoder.prompt_slots
-    if not fits or decoder.prompt_slots - slots > REUSE_SLOTS:
+    decoder = last.decoder
+    reusable = decoder is not None and decoder.prompts >= len(prompts) and slots <= decoder.prompt_slots
+    if not reusable or decoder.prompt_slots - slots > REUSE_SLOTS:
         decoder = None  # free the old cache (and CUDA graph pool) before allocating the new one; a
-        built.clear()  # finished decoder can linger in a reference cycle on a GPU, hence the collection
+        last.decoder = None  # finished decoder can linger in a reference cycle on a GPU, hence the collection
         release_memory(model.get_input_embeddings().weight.device)
-        decoder = built["decoder"] = decoding.Decoder(model, len(prompts), slots, num_beams, max_new_tokens,
-                                                      tokenizer.eos_token_id, tokenizer.pad_token_id)
+        decoder = last.decoder = decoding.Decoder(model, len(prompts), slots, num_beams, max_new_tokens,
+                                                  tokenizer.eos_token_id, tokenizer.pad_token_id)
     fill = decoder.prompts - len(prompts)
     ids, mask = (torch.cat([t, t[-1:].expand(fill, -1)]) for t in (enc["input_ids"], enc["attention_mask"]))
     return decoder(ids, mask)[: len(prompts)]
