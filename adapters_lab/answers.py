@@ -19,32 +19,19 @@ import math
 import re
 
 from adapters_lab import strict
+from adapters_lab.data.tasks import TASKS, eval_task
 from adapters_lab.strict import option_values  # noqa: F401  (re-exported)
 
 NUMBER_RE = re.compile(r"-?\d+\.?\d*")
 TOLERANCE = 0.001
 
-# Evaluation set -> answer kind. Numeric sets compare numbers; the others compare strings.
-ANSWER_KIND: dict[str, str] = {
-    **{name: "number" for name in ("gsm8k", "SVAMP", "mawps", "MultiArith", "AddSub", "SingleEq", "arith")},
-    "AQuA": "letter",
-    "mathqa": "letter",
-    "boolq": "true|false",
-    "piqa": "solution1|solution2",
-    "social_i_qa": "answer1|answer2|answer3|answer4|answer5",
-    "ARC-Easy": "answer1|answer2|answer3|answer4|answer5",
-    "ARC-Challenge": "answer1|answer2|answer3|answer4|answer5",
-    "openbookqa": "answer1|answer2|answer3|answer4|answer5",
-    "hellaswag": "ending1|ending2|ending3|ending4",
-    "winogrande": "option1|option2",
-}
+# Evaluation set -> answer kind (from the registry, data/tasks.py). Numeric sets compare numbers; the others strings.
+ANSWER_KIND: dict[str, str] = {name: task.kind for name, task in TASKS.items()}
 PROTOCOLS = ("paper", "strict")
 
 
 def answer_kind(dataset: str) -> str:
-    if dataset not in ANSWER_KIND:
-        raise KeyError(f"no answer parser for dataset {dataset!r} (known: {sorted(ANSWER_KIND)})")
-    return ANSWER_KIND[dataset]
+    return eval_task(dataset).kind
 
 
 # ---------------------------------------------------------------------------- paper (upstream)

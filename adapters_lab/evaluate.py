@@ -22,9 +22,10 @@ from accelerate.utils import broadcast_object_list, gather_object
 from transformers import GenerationConfig
 
 from adapters_lab import decoding, eval_progress, likelihood
-from adapters_lab.answers import PROTOCOLS, answer_kind, score
+from adapters_lab.answers import PROTOCOLS, score
 from adapters_lab.config import EvalConfig
 from adapters_lab.data.prompts import RESPONSE_MARKER, prompt_for
+from adapters_lab.data.tasks import eval_task
 from adapters_lab.files import write_jsonl_atomic
 
 log = logging.getLogger(__name__)
@@ -36,8 +37,8 @@ REUSE_SLOTS = 96
 
 
 def default_max_new_tokens(dataset: str) -> int:
-    """The paper's budgets: 256 new tokens for math, 32 for commonsense (and the synthetic set)."""
-    return 256 if answer_kind(dataset) in ("number", "letter") and dataset != "arith" else 32
+    """The paper's budgets (data/tasks.py): 256 new tokens for math, 32 for commonsense and the synthetic set."""
+    return eval_task(dataset).max_new_tokens
 
 
 def response_text(generated: str) -> str:

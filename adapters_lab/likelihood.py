@@ -19,6 +19,7 @@ import torch.nn as nn
 from accelerate.utils import find_executable_batch_size
 
 from adapters_lab.answers import answer_kind
+from adapters_lab.data.tasks import eval_task
 from adapters_lab.eval_progress import Progress
 from adapters_lab.strict import OPTION_LIST_RE
 
@@ -28,7 +29,7 @@ LETTERS = "ABCDE"
 
 def supports(dataset: str) -> bool:
     """Whether the set's answer is one of a fixed list (not a free number)."""
-    return answer_kind(dataset) != "number"
+    return eval_task(dataset).fixed_answers
 
 
 def options(dataset: str, prompt: str) -> list[str]:

@@ -16,19 +16,18 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from adapters_lab.answers import ANSWER_KIND, label_parses
+from adapters_lab.answers import label_parses
 from adapters_lab.config import DatasetConfig, EvalConfig, PathsConfig, TrainerConfig
 from adapters_lab.data.arith import arith_splits
 from adapters_lab.data.records import DataError, RecordSet, check_records, read_json_records
+from adapters_lab.data.tasks import SUITES, TASKS
 
 TRAIN_FILES = {
     name: f"ft-training_set/{name}.json"
     for name in ("math_10k", "math_7k", "math_14k", "math_50k", "math_data", "commonsense_170k", "commonsense_15k")
 }
-MATH_SETS = ["gsm8k", "AQuA", "SVAMP", "MultiArith", "AddSub", "SingleEq", "mawps"]
-COMMONSENSE_SETS = ["boolq", "piqa", "social_i_qa", "hellaswag", "winogrande", "ARC-Easy", "ARC-Challenge",
-                    "openbookqa"]
-SUITES = {"math": MATH_SETS, "commonsense": COMMONSENSE_SETS}
+MATH_SETS = SUITES["math"]
+COMMONSENSE_SETS = SUITES["commonsense"]
 SYNTHETIC = "arith"
 GSM8K_TRAIN = "gsm8k"
 HUB_PREFIX = "hf:"
@@ -63,7 +62,7 @@ def train_path(spec: str, paths: PathsConfig) -> Path:
         return Path(paths.data_dir) / TRAIN_FILES[spec]
     if spec == GSM8K_TRAIN:
         return Path(paths.data_root) / "gsm8k" / "train.jsonl"
-    if spec in ANSWER_KIND:
+    if spec in TASKS:
         return Path(paths.data_dir) / "dataset" / spec / "train.json"
     return Path(spec).expanduser()
 
@@ -109,7 +108,7 @@ def train_items(spec: str, paths: PathsConfig, key: str) -> tuple[list, str]:
 
 
 def eval_path(name: str, paths: PathsConfig) -> Path:
-    return Path(paths.data_dir) / "dataset" / name / "test.json"
+    return Path(paths.data_dir) / TASKS[name].file
 
 
 def data_files(dataset: DatasetConfig, paths: PathsConfig, needs_train: bool = True) -> list[Path]:
@@ -126,7 +125,7 @@ def missing_eval_sets(dataset: DatasetConfig, eval_cfg: EvalConfig, paths: Paths
     if str(getattr(eval_cfg.missing_sets, "value", eval_cfg.missing_sets)) != "skip":
         return []
     names = expand_eval_sets(list(dataset.eval_sets))
-    missing = [n for n in names if n in ANSWER_KIND and n != SYNTHETIC and not eval_path(n, paths).is_file()]
+    missing = [n for n in names if n in TASKS and n != SYNTHETIC and not eval_path(n, paths).is_file()]
     if names and len(missing) == len(names):
         raise DataError(f"dataset.eval_sets={names}: none of these files exists under {paths.data_dir}/dataset/ "
                         "(eval.missing_sets=skip needs at least one)")
@@ -139,7 +138,7 @@ def check_scoring(eval_cfg: EvalConfig, names: list[str]) -> None:
     """``eval.scoring=likelihood`` needs sets whose answer is one of a fixed list."""
     if str(getattr(eval_cfg.scoring, "value", eval_cfg.scoring)) != "likelihood":
         return
-    free = [name for name in names if ANSWER_KIND[name] == "number"]
+    free = [name for name in names if not TASKS[name].fixed_answers]
     if free:
         raise DataError(f"eval.scoring=likelihood: {free} have free-number answers, not a fixed list of options; "
                         "use eval.scoring=both (likelihood where it applies) or drop them from dataset.eval_sets")
@@ -178,10 +177,10 @@ def load_task_data(dataset: DatasetConfig, eval_cfg: EvalConfig, trainer: Traine
     eval_sets: dict[str, list[dict]] = {}
     missing = missing_eval_sets(dataset, eval_cfg, paths)
     for name in (n for n in expand_eval_sets(list(dataset.eval_sets)) if n not in missing):
-        if name not in ANSWER_KIND:
+        if name not in TASKS:
             raise DataError(
                 f"dataset.eval_sets: unknown evaluation set {name!r} "
-                f"(known: {sorted(ANSWER_KIND)} and suites {sorted(SUITES)})"
+                f"(known: {sorted(TASKS)} and suites {sorted(SUITES)})"
             )
         if name == SYNTHETIC:
             records = list(synthetic_test)
