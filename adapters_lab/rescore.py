@@ -3,6 +3,8 @@
 
 Each line needs ``dataset``, ``output`` (the generated text after "### Response:") and
 ``label``; ``prompt``, when present, lets ``strict`` map a stated number to a lettered option.
+Image-text sets' lines (``kind``: letter, vqa or exact; ``answers`` for VQA) are scored by their own
+metric whatever the protocol (``adapters_lab/multimodal/metrics.py``); accuracy is the mean score.
 Prints ``{"dataset", "accuracy", "n"}`` as JSON, one line per dataset in the file.
 """
 
@@ -15,6 +17,8 @@ from pathlib import Path
 
 from adapters_lab.answers import ANSWER_KIND, PROTOCOLS, label_parses, score
 from adapters_lab.data.records import DataError
+from adapters_lab.multimodal.data import IMAGE_TEXT_SETS
+from adapters_lab.multimodal.metrics import score_answer
 
 REQUIRED = ("dataset", "output", "label")
 
@@ -37,6 +41,12 @@ def rescore(path: Path, protocol: str) -> list[dict]:
         if missing:
             raise DataError(f"{path}:{lineno}: needs string fields {list(REQUIRED)}; missing or not text: {missing}")
         dataset = row["dataset"]
+        if dataset in IMAGE_TEXT_SETS:
+            value = score_answer(row.get("kind") or IMAGE_TEXT_SETS[dataset].kind, row["output"],
+                                 {"answer": row["label"], "answers": row.get("answers")})[1]
+            counts = totals.setdefault(dataset, [0, 0])
+            counts[0], counts[1] = counts[0] + value, counts[1] + 1
+            continue
         if dataset not in ANSWER_KIND:
             raise DataError(f"{path}:{lineno}: unknown dataset {dataset!r} (known: {sorted(ANSWER_KIND)})")
         if not label_parses(dataset, row["label"]):

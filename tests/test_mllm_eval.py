@@ -90,3 +90,15 @@ def test_pipeline_run_writes_per_part_counts_predictions_and_connector_weights(m
 
     saved = load_file(str(out / "adapter" / "adapter_model.safetensors"))
     assert any("multi_modal_projector" in key for key in saved) and any("lora_A" in key for key in saved)
+
+
+def test_rescore_reads_image_text_predictions(tmp_path):
+    from adapters_lab.rescore import rescore
+
+    lines = [{"dataset": "shapes", "kind": "letter", "output": "B", "label": "B"},
+             {"dataset": "shapes", "kind": "exact", "output": "left.", "label": "right"},
+             {"dataset": "vqav2", "kind": "vqa", "output": "two", "label": "2", "answers": ["2"] * 10}]
+    path = tmp_path / "p.jsonl"
+    path.write_text("\n".join(json.dumps(line) for line in lines))
+    assert rescore(path, "paper") == [{"dataset": "shapes", "accuracy": 0.5, "n": 2},
+                                      {"dataset": "vqav2", "accuracy": 1.0, "n": 1}]
