@@ -90,6 +90,13 @@ class ResumeMode(str, Enum):
     folder = "folder"
 
 
+class Select(str, Enum):
+    """Which adapter weights training ends with (``trainer.select``)."""
+
+    last = "last"  # the last step's
+    best_val = "best_val"  # the step of lowest validation loss (upstream finetune.py's load_best_model_at_end)
+
+
 class TrainerConfigError(ValueError):
     """A bad trainer option; the message names the key."""
 
@@ -262,6 +269,7 @@ class TrainerConfig:
     precision: Precision = Precision.auto
     val_set_size: int = 120
     eval_every: int = 200  # validation loss every N optimiser steps (0: only at the end)
+    select: Select = Select.last  # best_val: end with the weights of the lowest validation loss (at eval_every)
     log_every: int = 10
     device: Device = Device.auto
     progress_bar: bool = True

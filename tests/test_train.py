@@ -216,3 +216,56 @@ def test_the_run_log_holds_a_loss_line_every_log_every_steps(tmp_path):
     assert [step for step, _ in lines] == ["2", "4"], lines
     assert lines[-1][1] == "00:00:00"  # nothing left at the last step
     assert re.findall(pattern, done.stdout + done.stderr) == lines  # and on the console
+
+
+class ValRecorder(NullTracker):
+    def __init__(self):
+        self.val = {}
+
+    def log(self, metrics, step=None):
+        if "val/loss" in metrics:
+            self.val[step] = metrics["val/loss"]
+
+
+def test_select_best_val_ends_with_the_weights_of_the_lowest_validation_loss(tmp_path):
+    """With a learning rate that overshoots, validation loss falls then rises; select=best_val ends
+    with exactly the adapter weights checkpointed at the step of the lowest one (as upstream's
+    load_best_model_at_end), and reports that step's validation loss."""
+    from safetensors.torch import load_file
+
+    examples, val = token_examples(16, seed=1), token_examples(6, seed=9)
+    common = dict(max_steps=6, eval_every=1, lr=0.1, warmup_steps=0, checkpoint_every=1, keep_checkpoints=10)
+    recorder = ValRecorder()
+    last_model, last = run(trainer_cfg(**common), examples, val=val, checkpoint_dir=tmp_path / "last", tracker=recorder)
+    best_step = min(recorder.val, key=recorder.val.get)
+    assert 1 < best_step < 6, recorder.val  # the case is one where best and last differ
+    assert last.selected_step == 6 and last.val_loss == recorder.val[6]
+    best_model, best = run(trainer_cfg(**common, select="best_val"), examples, val=val, checkpoint_dir=tmp_path / "best")
+    assert best.selected_step == best_step and best.val_loss == recorder.val[best_step]
+    assert best.loss_history == last.loss_history  # the same training; only the weights it ends with differ
+    saved = load_file(str(tmp_path / "last" / f"step-{best_step:07d}" / "adapter_model.safetensors"))
+    for name, weight in trainable(best_model).items():
+        assert torch.equal(weight, saved[name]), name
+    assert any(not torch.equal(w, trainable(last_model)[n]) for n, w in trainable(best_model).items())
+
+
+def test_select_best_val_survives_a_resume(tmp_path):
+    class StopAt(NullTracker):
+        def log(self, metrics, step=None):
+            if step == 5:
+                raise KeyboardInterrupt
+
+    examples, val = token_examples(16, seed=1), token_examples(6, seed=9)
+    cfg = trainer_cfg(max_steps=6, eval_every=1, lr=0.1, warmup_steps=0, checkpoint_every=1, select="best_val")
+    full_model, full = run(cfg, examples, val=val)
+    with pytest.raises(KeyboardInterrupt):
+        run(cfg, examples, val=val, checkpoint_dir=tmp_path, tracker=StopAt())
+    resumed_model, resumed = run(cfg, examples, val=val, checkpoint_dir=tmp_path)
+    assert resumed.resumed_from_step == 4 and resumed.selected_step == full.selected_step < 4
+    for name, weight in trainable(full_model).items():
+        assert torch.equal(weight, trainable(resumed_model)[name]), name
+
+
+def test_select_best_val_needs_validation():
+    with pytest.raises(TrainerConfigError, match="trainer.select=best_val: needs validation"):
+        check_trainer_config(TrainerConfig(select="best_val", eval_every=0))

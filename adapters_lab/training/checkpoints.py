@@ -26,6 +26,7 @@ from adapters_lab.training.settings import STATE_FILE, TrainerSettings
 log = logging.getLogger(__name__)
 
 ADAPTER_FILE = "adapter_model.safetensors"
+BEST_FILE = "best_adapter_model.safetensors"  # trainer.select=best_val: the best validation step's weights
 LATEST = "latest.json"
 
 
@@ -40,6 +41,8 @@ class LoopState:
     skipped_steps: int = 0
     loss_history: list[float] = field(default_factory=list)
     val_loss: float | None = None
+    best_val_loss: float | None = None  # trainer.select=best_val: the lowest validation loss so far
+    best_step: int | None = None  # and its step
 
 
 def rng_state() -> dict:
@@ -76,7 +79,7 @@ def written(folder: Path):
 
 
 def save_checkpoint(directory: Path, model: nn.Module, optimizer, scheduler, loop: LoopState,
-                    fingerprint: dict, keep: int) -> Path:
+                    fingerprint: dict, keep: int, best: dict[str, torch.Tensor] | None = None) -> Path:
     folder = Path(directory) / f"step-{loop.step:07d}"
     folder.mkdir(parents=True, exist_ok=True)
     tensors = {name: t.contiguous().cpu() for name, t in adapter_state_dict(model).items()}
@@ -87,6 +90,9 @@ def save_checkpoint(directory: Path, model: nn.Module, optimizer, scheduler, loo
             save_file(tensors, str(tmp))
         with atomic_path(folder / STATE_FILE) as tmp:
             torch.save(state, tmp)
+        if best is not None:
+            with atomic_path(folder / BEST_FILE) as tmp:
+                save_file(best, str(tmp))
     write_json_atomic(Path(directory) / LATEST, {"step": loop.step, "folder": folder.name})
     for old in sorted(Path(directory).glob("step-*"))[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
@@ -118,6 +124,18 @@ def resume_source(settings: TrainerSettings, directory: Path | None) -> Path | N
     return settings.resume_from  # None for never
 
 
+def load_best(folder: Path) -> dict[str, torch.Tensor] | None:
+    """The best validation step's adapter weights a checkpoint holds (trainer.select=best_val), or None."""
+    return load_file(str(folder / BEST_FILE)) if (folder / BEST_FILE).is_file() else None
+
+
+def copy_adapter(model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, tensor in tensors.items():
+            params[name].copy_(tensor)
+
+
 def load_checkpoint(folder: Path, model: nn.Module, optimizer, scheduler, fingerprint: dict) -> LoopState:
     state = torch.load(folder / STATE_FILE, weights_only=False)
     changed = {k: (state["fingerprint"].get(k), v) for k, v in fingerprint.items() if state["fingerprint"].get(k) != v}
@@ -127,12 +145,9 @@ def load_checkpoint(folder: Path, model: nn.Module, optimizer, scheduler, finger
             + ", ".join(f"{k}: {old} -> {new}" for k, (old, new) in changed.items())
             + "; use a new output folder or trainer.resume=never")
     tensors = load_file(str(folder / ADAPTER_FILE))
-    params = dict(model.named_parameters())
     if set(tensors) != set(adapter_state_dict(model)):
         raise TrainerConfigError(f"trainer.resume: {folder / ADAPTER_FILE} does not match the injected adapter")
-    with torch.no_grad():
-        for name, tensor in tensors.items():
-            params[name].copy_(tensor)
+    copy_adapter(model, tensors)
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     set_rng_state(state["rng"])

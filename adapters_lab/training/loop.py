@@ -23,7 +23,8 @@ from accelerate import Accelerator
 from tqdm.auto import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from adapters_lab.config import NanPolicy, TrainerConfigError
+from adapters_lab.adapters.base import adapter_state_dict
+from adapters_lab.config import NanPolicy, Select, TrainerConfigError
 from adapters_lab.data.batching import BatchPlan
 from adapters_lab.data.tokenize import PaddedCollator
 from adapters_lab.training import checkpoints
@@ -95,6 +96,7 @@ class Recipe:
         self.checkpoint_dir = checkpoint_dir
         self.updates = total_updates(self.cfg, plan.micro_batches_per_epoch(), settings.accumulation)
         self.loop, self.resumed_from, self.consecutive_skips = LoopState(), None, 0
+        self.best: dict[str, torch.Tensor] | None = None  # trainer.select=best_val: the best step's weights (CPU)
         self.fingerprint = {"examples": len(plan.examples), "updates": self.updates, "batch_size": self.cfg.batch_size,
                             "micro_batch_size": self.cfg.micro_batch_size, "batching": plan.batching.value,
                             "seed": plan.seed}
@@ -142,6 +144,7 @@ class Recipe:
             self.loop = checkpoints.load_checkpoint(source, self.model, self.optimizer, self.scheduler,
                                                     self.fingerprint)
             self.resumed_from = self.loop.step
+            self.best = checkpoints.load_best(source)
             log.info("resumed from %s (step %d of %d)", source, self.loop.step, self.updates)
         elif self.checkpoint_dir is not None and self.accelerator.is_main_process:
             checkpoints.clear_checkpoints(self.checkpoint_dir)
@@ -200,6 +203,21 @@ class Recipe:
         self.loop.val_loss = validation_loss(self.model, self.val_examples, self.val_collate,
                                              self.cfg.micro_batch_size, self.accelerator, self.speed)
         self.tracker.log({"val/loss": self.loop.val_loss}, self.loop.step)
+        loop = self.loop
+        if self.cfg.select == Select.best_val and (loop.best_val_loss is None or loop.val_loss < loop.best_val_loss):
+            loop.best_val_loss, loop.best_step = loop.val_loss, loop.step
+            self.best = {name: t.detach().cpu().clone() for name, t in adapter_state_dict(self.model).items()}
+
+    def select_weights(self) -> None:
+        """trainer.select=best_val: end with the weights of the lowest validation loss (upstream's
+        load_best_model_at_end); the reported validation loss is theirs."""
+        loop = self.loop
+        if self.best is None or loop.best_step == loop.step:
+            return
+        checkpoints.copy_adapter(self.model, self.best)
+        log.info("trainer.select=best_val: adapter weights of step %d (validation loss %.4f; last step %d: %.4f)",
+                 loop.best_step, loop.best_val_loss, loop.step, loop.val_loss)
+        loop.val_loss = loop.best_val_loss
 
     def maybe_validate(self) -> None:
         every, step = self.cfg.eval_every, self.loop.step
@@ -210,7 +228,7 @@ class Recipe:
         if self.checkpoint_dir is None or not self.accelerator.is_main_process:
             return None
         return checkpoints.save_checkpoint(self.checkpoint_dir, self.model, self.optimizer, self.scheduler, self.loop,
-                                           self.fingerprint, self.cfg.keep_checkpoints)
+                                           self.fingerprint, self.cfg.keep_checkpoints, self.best)
 
     def maybe_checkpoint(self, stop: bool, signum: int) -> None:
         """Save every ``trainer.checkpoint_every`` steps, at the end, and when asked to stop (then exit)."""
@@ -230,5 +248,6 @@ class Recipe:
         self.bar.close()
         if self.val_examples:
             self.validate()
+        self.select_weights()
         loss_final = window_mean(self.loop, self.cfg.log_every) if self.loop.loss_history else float("nan")
         return train_result(self.loop, self.throughput, steady, loss_final, self.epoch_progress(), self.resumed_from)

@@ -30,6 +30,7 @@ class TrainResult:
     skipped_steps: int = 0
     resumed_from_step: int | None = None
     loss_history: list[float] = field(default_factory=list)  # one mean loss per optimiser step
+    selected_step: int | None = None  # the step whose adapter weights training ended with (trainer.select)
 
 
 def matmul_weights(model: nn.Module) -> tuple[int, int]:
@@ -152,4 +153,5 @@ def train_result(loop: LoopState, throughput: Throughput, steady: float, loss_fi
         tokens=loop.tokens, padded_tokens=loop.padded_tokens, seconds=loop.seconds,
         tokens_per_second=rate(loop.tokens), padded_tokens_per_second=rate(loop.padded_tokens),
         steady_tokens_per_second=steady, mfu=throughput.mfu(steady), peak_memory_gib=peak_memory_gib(throughput.device),
-        skipped_steps=loop.skipped_steps, resumed_from_step=resumed_from, loss_history=list(loop.loss_history))
+        skipped_steps=loop.skipped_steps, resumed_from_step=resumed_from, loss_history=list(loop.loss_history),
+        selected_step=loop.best_step if loop.best_step is not None else loop.step)

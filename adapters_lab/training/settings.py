@@ -14,7 +14,7 @@ import torch
 from accelerate import Accelerator
 from omegaconf import DictConfig, OmegaConf
 
-from adapters_lab.config import Batching, Device, Precision, ResumeMode, TrainerConfig, TrainerConfigError
+from adapters_lab.config import Batching, Device, Precision, ResumeMode, Select, TrainerConfig, TrainerConfigError
 
 ADAM_BETA1 = 0.9  # torch.optim.AdamW's default, which the trainer uses
 STATE_FILE = "trainer_state.pt"  # a checkpoint folder holds it (training/checkpoints.py)
@@ -89,6 +89,13 @@ def _check_optimiser(cfg: TrainerConfig) -> None:
         raise TrainerConfigError(f"trainer.peak_tflops={cfg.peak_tflops}: must be positive")
 
 
+def _check_selection(cfg: TrainerConfig) -> None:
+    if cfg.select == Select.best_val and (cfg.val_set_size <= 0 or cfg.eval_every <= 0):
+        raise TrainerConfigError(
+            f"trainer.select=best_val: needs validation during training (trainer.val_set_size={cfg.val_set_size}, "
+            f"trainer.eval_every={cfg.eval_every}: both must be positive)")
+
+
 def _check_checkpoints(cfg: TrainerConfig) -> None:
     if cfg.checkpoint_layers is not None and cfg.checkpoint_layers < 0:
         raise TrainerConfigError(f"trainer.checkpoint_layers={cfg.checkpoint_layers}: must be >= 0 or null (all)")
@@ -105,6 +112,7 @@ def check_trainer_config(cfg: TrainerConfig | DictConfig) -> TrainerSettings:
     _check_batches(typed)
     _check_optimiser(typed)
     _check_checkpoints(typed)
+    _check_selection(typed)
     resume, resume_from = resume_choice(typed.resume)
     forwards = 1 if typed.batching == Batching.paper_packed else typed.batch_size // typed.micro_batch_size
     return TrainerSettings(typed, forwards, resume, resume_from)
