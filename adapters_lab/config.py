@@ -132,6 +132,11 @@ class DecoderKind(str, Enum):
     transformers = "transformers"  # transformers' generate (used anyway where ours does not apply)
 
 
+class LoggerBackend(str, Enum):
+    none = "none"
+    wandb = "wandb"
+
+
 class WandbMode(str, Enum):
     auto = "auto"  # online when an API key is configured, else offline
     online = "online"
@@ -309,7 +314,7 @@ class EvalConfig:
 
 @dataclass
 class LoggerConfig:
-    backend: str = "none"  # none | wandb
+    backend: LoggerBackend = LoggerBackend.none
     project: str = "adapters_lab"
     entity: Optional[str] = None
     mode: WandbMode = WandbMode.auto
@@ -345,7 +350,7 @@ class Config:
     export: ExportConfig = field(default_factory=ExportConfig)
     seed: int = 42
     optimized_metric: str = "eval/average"
-    overwrite: bool = False  # redo a run whose output dir already holds metrics.json
+    overwrite: bool = False  # replace the results in the output dir (built beside them, moved in once finished)
 
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"

@@ -14,6 +14,7 @@ from transformers import set_seed
 
 from adapters_lab.adapters import build_adapter, count_parameters, freeze
 from adapters_lab.adapters.io import check_export, save_adapter, save_base_model, write_exports
+from adapters_lab.checks import check_known_keys, check_on_skeleton, check_settings, check_space
 from adapters_lab.files import probe_writable, write_json_atomic, write_text_atomic
 from adapters_lab.kinds import model_kind
 from adapters_lab.models import build_model
@@ -36,6 +37,7 @@ def shared_output_dir(path: Path, accelerator) -> Path:
 
 def run(cfg: DictConfig) -> float | None:
     """Run one experiment; returns ``metrics[cfg.optimized_metric]`` for sweepers."""
+    check_known_keys(cfg)
     accelerator = make_accelerator(cfg.trainer)
     out_dir = shared_output_dir(Path(cfg.paths.output_dir), accelerator)
     share = (lambda value: broadcast_object_list([value])[0]) if accelerator.num_processes > 1 else None
@@ -53,11 +55,11 @@ def run(cfg: DictConfig) -> float | None:
     return metric_value(metrics, cfg.optimized_metric)
 
 
-def run_in(cfg: DictConfig, folder: RunFolder, accelerator) -> dict:
-    """The run itself, into ``folder.prepare()`` (the run folder, or its staging area under overwrite)."""
-    main = accelerator.is_main_process
-    # 1. Check everything that needs no weights: adapter options, trainer options, data files, disk.
-    adapter = build_adapter(cfg.adapter)
+def check_before_weights(cfg: DictConfig, folder: RunFolder) -> tuple:
+    """1. Everything that needs no weights: adapter, trainer and data options, data files, the adapter on
+    the meta-device skeleton (placement, attention), prompts against the cutoff, the disk. Returns
+    (adapter, model kind, checked trainer settings or None, task data, tokenised features or None)."""
+    adapter, trainer = build_adapter(cfg.adapter), None
     kind = model_kind(cfg.model)  # causal LM or image-text: its data, builder, tokens, collator, evaluation
     kind.check(adapter, cfg)
     check_export(adapter, cfg.export.peft, cfg.export.merged)
@@ -66,8 +68,27 @@ def run_in(cfg: DictConfig, folder: RunFolder, accelerator) -> dict:
         adapter.check_training(trainer.cfg)
         if trainer.resume_from is not None:
             check_checkpoint(trainer.resume_from, folder.fingerprint)
+    check_settings(cfg)
     data = kind.load_data(cfg, needs_train=adapter.trains)
+    skeleton = check_on_skeleton(cfg, build_adapter(cfg.adapter))  # None for image-text models
+    features = tokenize(cfg, kind, data, skeleton[1]) if skeleton and adapter.trains else None
     probe_writable(folder.folder)
+    if skeleton:
+        check_space(folder.folder, cfg, skeleton[0], sum(len(records) for records in data.eval_sets.values()))
+    return adapter, kind, trainer, data, features
+
+
+def tokenize(cfg: DictConfig, kind, data, tokenizer) -> dict:
+    """The training and validation records as the kind's features (fails on prompts that overflow the cutoff)."""
+    ds = cfg.dataset
+    return {split: kind.features(records, tokenizer, ds, f"dataset.train={ds.train} ({split})")
+            for split, records in (("train", data.train), ("val", data.val))}
+
+
+def run_in(cfg: DictConfig, folder: RunFolder, accelerator) -> dict:
+    """The run itself, into ``folder.prepare()`` (the run folder, or its staging area under overwrite)."""
+    main = accelerator.is_main_process
+    adapter, kind, trainer, data, features = check_before_weights(cfg, folder)
     out_dir = folder.prepare()
     if main:
         write_text_atomic(out_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
@@ -95,9 +116,7 @@ def run_in(cfg: DictConfig, folder: RunFolder, accelerator) -> dict:
 
     # 4-5. Data as tokens, then training.
     if adapter.trains:
-        ds = cfg.dataset
-        features = {split: kind.features(records, tokenizer, ds, f"dataset.train={ds.train} ({split})")
-                    for split, records in (("train", data.train), ("val", data.val))}
+        features = features or tokenize(cfg, kind, data, tokenizer)
         result = train(model, features["train"].examples, features["val"].examples,
                        kind.text_tokenizer(tokenizer).pad_token_id, trainer, accelerator, tracker, cfg.seed,
                        checkpoint_dir=out_dir / "checkpoints", **kind.train_options(model, tokenizer, cfg))

@@ -359,13 +359,16 @@ def main(argv: list[str] | None = None) -> int:
         image_text = [*MLLM_SMOKE] if set(tables) <= set(IMAGE_TEXT_TABLES) else []
         overrides = [*SMOKE_OVERRIDES, *image_text, f"paths.data_dir={data_dir}",
                      f"hydra.job.config.override_dirname.exclude_keys=[{excludes}]", *overrides]
-    incomplete = []
+    incomplete, failed_sweeps = [], []
     for table in tables:
         sweep_dir = runs_dir / table / args.model
         if args.run:
             code = run_sweep(table, args.model, sweep_dir, overrides, args.smoke)
             if code:
+                failed_sweeps.append(table)
                 print(f"{table}: the sweep exited with {code}; failed jobs are listed in {sweep_dir}/sweep_summary.md")
+                for error in sweep_errors(sweep_dir):
+                    print(f"  {error}")
         t = build(table, args.model, sweep_dir, args.protocol, args.report)
         for path in write_table(t, args.model, args.out):
             print(f"wrote {path}")
@@ -373,8 +376,16 @@ def main(argv: list[str] | None = None) -> int:
             incomplete.append(f"{table}: {', '.join(missing_cells(t))}")
     if incomplete:
         print("cells without a finished run:\n  " + "\n  ".join(incomplete))
-        return 1 if args.check else 0
-    return 0
+    return 1 if failed_sweeps or (incomplete and args.check) else 0
+
+
+def sweep_errors(sweep_dir: Path) -> list[str]:
+    """The distinct first lines of the failed jobs' errors in a sweep's summary."""
+    try:
+        jobs = json.loads((sweep_dir / "sweep_summary.json").read_text())["jobs"]
+    except (OSError, ValueError, KeyError):
+        return []
+    return list(dict.fromkeys(job["error"].splitlines()[0] for job in jobs if job.get("error")))
 
 
 if __name__ == "__main__":

@@ -120,3 +120,24 @@ def test_a_reordered_sweep_never_reports_one_config_beside_another_ones_results(
     assert same.returncode == 0, same.stderr[-2000:]
     jobs = json.loads((sweep_dir / "sweep_summary.json").read_text())["jobs"]
     assert [job["status"] for job in jobs] == ["skipped (finished earlier)"] * 2
+
+
+def test_a_single_runs_failure_is_not_logged_as_a_sweep_job(tmp_path, caplog):
+    from hydra.core.utils import JobReturn, JobStatus
+    from hydra.types import RunMode
+    from omegaconf import OmegaConf
+
+    from adapters_lab.sweep import SweepSummary
+
+    def config(mode):
+        return OmegaConf.create({"hydra": {"runtime": {"output_dir": str(tmp_path / mode.name)}, "job": {"num": 0},
+                                           "mode": mode, "sweep": {"dir": str(tmp_path)}, "overrides": {"task": []}}})
+
+    failed = JobReturn(status=JobStatus.FAILED, _return_value=RuntimeError("boom"))
+    with caplog.at_level("ERROR"):
+        SweepSummary().on_job_end(config(RunMode.RUN), failed)
+    assert "job" not in caplog.text
+    assert json.loads((tmp_path / "RUN" / "job_status.json").read_text())["error"] == "RuntimeError: boom"
+    with caplog.at_level("ERROR"):
+        SweepSummary().on_job_end(config(RunMode.MULTIRUN), failed)
+    assert "job MULTIRUN failed: RuntimeError: boom" in caplog.text

@@ -181,3 +181,13 @@ def test_math_data_sweep_trains_on_math_data_with_the_paper_cells():
     assert cfg.dataset.train == "math_data" and cfg.trainer.val_set_size == 120
     assert list(cfg.dataset.eval_sets) == make_table.MATH_DATA_COLUMNS
     assert cfg.adapter.name == "adapterp" and cfg.adapter.rank == 256 and cfg.trainer.lr == 3e-4
+
+
+def test_a_table_whose_cells_fail_exits_non_zero_naming_the_missing_data(tmp_path, capsys):
+    """`make table-math MODEL=tiny_llama` where math_10k is not shipped: every cell fails, and so does make."""
+    code = make_table.main(["math_main", "--model", "tiny_llama", "--run", "--out", str(tmp_path / "tables"), "--",
+                            f"paths.data_root={tmp_path / 'no-data'}"])
+    out = capsys.readouterr().out
+    assert code == 1
+    assert "math_main: the sweep exited with 1" in out
+    assert f"DataError: dataset.train=math_10k: file not found: {tmp_path / 'no-data'}" in out

@@ -40,18 +40,22 @@ def tokenize_record(record: dict, tokenizer, cutoff_len: int, train_on_inputs: b
 
 def tokenize_records(records: list[dict], tokenizer, cutoff_len: int, train_on_inputs: bool,
                      add_eos: bool, max_overflow_share: float, key: str) -> Features:
-    examples, truncated, overflow = [], 0, 0
-    for record in records:
+    examples, truncated, overflow = [], 0, []
+    for index, record in enumerate(records):
         example, was_cut, overflowed = tokenize_record(record, tokenizer, cutoff_len, train_on_inputs, add_eos)
         examples.append(example)
         truncated += was_cut
-        overflow += overflowed
-    if records and overflow / len(records) > max_overflow_share:
+        overflow += [index] if overflowed else []
+    if records and len(overflow) / len(records) > max_overflow_share:
+        longest = max(overflow, key=lambda i: len(records[i]["instruction"]) + len(records[i]["input"]))
+        chars = len(records[longest]["instruction"]) + len(records[longest]["input"])
         raise DataError(
-            f"{key}: {overflow} of {len(records)} prompts reach dataset.cutoff_len={cutoff_len} "
-            f"before the response starts; raise dataset.cutoff_len"
+            f"{key}: {len(overflow)} of {len(records)} prompts reach dataset.cutoff_len={cutoff_len} "
+            f"before the response starts (record {', '.join(map(str, overflow[:5]))}{', ...' if len(overflow) > 5 else ''}"
+            f" of the split, in file order; the longest, record {longest}, has {chars:,} characters); "
+            "raise dataset.cutoff_len or remove them"
         )
-    return Features(examples, truncated, overflow)
+    return Features(examples, truncated, len(overflow))
 
 
 class PaddedCollator:
