@@ -68,7 +68,7 @@ def test_resume_with_changed_settings_is_refused(make_cfg, tmp_path, monkeypatch
     def killed(*_, **__):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(pipeline, "evaluate_sets", killed)
+    monkeypatch.setattr(pipeline, "write_results", killed)  # killed after training, before metrics.json
     with pytest.raises(KeyboardInterrupt):
         pipeline.run(make_cfg())
     assert (tmp_path / "run" / "checkpoints" / "latest.json").is_file()
