@@ -20,7 +20,10 @@ from adapters_lab.data.sources import (
 )
 from tests.conftest import CONF_DIR
 
-DATASET_CONFIGS = sorted(p.stem for p in (CONF_DIR / "dataset").glob("*.yaml") if p.stem not in ("file", "hub"))
+# image-text datasets (LLaVA conversation records) are checked by tests/test_mllm_data.py with their own loader
+IMAGE_TEXT_DATASETS = ("scienceqa", "mllm_file", "shapes", "iconqa", "vizwiz", "okvqa", "ocrvqa", "vqav2", "flickr30k")
+DATASET_CONFIGS = sorted(p.stem for p in (CONF_DIR / "dataset").glob("*.yaml")
+                         if p.stem not in ("file", "hub", *IMAGE_TEXT_DATASETS))
 
 
 def load(cfg, needs_train: bool = True):
