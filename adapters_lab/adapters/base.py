@@ -113,6 +113,11 @@ class Adapter:
                 f"trainer.batching={batching}: {self.name} puts virtual tokens before each sequence and a packed row "
                 "holds several; use trainer.batching=padded"
             )
+        if self.virtual_tokens and getattr(trainer, "fused_loss", False):
+            raise AdapterConfigError(
+                f"trainer.fused_loss=true: {self.name} adds its virtual tokens in the model's own forward, which the "
+                "chunked loss bypasses (it calls the decoder alone); use trainer.fused_loss=false"
+            )
 
     def inject(self, model: nn.Module, tokenizer: Any = None) -> InjectionReport:
         """Add the method's modules to ``model`` in place; ``tokenizer`` only for text-initialised prompts."""

@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from adapters_lab.adapters import virtual_tokens
 from adapters_lab.data.tokenize import IGNORE_INDEX
 
 
@@ -87,4 +88,6 @@ def check_fused_loss_supported(model: nn.Module) -> str | None:
             return f"model.config.{key}={getattr(model.config, key)} rescales the logits"
     if head.weight.requires_grad:
         return "the output head is trainable"
+    if virtual_tokens.count(model):
+        return "virtual tokens (prefix or prompt tuning) are added in the model's own forward, which it bypasses"
     return None
