@@ -20,19 +20,24 @@ search with length penalty 1 and ``early_stopping=False``, the decoding LLM-Adap
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
-from typing import Callable
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.nn.attention import SDPBackend
 from transformers import AttentionInterface, Cache
 
 from adapters_lab.adapters import virtual_tokens
 from adapters_lab.models import cache_argument
+from adapters_lab.step_attention import (  # noqa: F401
+    STEP_BACKENDS,
+    attention_backend,
+    cuda_milliseconds,
+    fastest_step_backend,
+    few_query_attention,
+)
 
 log = logging.getLogger(__name__)
 
@@ -40,11 +45,6 @@ ATTENTION = "adapters_lab_grouped"
 NEG = -1.0e9  # transformers' "impossible" beam score
 PREFILL_TOKENS = 8192  # prompt tokens per prefill forward
 WORKSPACE_BYTES = 3 * 2**30  # GPU memory kept beside a decoder's cache (prefill activations, graph pool)
-# SDPA kernels that take the decoding step's masked few-query attention. Which is fastest depends on
-# the mask: on an H200 the cuDNN kernel read the cache at 4.3 TB/s in greedy steps and at 2.7 TB/s
-# under 4 beams' masks (scripts/bench_eval.py --step-profile), so a decoder times them on its own
-# shapes when it is built and keeps the fastest (``fastest_step_backend``).
-STEP_BACKENDS = (SDPBackend.CUDNN_ATTENTION, SDPBackend.EFFICIENT_ATTENTION)
 
 
 def grouped_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -66,63 +66,6 @@ def grouped_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor,
     query = query.view(prompts, beams, heads, dim).transpose(1, 2)  # (prompts, heads, beams, d)
     out = few_query_attention(query, key, value, attention_mask, scale)
     return out.transpose(1, 2).reshape(rows, 1, heads, dim), None
-
-
-def few_query_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor,
-                        scale: float) -> torch.Tensor:
-    """``(b, heads, q, d)`` queries, few of them, against ``(b, kv_heads, slots, d)`` keys and values
-    with a ``(b, 1, q, slots)`` mask. The query heads sharing a key/value head (in order,
-    ``h // (heads / kv_heads)``) become extra query rows of it, so the keys are read once and never
-    repeated or copied; SDPA then runs its memory-efficient kernel on a GPU, which streams the cache
-    at 1.44x the speed of two batched matmuls (``scripts/bench_eval.py --step-profile``, H100)."""
-    batch, heads, queries, dim = query.shape
-    kv_heads, slots = key.shape[1], key.shape[2]
-    groups = heads // kv_heads
-    grouped = query.reshape(batch, kv_heads, groups * queries, dim)
-    if groups > 1:
-        mask = mask[:, :, None].expand(batch, 1, groups, queries, slots).reshape(batch, 1, groups * queries, slots)
-    out = F.scaled_dot_product_attention(grouped, key, value, attn_mask=mask, scale=scale)
-    return out.view(batch, heads, queries, dim)
-
-
-AttentionInterface.register(ATTENTION, grouped_attention)
-
-
-def attention_backend(backend: SDPBackend | None):
-    """A context in which SDPA runs on ``backend`` only (None: SDPA's own choice)."""
-    return sdpa_kernel([backend]) if backend is not None else contextlib.nullcontext()
-
-
-def cuda_milliseconds(fn: Callable[[], object], repeats: int = 5) -> float:
-    """Median milliseconds of ``fn`` on the current CUDA stream, after one warm-up call."""
-    fn()
-    times = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return sorted(times)[len(times) // 2]
-
-
-def fastest_step_backend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor,
-                         scale: float, backends=STEP_BACKENDS,
-                         timer: Callable[[Callable[[], object]], float] = cuda_milliseconds) -> SDPBackend | None:
-    """The backend of ``backends`` under which ``few_query_attention`` runs fastest on these inputs;
-    a backend that refuses them is skipped; None when none runs. The backends compute the same
-    attention up to rounding: the choice changes the time, not what is computed."""
-    best, best_time = None, math.inf
-    for backend in backends:
-        try:
-            with attention_backend(backend):
-                elapsed = timer(lambda: few_query_attention(query, key, value, mask, scale))
-        except RuntimeError:  # "No available kernel": this backend does not take these inputs
-            continue
-        if elapsed < best_time:
-            best, best_time = backend, elapsed
-    return best
 
 
 def supports(model: nn.Module, max_length: int) -> bool:
@@ -195,6 +138,7 @@ class Decoder:
         self.eos = -1 if eos_token_id is None else eos_token_id  # none: sequences run to the budget
         self.window, self.check_every = window, check_every
         self.cache_argument = cache_argument(model)
+        AttentionInterface.register(ATTENTION, grouped_attention)  # on first use, not at import
         embed = model.get_input_embeddings().weight
         self.device, dtype = embed.device, embed.dtype
         shape = cache_shape(model, prompts, prompt_slots + beams * max_new_tokens)
@@ -295,6 +239,7 @@ class Decoder:
 
     def _forward(self, input_ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         previous = self.model.config._attn_implementation
+        AttentionInterface.register(ATTENTION, grouped_attention)  # registered when a decoder is first built
         self.model.config._attn_implementation = ATTENTION
         try:
             out = self.model(input_ids=input_ids, position_ids=positions, attention_mask=mask,

@@ -46,6 +46,24 @@ def response_text(generated: str) -> str:
 
 
 @torch.no_grad()
+def planned_batches(model: nn.Module, lengths: list[int], order: list[int], batch_size: int, num_beams: int,
+                    max_new_tokens: int, free: int | None) -> list[list[int]]:
+    """Batches of prompt indices (longest first); with ``free`` GPU bytes known, no more prompts per batch
+    than the KV cache of its longest (first) prompt fits in memory."""
+    prompts_fitting = None
+    if free is not None:
+        def prompts_fitting(index: int) -> int:
+            slots = prompt_slots(max(1, lengths[index]))
+            return decoding.prompts_that_fit(model, slots, num_beams, max_new_tokens, free)
+
+        longest_fit = prompts_fitting(order[0]) if order else 0
+        if order and longest_fit < min(batch_size, len(order)):
+            log.info("eval: the longest prompts go %d per batch, not %d: the KV cache of %d prompts of %d tokens, "
+                     "%d beams and %d new tokens fits in the GPU's free memory", longest_fit, batch_size,
+                     longest_fit, lengths[order[0]], num_beams, max_new_tokens)
+    return balanced_batches(order, batch_size, prompts_fitting)
+
+
 def generate(model: nn.Module, tokenizer, prompts: list[str], batch_size: int, num_beams: int,
              max_new_tokens: int, device: torch.device, decoder: str = "adapters_lab") -> list[str]:
     """Generated continuations (new tokens only, decoded), in the order of ``prompts``.
@@ -67,18 +85,7 @@ def generate(model: nn.Module, tokenizer, prompts: list[str], batch_size: int, n
                  longest, model.config.model_type)
     outputs: list[str] = [""] * len(prompts)
     free = free_gpu_bytes(device) if our_decoder else None
-    prompts_fitting = None
-    if free is not None:  # no more prompts per batch than the KV cache of its longest (first) fits in memory
-        def prompts_fitting(index: int) -> int:
-            slots = prompt_slots(max(1, lengths[index]))
-            return decoding.prompts_that_fit(model, slots, num_beams, max_new_tokens, free)
-
-        longest_fit = prompts_fitting(order[0]) if order else 0
-        if order and longest_fit < min(batch_size, len(prompts)):
-            log.info("eval: the longest prompts go %d per batch, not %d: the KV cache of %d prompts of %d tokens, "
-                     "%d beams and %d new tokens fits in the GPU's free memory", longest_fit, batch_size,
-                     longest_fit, lengths[order[0]], num_beams, max_new_tokens)
-    pending = balanced_batches(order, batch_size, prompts_fitting)
+    pending = planned_batches(model, lengths, order, batch_size, num_beams, max_new_tokens, free)
     last = LastDecoder()  # the decoder of the last batch, reused while shapes fit
     progress = eval_progress.Progress("eval generate", len(prompts))
     while pending:

@@ -144,6 +144,19 @@ def check_scoring(eval_cfg: EvalConfig, names: list[str]) -> None:
                         "use eval.scoring=both (likelihood where it applies) or drop them from dataset.eval_sets")
 
 
+def split_validation(train: list[dict], size: int, seed: int, source: str) -> tuple[list[dict], list[dict]]:
+    """``size`` records drawn by a seeded shuffle as the validation split, the rest in file order."""
+    if size <= 0:
+        return train, []
+    if size >= len(train):
+        raise DataError(f"trainer.val_set_size={size} leaves no training data "
+                        f"({len(train)} records in dataset.train={source})")
+    order = list(range(len(train)))
+    random.Random(seed).shuffle(order)
+    val_ids = set(order[:size])
+    return ([r for i, r in enumerate(train) if i not in val_ids], [r for i, r in enumerate(train) if i in val_ids])
+
+
 def load_task_data(dataset: DatasetConfig, eval_cfg: EvalConfig, trainer: TrainerConfig,
                    paths: PathsConfig, seed: int, needs_train: bool = True) -> TaskData:
     """Read and check every file the run needs; raises DataError naming the key and path."""
@@ -194,18 +207,7 @@ def load_task_data(dataset: DatasetConfig, eval_cfg: EvalConfig, trainer: Traine
         eval_sets[name] = records[: eval_cfg.limit] if eval_cfg.limit else records
     check_scoring(eval_cfg, list(eval_sets))
 
-    val: list[dict] = []
-    if needs_train and trainer.val_set_size > 0:
-        if trainer.val_set_size >= len(train):
-            raise DataError(
-                f"trainer.val_set_size={trainer.val_set_size} leaves no training data "
-                f"({len(train)} records in dataset.train={dataset.train})"
-            )
-        order = list(range(len(train)))
-        random.Random(seed).shuffle(order)
-        val_ids = set(order[: trainer.val_set_size])
-        val = [r for i, r in enumerate(train) if i in val_ids]
-        train = [r for i, r in enumerate(train) if i not in val_ids]
+    train, val = split_validation(train, trainer.val_set_size if needs_train else 0, seed, dataset.train)
     if needs_train and not train:
         raise DataError(f"dataset.train={dataset.train}: no training records")
     return TaskData(train=train, val=val, eval_sets=eval_sets, skipped=skipped, missing_sets=missing)

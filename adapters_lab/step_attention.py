@@ -1,0 +1,71 @@
+"""The decoding step's few-query attention and the choice of its SDPA kernel, timed on the GPU."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+# SDPA kernels that take the decoding step's masked few-query attention. Which is fastest depends on
+# the mask: on an H200 the cuDNN kernel read the cache at 4.3 TB/s in greedy steps and at 2.7 TB/s
+# under 4 beams' masks (scripts/bench_eval.py --step-profile), so a decoder times them on its own
+# shapes when it is built and keeps the fastest (``fastest_step_backend``).
+STEP_BACKENDS = (SDPBackend.CUDNN_ATTENTION, SDPBackend.EFFICIENT_ATTENTION)
+
+
+def few_query_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor,
+                        scale: float) -> torch.Tensor:
+    """``(b, heads, q, d)`` queries, few of them, against ``(b, kv_heads, slots, d)`` keys and values
+    with a ``(b, 1, q, slots)`` mask. The query heads sharing a key/value head (in order,
+    ``h // (heads / kv_heads)``) become extra query rows of it, so the keys are read once and never
+    repeated or copied; SDPA then runs its memory-efficient kernel on a GPU, which streams the cache
+    at 1.44x the speed of two batched matmuls (``scripts/bench_eval.py --step-profile``, H100)."""
+    batch, heads, queries, dim = query.shape
+    kv_heads, slots = key.shape[1], key.shape[2]
+    groups = heads // kv_heads
+    grouped = query.reshape(batch, kv_heads, groups * queries, dim)
+    if groups > 1:
+        mask = mask[:, :, None].expand(batch, 1, groups, queries, slots).reshape(batch, 1, groups * queries, slots)
+    out = F.scaled_dot_product_attention(grouped, key, value, attn_mask=mask, scale=scale)
+    return out.view(batch, heads, queries, dim)
+
+
+def attention_backend(backend: SDPBackend | None):
+    """A context in which SDPA runs on ``backend`` only (None: SDPA's own choice)."""
+    return sdpa_kernel([backend]) if backend is not None else contextlib.nullcontext()
+
+
+def cuda_milliseconds(fn: Callable[[], object], repeats: int = 5) -> float:
+    """Median milliseconds of ``fn`` on the current CUDA stream, after one warm-up call."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return sorted(times)[len(times) // 2]
+
+
+def fastest_step_backend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor,
+                         scale: float, backends=STEP_BACKENDS,
+                         timer: Callable[[Callable[[], object]], float] = cuda_milliseconds) -> SDPBackend | None:
+    """The backend of ``backends`` under which ``few_query_attention`` runs fastest on these inputs;
+    a backend that refuses them is skipped; None when none runs. The backends compute the same
+    attention up to rounding: the choice changes the time, not what is computed."""
+    best, best_time = None, math.inf
+    for backend in backends:
+        try:
+            with attention_backend(backend):
+                elapsed = timer(lambda: few_query_attention(query, key, value, mask, scale))
+        except RuntimeError:  # "No available kernel": this backend does not take these inputs
+            continue
+        if elapsed < best_time:
+            best, best_time = backend, elapsed
+    return best
