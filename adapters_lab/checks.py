@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import shutil
+from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -78,6 +79,8 @@ def meta_skeleton(model_cfg) -> tuple[nn.Module, object] | None:
     None for image-text models (their checks are their builder's)."""
     if ModelKind(model_cfg.kind) == ModelKind.image_text:
         return None
+    if model_cfg.local_path and not Path(model_cfg.local_path).is_dir():  # else taken for a hub id
+        raise SettingError(f"model={model_cfg.name}: model.local_path={model_cfg.local_path} is not a folder")
     try:
         if model_cfg.tiny is not None or ModelInit(model_cfg.init) == ModelInit.random:
             with torch.device("meta"):
