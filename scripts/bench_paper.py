@@ -18,7 +18,6 @@ autocast (upstream: fp16). Real tokens exclude padding; each rate leaves out the
 from __future__ import annotations
 
 import argparse
-import gc
 import sys
 import time
 from pathlib import Path
@@ -28,7 +27,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "scripts")]
 
-from bench_table import synthetic_examples  # noqa: E402
+from bench_table import free, synthetic_examples  # noqa: E402
 
 from adapters_lab.files import write_json_atomic  # noqa: E402
 
@@ -61,14 +60,6 @@ def compose(shape: str, tiny: bool, overrides: list[str]):
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize()
-
-
-def free(device: torch.device) -> None:
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
-    torch._dynamo.reset()
 
 
 def peak_gib(device: torch.device) -> float | None:
