@@ -149,6 +149,39 @@ def variant_overrides(variant: str, steps: int, tiny: bool, pack_length: int) ->
     return ["trainer=paper_packed", *recipe, f"trainer.pack_length={pack_length}", *eager]
 
 
+class Profiled:
+    """``--profile DIR``: where a variant's time goes (torch.profiler's top ops by host and by device
+    time, and torch.compile's recompilation counters), written to ``DIR/<shape>_<variant>.txt``."""
+
+    def __init__(self, folder: Path | None, name: str, device: torch.device):
+        self.folder, self.name, self.device, self.profiler = folder, name, device, None
+
+    def __enter__(self):
+        if self.folder is not None:
+            import torch._dynamo.utils
+
+            torch._dynamo.utils.counters.clear()
+            activities = [torch.profiler.ProfilerActivity.CPU] + (
+                [torch.profiler.ProfilerActivity.CUDA] if self.device.type == "cuda" else [])
+            self.profiler = torch.profiler.profile(activities=activities)
+            self.profiler.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        if self.profiler is None:
+            return
+        import torch._dynamo.utils
+
+        self.profiler.__exit__(*exc)
+        table = self.profiler.key_averages()
+        keys = ["self_cpu_time_total"] + (["self_device_time_total"] if self.device.type == "cuda" else [])
+        text = [f"{self.name}: dynamo counters {dict((k, dict(v)) for k, v in torch._dynamo.utils.counters.items())}"]
+        text += [table.table(sort_by=key, row_limit=18) for key in keys]
+        self.folder.mkdir(parents=True, exist_ok=True)
+        (self.folder / f"{self.name}.txt").write_text("\n".join(text))
+        print(text[0][:2000], flush=True)
+
+
 def run_shape(shape: str, args, device: torch.device) -> list[dict]:
     rows = []
     base = compose(shape, args.tiny, [])
@@ -156,12 +189,13 @@ def run_shape(shape: str, args, device: torch.device) -> list[dict]:
                                   PAPER["cutoff"], seed=0)
     for variant in args.variants.split(","):
         start = time.perf_counter()
-        if variant == "hf_trainer":
-            row = hf_trainer(base, examples, args.steps, args.warmup, device)
-        else:
-            cfg = compose(shape, args.tiny, variant_overrides(variant, args.steps, args.tiny, args.pack_length)
-                          + args.overrides)
-            row = ours(cfg, examples, device)
+        with Profiled(args.profile, f"{shape}_{variant}", device):
+            if variant == "hf_trainer":
+                row = hf_trainer(base, examples, args.steps, args.warmup, device)
+            else:
+                cfg = compose(shape, args.tiny, variant_overrides(variant, args.steps, args.tiny, args.pack_length)
+                              + args.overrides)
+                row = ours(cfg, examples, device)
         free(device)
         row.update(shape=shape, variant=variant, wall_seconds=time.perf_counter() - start)
         rows.append(row)
@@ -192,6 +226,7 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--warmup", type=int, default=2, help="first steps left out of the HF Trainer's rate")
     parser.add_argument("--pack-length", type=int, default=512,
                         help="paper_packed's row length (0: one row a step; --tiny: 0)")
+    parser.add_argument("--profile", type=Path, help="write each variant's profile (top ops, recompiles) here")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides for our variants, e.g. trainer.compile=false")
     args = parser.parse_args(argv)
     args.steps = args.steps or (4 if args.tiny else 30)

@@ -128,24 +128,50 @@ def command(sweep: Sweep, common: list[str], out: Path) -> list[str]:
             f"hydra.sweep.dir={out / 'runs'}", f"hydra.sweep.subdir={SUBDIR}"]
 
 
-def run_sweep(sweep: Sweep, cmd: list[str], seconds_left: float) -> None:
+def start_sweep(sweep: Sweep, cmd: list[str], seconds_left: float, threads: int) -> subprocess.Popen:
     sweep.command = cmd[1:]
     print(f"\n== {sweep.name} ({seconds_left:.0f} s left): {' '.join(cmd[1:])}", flush=True)
-    start = time.perf_counter()
-    env = {**os.environ, "PYTHONPATH": python_path(), "WANDB_MODE": "disabled", "HF_HUB_OFFLINE": "1"}
-    process = subprocess.Popen(cmd, cwd=ROOT, env=env, start_new_session=True)
+    env = {**os.environ, "PYTHONPATH": python_path(), "WANDB_MODE": "disabled", "HF_HUB_OFFLINE": "1",
+           "OMP_NUM_THREADS": str(threads)}
+    return subprocess.Popen(cmd, cwd=ROOT, env=env, start_new_session=True)
+
+
+def stop(process: subprocess.Popen) -> None:
+    os.killpg(process.pid, signal.SIGTERM)  # the trainer saves and stops; finished jobs stay finished
     try:
-        code = process.wait(timeout=seconds_left)
-        sweep.status = "completed" if code == 0 else f"exit {code} (see the jobs' job_status.json)"
+        process.wait(timeout=30)
     except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGTERM)  # the trainer saves and stops; finished jobs stay finished
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
-        sweep.status = "stopped at the budget"
-    sweep.seconds = time.perf_counter() - start
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+
+
+def run_sweeps(sweeps: list[Sweep], commands: list[list[str]], deadline: float, parallel: int,
+               on_change=lambda: None) -> None:
+    """The sweeps in order, up to ``parallel`` at once (a 135M model leaves an H200 mostly idle: concurrent
+    processes fill it), each started only with ``MIN_SECONDS`` left and stopped at the deadline."""
+    pending, running = list(zip(sweeps, commands)), {}
+    threads = max(1, (os.cpu_count() or 1) // max(parallel, 1))
+    while pending or running:
+        while pending and len(running) < parallel:
+            sweep, cmd = pending.pop(0)
+            if deadline - time.perf_counter() < MIN_SECONDS:
+                sweep.status = "not run (budget spent)"
+                continue
+            running[sweep.name] = (sweep, start_sweep(sweep, cmd, deadline - time.perf_counter(), threads),
+                                   time.perf_counter())
+        for name, (sweep, process, began) in list(running.items()):
+            code = process.poll()
+            late = code is None and time.perf_counter() >= deadline
+            if late:
+                stop(process)
+                sweep.status = "stopped at the budget"
+            elif code is not None:
+                sweep.status = "completed" if code == 0 else f"exit {code} (see the jobs' job_status.json)"
+            if late or code is not None:
+                sweep.seconds = time.perf_counter() - began
+                del running[name]
+                on_change()
+        time.sleep(0.5 if running else 0)
 
 
 def assemble_gguf(pattern: str, target: Path) -> Path:
@@ -218,6 +244,8 @@ def main() -> None:
     parser.add_argument("--budget-s", type=float, default=450.0, help="wall seconds for the sweeps, conversion included")
     parser.add_argument("--math-limit", type=int, default=100, help="problems per math set (eval.limit)")
     parser.add_argument("--only", nargs="*", help="run only these sweeps (names as in plan())")
+    parser.add_argument("--commit", help="the commit to record (a copied tree's own git metadata may be stale)")
+    parser.add_argument("--parallel", type=int, default=1, help="sweeps run at once (separate processes)")
     parser.add_argument("--tiny", action="store_true", help="tiny random-init model on the CPU (plumbing check)")
     parser.add_argument("--export", type=Path, help="pack the results (no weights) into this .tar.gz")
     parser.add_argument("overrides", nargs="*", help="extra Hydra overrides for every job (after --)")
@@ -229,17 +257,17 @@ def main() -> None:
         prepare_model(args)
     args.out.mkdir(parents=True, exist_ok=True)
     study = {"started": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()), "budget_s": args.budget_s,
-             "tiny": args.tiny, "math_limit": args.math_limit, **device_info()}
+             "tiny": args.tiny, "math_limit": args.math_limit, "parallel": args.parallel, **device_info()}
+    if args.commit:
+        study["commit"] = args.commit
     common = common_overrides(args)
     sweeps = [s for s in plan(args.math_limit) if not args.only or s.name in args.only]
-    for sweep in sweeps:
-        left = deadline - time.perf_counter()
-        if left < MIN_SECONDS:
-            sweep.status = "not run (budget spent)"
-            continue
-        run_sweep(sweep, command(sweep, common, args.out), left)
+
+    def record() -> None:
         study["sweeps"] = [asdict(s) for s in sweeps]
         (args.out / "study.json").write_text(json.dumps(study, indent=1) + "\n")
+
+    run_sweeps(sweeps, [command(s, common, args.out) for s in sweeps], deadline, args.parallel, record)
     study["sweeps"] = [asdict(s) for s in sweeps]
     study["seconds"] = args.budget_s - (deadline - time.perf_counter())
     (args.out / "study.json").write_text(json.dumps(study, indent=1) + "\n")

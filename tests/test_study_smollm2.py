@@ -94,3 +94,23 @@ def test_tiny_study_sweep_and_its_tables_agree_with_metrics(tmp_path):
     timing = [line for line in text.splitlines() if re.match(r"\| arith \| (zero-shot|LoRA) \| [123] \| ", line)]
     assert len(timing) == 6 and all(" 2 | " in row for row in timing if "| LoRA |" in row)  # 2 steps each
     assert "TINY random-init model" in text and "| arith_lora | completed |" in text
+
+
+def test_sweeps_run_side_by_side_and_the_deadline_stops_the_late_one():
+    sleeps = {"a": 1.0, "b": 1.0, "c": 30.0, "d": 0.1}
+    sweeps = [study.Sweep(name, ["none"], [1], []) for name in sleeps]
+    commands = [[sys.executable, "-c", f"import time; time.sleep({t})"] for t in sleeps.values()]
+    start = study.time.perf_counter()
+    study.run_sweeps(sweeps, commands, deadline=start + study.MIN_SECONDS + 5, parallel=3)
+    status = {s.name: s.status for s in sweeps}
+    assert status == {"a": "completed", "b": "completed", "c": "stopped at the budget", "d": "completed"}
+    elapsed = study.time.perf_counter() - start
+    assert elapsed < study.MIN_SECONDS + 15  # c (30 s) was stopped at the deadline, not waited for
+    assert sweeps[0].seconds < 5 and sweeps[1].seconds < 5  # a and b ran together, not one after the other
+
+
+def test_a_sweep_with_too_little_time_left_is_not_started():
+    sweeps = [study.Sweep("late", ["none"], [1], [])]
+    study.run_sweeps(sweeps, [[sys.executable, "-c", "raise SystemExit(3)"]], deadline=study.time.perf_counter() + 1,
+                     parallel=2)
+    assert sweeps[0].status == "not run (budget spent)" and sweeps[0].command == []
