@@ -18,6 +18,7 @@ from adapters_lab.data.paper_packing import PaperPackedCollator, step_groups
 from adapters_lab.data.tokenize import PackedCollator, PaddedCollator, pack_rows
 
 
+# Not accelerate's prepared DataLoader + skip_first_batches: a (seed, epoch) plan resumes at its position, no state
 def epoch_batches(num_examples: int, micro_batch_size: int, seed: int, epoch: int) -> list[list[int]]:
     """A seeded shuffle per epoch, cut into micro-batches (the last may be short)."""
     order = torch.randperm(num_examples, generator=torch.Generator().manual_seed(seed + epoch)).tolist()

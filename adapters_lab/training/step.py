@@ -74,6 +74,7 @@ def forward_backward(objective: nn.Module, plan: BatchPlan, group: list, acceler
         tokens, padded = tokens + real, padded + batch["input_ids"].numel()
         batch = send_to_device(batch, accelerator.device, non_blocking=True)
         last = index == len(mine) - 1
+        # Not accelerator.accumulate: it divides by a fixed step count; a step here is its group (short at an epoch end)
         with contextlib.nullcontext() if last else accelerator.no_sync(objective):
             with accelerator.autocast():
                 loss = objective(batch)

@@ -19,6 +19,7 @@ def validation_loss(model: nn.Module, examples: list[dict], collate, micro_batch
     model.eval()
     total = torch.zeros((), device=accelerator.device)
     count = torch.zeros((), dtype=torch.long, device=accelerator.device)
+    # Not a prepared DataLoader: its even_batches repeats examples to fill the processes; here each counts once
     starts = range(0, len(examples), micro_batch_size)
     for start in starts[accelerator.process_index :: accelerator.num_processes]:
         batch = collate(examples[start : start + micro_batch_size])
