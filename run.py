@@ -11,6 +11,7 @@ from omegaconf import DictConfig
 
 os.environ.setdefault("ADAPTERS_LAB_ROOT", str(Path(__file__).resolve().parent))
 
+from adapters_lab.checks import ConfigKeyError, check_moved_overrides  # noqa: E402
 from adapters_lab.config import register_configs  # noqa: E402
 from adapters_lab.errors import USER_ERRORS  # noqa: E402
 
@@ -31,4 +32,9 @@ def main(cfg: DictConfig) -> float | None:
 
 
 if __name__ == "__main__":
+    try:  # a key that moved (trainer.val_set_size): one line naming its new place, not Hydra's composition error
+        check_moved_overrides(sys.argv[1:])
+    except ConfigKeyError as err:
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
     main()

@@ -6,7 +6,9 @@ layer counts and the attention implementation fail before a 7B load; its tokeniz
 
 :func:`check_known_keys`: Hydra's ``+key=value`` appends a key even into a node typed by a dataclass
 schema (``+adapter.rnak=4`` would train the default rank and exit 0); every key must be a field of its
-node's schema, except inside free-form fields (dicts such as ``adapter.rank_pattern``).
+node's schema, except inside free-form fields (dicts such as ``adapter.rank_pattern``). A key that moved to
+another group (``config.MOVED_KEYS``) is named with its new place, by :func:`check_moved_overrides` too,
+which ``run.py`` calls on the command line before Hydra composes.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from adapters_lab.adapters import count_parameters, freeze
-from adapters_lab.config import ModelInit, ModelKind
+from adapters_lab.config import MOVED_KEYS, ModelInit, ModelKind
 from adapters_lab.files import OutputDirError
 from adapters_lab.models import build_model, ensure_pad_token, torch_dtype
 
@@ -52,11 +54,29 @@ def unknown_keys(node: DictConfig, prefix: str = "") -> list[tuple[str, list[str
     return found
 
 
+def moved_message(key: str, value: str | None = None) -> str:
+    """One line for a key that moved to another group: its new name, and the override to write."""
+    new = MOVED_KEYS[key]
+    return f"{key}: moved to {new} (write {new}={value if value is not None else '...'})"
+
+
+def check_moved_overrides(overrides: list[str]) -> None:
+    """Raise :class:`ConfigKeyError` for a command-line override of a moved key (``trainer.val_set_size=0``,
+    ``+``, ``++`` or ``~`` too), before Hydra's composition fails on it in several lines."""
+    for override in overrides:
+        key, _, value = override.lstrip("+~").partition("=")
+        if key in MOVED_KEYS:
+            raise ConfigKeyError(moved_message(key, value or None))
+
+
 def check_known_keys(cfg: DictConfig) -> None:
-    """Raise :class:`ConfigKeyError` naming the first key no schema declares, with the closest field."""
+    """Raise :class:`ConfigKeyError` naming the first key no schema declares, with the closest field
+    (a moved key: with its new name)."""
     unknown = unknown_keys(cfg)
     if unknown:
         path, fields = unknown[0]
+        if path in MOVED_KEYS:
+            raise ConfigKeyError(moved_message(path, str(OmegaConf.select(cfg, path))))
         close = difflib.get_close_matches(path.rsplit(".", 1)[-1], fields, n=1)
         hint = f"; did you mean {path.rsplit('.', 1)[0] + '.' if '.' in path else ''}{close[0]}?" if close else ""
         more = f" (and {len(unknown) - 1} more: {', '.join(p for p, _ in unknown[1:])})" if len(unknown) > 1 else ""

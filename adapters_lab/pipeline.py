@@ -64,7 +64,8 @@ def check_before_weights(cfg: DictConfig, folder: RunFolder) -> tuple:
     kind.check(adapter, cfg)
     check_export(adapter, cfg.export.peft, cfg.export.merged)
     if adapter.trains:
-        trainer = check_trainer_config(cfg.trainer)  # the checked options, as objects, that train() takes
+        # the checked options, as objects, that train() takes
+        trainer = check_trainer_config(cfg.trainer, cfg.dataset.val_set_size)
         adapter.check_training(trainer.cfg)
         if trainer.resume_from is not None:
             check_checkpoint(trainer.resume_from, folder.fingerprint)

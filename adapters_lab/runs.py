@@ -3,7 +3,9 @@
 - :func:`fingerprint`: every config key that changes the result (model, adapter, data, trainer,
   evaluation, seed, exports), flattened; not where files go, logging, progress display, resume or
   checkpoint cadence (:data:`NOT_RESULT`). It is stored in ``fingerprint.json`` when a run starts
-  (beside its checkpoints) and in ``metrics.json`` when it ends.
+  (beside its checkpoints) and in ``metrics.json`` when it ends; a stored one is read under today's key
+  names (``config.MOVED_KEYS``: ``trainer.val_set_size`` is ``dataset.val_set_size``), so a folder made
+  before a key moved still belongs to its config.
 - :class:`RunFolder`: an exclusive ``flock`` on ``<folder>/.lock`` for the run's life (the kernel
   drops it when the process dies, so a dead holder's lock file is simply taken over); a finished
   folder is reused only when its fingerprint matches, an unfinished one (checkpoints) only resumed when
@@ -26,6 +28,7 @@ from typing import Any, Callable
 
 from omegaconf import DictConfig, OmegaConf
 
+from adapters_lab.config import MOVED_KEYS
 from adapters_lab.files import OutputDirError, write_json_atomic
 
 log = logging.getLogger(__name__)
@@ -69,6 +72,13 @@ def fingerprint(cfg: DictConfig) -> dict[str, Any]:
     return json.loads(json.dumps(dict(sorted(flat.items())), default=str))  # as it reads back from disk
 
 
+def current_names(stored: dict[str, Any] | None) -> dict[str, Any] | None:
+    """A stored fingerprint with each moved key under its new name (``config.MOVED_KEYS``)."""
+    if stored is None:
+        return None
+    return dict(sorted((MOVED_KEYS.get(key, key), value) for key, value in stored.items()))
+
+
 def differences(old: dict[str, Any], new: dict[str, Any], most: int = 8) -> str:
     """``"trainer.lr: 0.0003 -> 0.01, ..."`` for the keys whose values differ (absent: ``<none>``)."""
     keys = [k for k in sorted(set(old) | set(new)) if old.get(k, "<none>") != new.get(k, "<none>")]
@@ -90,9 +100,9 @@ def stored_fingerprint(folder: Path) -> tuple[str, dict | None] | None:
     folder = Path(folder)
     metrics = _read_json(folder / METRICS_FILE)
     if metrics is not None:
-        return "finished", metrics.get("fingerprint")
+        return "finished", current_names(metrics.get("fingerprint"))
     if folder.is_dir() and any(_is_result(p) for p in folder.iterdir() if p.name not in SETUP):
-        return "unfinished", _read_json(folder / FINGERPRINT_FILE)
+        return "unfinished", current_names(_read_json(folder / FINGERPRINT_FILE))
     return None
 
 
@@ -113,7 +123,7 @@ def reusable(folder: Path, cfg: DictConfig) -> bool:
 def check_checkpoint(checkpoint: Path, new: dict) -> None:
     """``trainer.resume=<folder>``: that checkpoint's run must have had this config's fingerprint."""
     for run_dir in (Path(checkpoint).parent.parent, Path(checkpoint).parent):
-        old = _read_json(run_dir / FINGERPRINT_FILE)
+        old = current_names(_read_json(run_dir / FINGERPRINT_FILE))
         if old is not None:
             if old != new:
                 raise RunFolderError(f"trainer.resume={checkpoint}: made with other settings ({differences(old, new)})")
@@ -225,7 +235,7 @@ class RunFolder:
         if self.main:
             if self.overwrite and stored_fingerprint(self.folder) is not None:
                 self.work = self.folder / STAGING
-                if self.work.exists() and _read_json(self.work / FINGERPRINT_FILE) != self.fingerprint:
+                if self.work.exists() and current_names(_read_json(self.work / FINGERPRINT_FILE)) != self.fingerprint:
                     shutil.rmtree(self.work)
             write_json_atomic(self.work / FINGERPRINT_FILE, self.fingerprint)
         if self.share is not None:

@@ -86,7 +86,7 @@ def ours(model, processor, data, args, device) -> dict:
     cfg = TrainerConfig(max_steps=args.warmup + args.steps, batch_size=args.micro_batch,
                         micro_batch_size=args.micro_batch,
                         lr=2e-4, connector_lr=2e-5, warmup_steps=0, device=device.type, progress_bar=False,
-                        eval_every=0, checkpoint_every=0, log_every=10**6, val_set_size=0,
+                        eval_every=0, checkpoint_every=0, log_every=10**6,
                         precision="bf16" if device.type == "cuda" else "fp32")
     settings = check_trainer_config(cfg)
     if device.type == "cuda":

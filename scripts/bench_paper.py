@@ -53,7 +53,7 @@ def compose(shape: str, tiny: bool, overrides: list[str]):
         return hydra_compose("config", overrides=[
             f"model={shape}", "model.init=random", "adapter=lora", "adapter.rank=32", "adapter.alpha=64",
             "adapter.dropout=0.05", "adapter.placement.modules=[q,k,v,up,down]", "trainer.progress_bar=false",
-            "trainer.checkpoint_every=0", "trainer.eval_every=0", "trainer.val_set_size=0",
+            "trainer.checkpoint_every=0", "trainer.eval_every=0", "dataset.val_set_size=0",
             "paths.output_dir=unused", *(TINY_ARCH + ["trainer.device=cpu"] if tiny else []), *overrides])
 
 

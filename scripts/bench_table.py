@@ -47,7 +47,7 @@ LENGTHS_FILE = ROOT / "scripts" / "math_data_lengths.json"
 MATH_10K_SIZE = 10_000
 STAGES = ("load", "compile", "train", "eval")
 TINY = ["model=tiny_llama", "trainer.device=cpu", "dataset.cutoff_len=64", "eval.max_new_tokens=8",
-        "eval.batch_size=8", "trainer.val_set_size=4", "trainer.eval_every=4", "trainer.checkpoint_every=4"]
+        "eval.batch_size=8", "dataset.val_set_size=4", "trainer.eval_every=4", "trainer.checkpoint_every=4"]
 
 
 def compose_cell(cell: str, tiny: bool, overrides: list[str]):
@@ -123,15 +123,15 @@ def free(device: torch.device) -> None:
 
 
 def train_stage(cfg, model, tokenizer, adapter, examples: list[dict], device) -> tuple[dict, object]:
-    """Train on ``examples`` (the first val_set_size held out, as a real run holds out a split) with the
+    """Train on ``examples`` (the first dataset.val_set_size held out, as a real run holds out a split) with the
     cell's recipe; returns the compile and train seconds and the TrainResult."""
     from adapters_lab.tracking import NullTracker
     from adapters_lab.training.loop import train
     from adapters_lab.training.settings import check_trainer_config, make_accelerator
 
-    settings = check_trainer_config(cfg.trainer)
+    settings = check_trainer_config(cfg.trainer, cfg.dataset.val_set_size)
     adapter.check_training(settings.cfg)
-    held = cfg.trainer.val_set_size
+    held = cfg.dataset.val_set_size
     val, rest = examples[:held], examples[held:]
     accelerator = make_accelerator(cfg.trainer)
     with tempfile.TemporaryDirectory() as checkpoints:
@@ -153,9 +153,9 @@ def run_cell(cell: str, args, device: torch.device) -> dict:
               *([f"eval.limit={args.eval_limit}"] if args.eval_limit else [])]
     full_cfg = compose_cell(cell, args.tiny, args.overrides)
     cfg = compose_cell(cell, args.tiny, [*args.overrides, *sample])
-    data = load_task_data(cfg.dataset, cfg.eval, cfg.trainer, cfg.paths, cfg.seed, needs_train=False)
-    full_questions = sum(len(v) for v in load_task_data(full_cfg.dataset, full_cfg.eval, full_cfg.trainer,
-                                                        full_cfg.paths, cfg.seed, needs_train=False).eval_sets.values())
+    data = load_task_data(cfg.dataset, cfg.eval, cfg.paths, cfg.seed, needs_train=False)
+    full_questions = sum(len(v) for v in load_task_data(full_cfg.dataset, full_cfg.eval, full_cfg.paths, cfg.seed,
+                                                        needs_train=False).eval_sets.values())
     set_seed(cfg.seed)
     (adapter, model, tokenizer, params), load_seconds = timed(lambda: build(cfg, device), device)
     examples = synthetic_examples(args.examples, model.config.vocab_size, tokenizer.bos_token_id,
@@ -175,7 +175,7 @@ def run_cell(cell: str, args, device: torch.device) -> dict:
         extrapolated.append("eval")
     row["total"] = sum(row["stages"].values())
     row["measured"] = {"steps": result.steps, "full_steps": full_steps,
-                       "train_examples": len(examples) - cfg.trainer.val_set_size,
+                       "train_examples": len(examples) - cfg.dataset.val_set_size,
                        "questions": questions, "full_questions": full_questions, "eval_seconds": eval_seconds,
                        "tokens_per_second": result.tokens_per_second,
                        "steady_tokens_per_second": result.steady_tokens_per_second,

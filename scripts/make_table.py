@@ -56,7 +56,7 @@ PAPER = json.loads((ROOT / "scripts" / "paper_numbers.json").read_text(encoding=
 # A few steps on a few synthetic records per set: every code path of a real table, on CPU.
 SMOKE_OVERRIDES = [
     "trainer.max_steps=2", "trainer.warmup_steps=0", "trainer.batch_size=2", "trainer.micro_batch_size=2",
-    "trainer.val_set_size=2", "trainer.eval_every=1", "trainer.progress_bar=false",
+    "dataset.val_set_size=2", "trainer.eval_every=1", "trainer.progress_bar=false",
     "eval.limit=2", "eval.num_beams=1", "eval.max_new_tokens=4", "eval.batch_size=8",
     "dataset.cutoff_len=128", "logger=none",
 ]

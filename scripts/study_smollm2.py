@@ -109,7 +109,7 @@ def has_key(section: str, key: str) -> bool:
 def common_overrides(args) -> list[str]:
     if args.tiny:  # tiny random-init model on the CPU, a few steps and examples: the plan's plumbing only
         base = ["model=tiny_llama", "trainer.device=cpu", "trainer.max_steps=2", "trainer.batch_size=4",
-                "trainer.micro_batch_size=4", "trainer.warmup_steps=1", "trainer.val_set_size=4", "dataset.limit_train=40",
+                "trainer.micro_batch_size=4", "trainer.warmup_steps=1", "dataset.val_set_size=4", "dataset.limit_train=40",
                 "eval.limit=6", "eval.max_new_tokens=8",
                 "dataset.cutoff_len=1024"]  # its 384-token byte-level vocabulary makes real prompts long
     else:

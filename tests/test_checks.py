@@ -35,6 +35,23 @@ def test_appended_typo_fails_at_start_in_one_line(tmp_path):
     assert not (tmp_path / "metrics.json").exists()
 
 
+def test_the_moved_val_set_size_override_fails_at_compose_in_one_line_naming_its_new_key(tmp_path):
+    for override in ("trainer.val_set_size=0", "+trainer.val_set_size=0"):
+        result = _cli(override, f"hydra.run.dir={tmp_path}")
+        assert result.returncode == 2, override
+        assert result.stderr.strip() == ("error: trainer.val_set_size: moved to dataset.val_set_size "
+                                         "(write dataset.val_set_size=0)"), override
+    assert not any(tmp_path.iterdir())  # refused before Hydra composed (no .hydra/ written)
+    assert compose_config(["dataset.val_set_size=0"]).dataset.val_set_size == 0
+    assert "val_set_size" not in compose_config([]).trainer
+
+
+def test_an_appended_moved_key_is_named_with_its_new_place(make_cfg, no_weights):
+    with pytest.raises(ConfigKeyError, match=r"^trainer.val_set_size: moved to dataset.val_set_size "
+                                             r"\(write dataset.val_set_size=7\)$"):
+        pipeline.run(make_cfg("+trainer.val_set_size=7"))
+
+
 @pytest.mark.parametrize("override,message", [
     ("+trainer.lrr=1", r"trainer.lrr: no such config key .*did you mean trainer.lr\?"),
     ("+rnak=4", r"^rnak: no such config key \(appended with '\+'\?\)$"),
@@ -105,7 +122,7 @@ def test_a_million_character_record_among_sixty_is_named_by_its_index(make_cfg, 
     path.write_text(__import__("json").dumps(records))
     with pytest.raises(DataError, match=r"1 of 60 prompts reach dataset.cutoff_len=64 .*\(record 37 of the split, in "
                                         r"file order; the longest, record 37, has 1,000,000 characters\)"):
-        pipeline.run(make_cfg(f"dataset.train={path}", "dataset.cutoff_len=64", "trainer.val_set_size=0"))
+        pipeline.run(make_cfg(f"dataset.train={path}", "dataset.cutoff_len=64", "dataset.val_set_size=0"))
 
 
 def test_the_disk_probe_checks_the_space_the_run_will_write(make_cfg, monkeypatch, no_weights):

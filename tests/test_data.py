@@ -27,7 +27,7 @@ DATASET_CONFIGS = sorted(p.stem for p in (CONF_DIR / "dataset").glob("*.yaml")
 
 
 def load(cfg, needs_train: bool = True):
-    return load_task_data(cfg.dataset, cfg.eval, cfg.trainer, cfg.paths, cfg.seed, needs_train=needs_train)
+    return load_task_data(cfg.dataset, cfg.eval, cfg.paths, cfg.seed, needs_train=needs_train)
 
 
 def write_jsonl(path: Path, rows: list) -> Path:
@@ -55,7 +55,7 @@ def test_every_dataset_config_loads_or_names_the_missing_file(name, make_cfg, sh
         assert str(missing[0]) in str(err.value)
         return
     data = load(cfg)
-    assert len(data.train) == 16 - cfg.trainer.val_set_size and len(data.val) == cfg.trainer.val_set_size
+    assert len(data.train) == 16 - cfg.dataset.val_set_size and len(data.val) == cfg.dataset.val_set_size
     assert data.eval_sets and all(len(records) == 2 for records in data.eval_sets.values())
 
 
@@ -82,7 +82,7 @@ def test_gsm8k_conversion_drops_calculator_notes_and_states_the_answer():
 
 
 def test_gsm8k_train_split_from_the_openai_file(make_cfg, shared_data):
-    cfg = make_cfg("dataset=gsm8k", "trainer.val_set_size=0")
+    cfg = make_cfg("dataset=gsm8k", "dataset.val_set_size=0")
     data = load(cfg)
     assert len(data.train) == 7473 and not data.skipped
     assert not any("<<" in r["output"] or "####" in r["output"] for r in data.train)
@@ -91,7 +91,7 @@ def test_gsm8k_train_split_from_the_openai_file(make_cfg, shared_data):
 
 def test_user_jsonl_file_without_optional_keys(make_cfg, tmp_path):
     path = write_jsonl(tmp_path / "mine.jsonl", [{"instruction": f"q{i}", "output": f"a{i}"} for i in range(6)])
-    data = load(make_cfg("dataset=file", f"dataset.train={path}", "dataset.eval_sets=[]", "trainer.val_set_size=2"))
+    data = load(make_cfg("dataset=file", f"dataset.train={path}", "dataset.eval_sets=[]", "dataset.val_set_size=2"))
     assert len(data.train) == 4 and len(data.val) == 2
     assert data.train[0].keys() == {"instruction", "input", "output", "answer"}
 
@@ -107,7 +107,7 @@ def test_hub_source_goes_through_load_dataset(make_cfg, monkeypatch):
 
     monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
     data = load(make_cfg("dataset=hub", "dataset.train=hf:someone/set:validation", "dataset.eval_sets=[]",
-                         "trainer.val_set_size=1"))
+                         "dataset.val_set_size=1"))
     assert calls == [("someone/set", "validation")] and len(data.train) == 4
 
     def offline(name, split):

@@ -79,7 +79,7 @@ def test_truncation_is_reported_in_metrics(make_cfg, tmp_path):
     records = [GOOD] * 10 + [{**GOOD, "output": "The answer is 2. " * 40}] * 2
     path = tmp_path / "train.json"
     path.write_text(json.dumps(records))
-    pipeline.run(make_cfg(f"dataset.train={path}", "dataset.cutoff_len=64", "trainer.val_set_size=0",
+    pipeline.run(make_cfg(f"dataset.train={path}", "dataset.cutoff_len=64", "dataset.val_set_size=0",
                           "trainer.max_steps=1", "eval.limit=1"))
     data = json.loads((tmp_path / "run" / "metrics.json").read_text())["data"]
     assert (data["truncated"], data["prompt_overflow"]) == (2, 0)
@@ -104,7 +104,7 @@ def test_tokenizer_without_pad_token_borrows_unk_then_eos_then_fails():
     ("trainer.micro_batch_size=0", TrainerConfigError, r"trainer.micro_batch_size=0"),
     ("trainer.lr=-1", TrainerConfigError, r"trainer.lr=-1.0"),
     ("dataset.eval_sets=[nope]", DataError, r"dataset.eval_sets: unknown evaluation set 'nope'"),
-    ("trainer.val_set_size=100000", DataError, r"trainer.val_set_size=100000 leaves no training data"),
+    ("dataset.val_set_size=100000", DataError, r"dataset.val_set_size=100000 leaves no training data"),
 ])
 def test_bad_options_fail_before_any_weights(make_cfg, no_weights, override, error, message):
     with pytest.raises(error, match=message):

@@ -23,7 +23,7 @@ def write_sets(data_dir: Path, names: list[str]) -> None:
 
 
 def load(cfg):
-    return load_task_data(cfg.dataset, cfg.eval, cfg.trainer, cfg.paths, cfg.seed, needs_train=False)
+    return load_task_data(cfg.dataset, cfg.eval, cfg.paths, cfg.seed, needs_train=False)
 
 
 def test_skip_evaluates_the_sets_that_exist_and_lists_the_rest(make_cfg, tmp_path, caplog):

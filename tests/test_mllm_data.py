@@ -114,12 +114,12 @@ def test_every_image_text_dataset_config_loads_or_names_the_missing_file(name, m
 
     cfg = make_cfg("model=tiny_llava", f"dataset={name}", "eval.limit=2")
     if name == "shapes":
-        data = load_image_text_data(cfg.dataset, cfg.eval, cfg.trainer, cfg.paths, cfg.seed)
+        data = load_image_text_data(cfg.dataset, cfg.eval, cfg.paths, cfg.seed)
         assert data.train and len(data.eval_sets["shapes"]) == 2
         return
     with pytest.raises(DataError, match="file not found") as err:
-        load_image_text_data(cfg.dataset, cfg.eval, cfg.trainer, cfg.paths, cfg.seed)
+        load_image_text_data(cfg.dataset, cfg.eval, cfg.paths, cfg.seed)
     assert cfg.dataset.train in str(err.value)
     if name == "scienceqa" and (SHARED_DATA / "scienceqa" / "llava_test_CQM-A.json").is_file():  # zero-shot: text only
-        data = load_image_text_data(cfg.dataset, cfg.eval, cfg.trainer, cfg.paths, cfg.seed, needs_train=False)
+        data = load_image_text_data(cfg.dataset, cfg.eval, cfg.paths, cfg.seed, needs_train=False)
         assert len(data.eval_sets["scienceqa"]) == 2 and data.text_only_dropped == {"scienceqa": 2017}

@@ -42,7 +42,7 @@ def _memorise(model, processor, records, steps: int = 80):
     features = tokenize_conversations(records, processor, 512, 0.0, "test")
     cfg = TrainerConfig(max_steps=steps, batch_size=len(records), micro_batch_size=len(records), lr=3e-3,
                         warmup_steps=0, schedule="constant", device="cpu", progress_bar=False, eval_every=0,
-                        checkpoint_every=0, precision="fp32", val_set_size=0)
+                        checkpoint_every=0, precision="fp32")
     return train(model, features.examples, [], processor.tokenizer.pad_token_id, check_trainer_config(cfg),
                  make_accelerator(cfg),
                  NullTracker(), 0, collate=ImageTextCollator(processor, processor.tokenizer.pad_token_id),

@@ -23,7 +23,7 @@ from tests.mm_helpers import TINY, build, one_thread, shapes  # noqa: F401  (one
 METHODS = ("lora", "ia3", "adapter", "prefix")
 SMALL = ["trainer.max_steps=3", "trainer.batch_size=4", "trainer.micro_batch_size=2", "trainer.precision=fp32",
          "trainer.device=cpu", "trainer.progress_bar=false", "trainer.eval_every=0", "trainer.checkpoint_every=0",
-         "trainer.val_set_size=2", "dataset=shapes"]
+         "dataset.val_set_size=2", "dataset=shapes"]
 
 
 def _state(module: torch.nn.Module, skip: torch.nn.Module | None = None) -> dict[str, torch.Tensor]:

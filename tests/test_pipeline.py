@@ -50,7 +50,7 @@ def test_zero_shot_baseline_trains_nothing(make_cfg, tmp_path):
 def test_memorising_a_handful_scores_full_marks_only_after_training(make_cfg, tmp_path, monkeypatch):
     """The honest-path check: near 0% before training, 100% on the same examples after it,
     through the real generate-and-parse path (the evaluation set is the training set)."""
-    data = ["dataset.arith.num_train=4", "dataset.arith.num_test=1", "trainer.val_set_size=0",
+    data = ["dataset.arith.num_train=4", "dataset.arith.num_test=1", "dataset.val_set_size=0",
             "eval.max_new_tokens=24"]
     from adapters_lab.kinds import causal_lm  # the causal-LM kind reads the task data for the pipeline
 

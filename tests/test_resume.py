@@ -65,7 +65,7 @@ def test_resume_refuses_a_checkpoint_made_with_other_settings(tmp_path):
 
 RUN = [sys.executable, "run.py", "experiment=demo", "trainer.device=cpu", "trainer.progress_bar=false",
        "trainer.max_steps=24", "trainer.checkpoint_every=4", "trainer.log_every=4", "trainer.eval_every=0",
-       "trainer.batch_size=4", "trainer.micro_batch_size=2", "trainer.val_set_size=4", "trainer.lr=3e-3",
+       "trainer.batch_size=4", "trainer.micro_batch_size=2", "dataset.val_set_size=4", "trainer.lr=3e-3",
        "dataset.arith.num_train=48", "dataset.arith.num_test=2", "eval.max_new_tokens=4", "eval.num_beams=1",
        "logger=none", "model.tiny.num_hidden_layers=2"]
 

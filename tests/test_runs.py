@@ -63,6 +63,18 @@ def test_finished_folder_is_reused_only_by_its_own_config(make_cfg, tmp_path, mo
         pipeline.run(make_cfg("trainer.lr=1e-2", "overwrite=true"))
 
 
+def test_a_folder_fingerprinted_before_val_set_size_moved_is_still_its_configs(make_cfg, tmp_path, monkeypatch):
+    """A metrics.json whose fingerprint names trainer.val_set_size (before it moved to the dataset group)."""
+    out = tmp_path / "run"
+    old = {("trainer.val_set_size" if k == "dataset.val_set_size" else k): v for k, v in fingerprint(make_cfg()).items()}
+    assert old["trainer.val_set_size"] == 4 and "dataset.val_set_size" not in old
+    write_json_atomic(out / "metrics.json", {"eval": {"average": 0.25}, "fingerprint": old})
+    monkeypatch.setattr(pipeline, "build_model", no_build)
+    assert pipeline.run(make_cfg()) == 0.25  # reused: the same config
+    with pytest.raises(RunFolderError, match=r"other settings \(dataset.val_set_size: 4 -> 2\)"):
+        pipeline.run(make_cfg("dataset.val_set_size=2"))
+
+
 def test_resume_with_changed_settings_is_refused(make_cfg, tmp_path, monkeypatch, caplog):
     """A run killed after its checkpoint, started again with another lr and dropout: refused, naming both."""
     def killed(*_, **__):

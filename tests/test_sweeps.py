@@ -17,7 +17,7 @@ from tests.conftest import CONF_DIR, REPO
 
 # CPU-sized jobs: two optimiser steps, one greedy generation of a few tokens per example.
 TINY = ["trainer.max_steps=2", "trainer.warmup_steps=0", "trainer.batch_size=2", "trainer.micro_batch_size=2",
-        "trainer.val_set_size=2", "trainer.progress_bar=false", "dataset.arith.num_train=16",
+        "dataset.val_set_size=2", "trainer.progress_bar=false", "dataset.arith.num_train=16",
         "dataset.arith.num_test=2", "eval.num_beams=1", "eval.max_new_tokens=4", "logger=none"]
 
 

@@ -178,7 +178,7 @@ def test_math_data_sweep_trains_on_math_data_with_the_paper_cells():
 
     assert sweep_cells("math_data_main") == ["paper/prefix", "paper/series", "paper/parallel", "paper/lora"]
     cfg = compose_config(["sweep=math_data_main", "experiment=paper/series"], fast=False)
-    assert cfg.dataset.train == "math_data" and cfg.trainer.val_set_size == 120
+    assert cfg.dataset.train == "math_data" and cfg.dataset.val_set_size == 120
     assert list(cfg.dataset.eval_sets) == make_table.MATH_DATA_COLUMNS
     assert cfg.adapter.name == "adapterp" and cfg.adapter.rank == 256 and cfg.trainer.lr == 3e-4
 

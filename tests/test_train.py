@@ -15,7 +15,7 @@ import pytest
 import torch
 from accelerate import Accelerator
 
-from adapters_lab.config import TrainerConfig, TrainerConfigError
+from adapters_lab.config import Select, TrainerConfig, TrainerConfigError
 from adapters_lab.tracking import NullTracker
 from adapters_lab.training import step as step_module
 from adapters_lab.training.checkpoints import latest_checkpoint
@@ -269,3 +269,6 @@ def test_select_best_val_survives_a_resume(tmp_path):
 def test_select_best_val_needs_validation():
     with pytest.raises(TrainerConfigError, match="trainer.select=best_val: needs validation"):
         check_trainer_config(TrainerConfig(select="best_val", eval_every=0))
+    with pytest.raises(TrainerConfigError, match=r"best_val: needs validation during training \(dataset.val_set_size=0,"):
+        check_trainer_config(TrainerConfig(select="best_val"), val_set_size=0)
+    assert check_trainer_config(TrainerConfig(select="best_val"), val_set_size=1).cfg.select == Select.best_val

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from adapters_lab.answers import label_parses
-from adapters_lab.config import DatasetConfig, EvalConfig, PathsConfig, TrainerConfig
+from adapters_lab.config import DatasetConfig, EvalConfig, PathsConfig
 from adapters_lab.data.arith import arith_splits
 from adapters_lab.data.records import DataError, RecordSet, check_records, read_json_records
 from adapters_lab.data.tasks import SUITES, TASKS
@@ -149,7 +149,7 @@ def split_validation(train: list[dict], size: int, seed: int, source: str) -> tu
     if size <= 0:
         return train, []
     if size >= len(train):
-        raise DataError(f"trainer.val_set_size={size} leaves no training data "
+        raise DataError(f"dataset.val_set_size={size} leaves no training data "
                         f"({len(train)} records in dataset.train={source})")
     order = list(range(len(train)))
     random.Random(seed).shuffle(order)
@@ -157,8 +157,8 @@ def split_validation(train: list[dict], size: int, seed: int, source: str) -> tu
     return ([r for i, r in enumerate(train) if i not in val_ids], [r for i, r in enumerate(train) if i in val_ids])
 
 
-def load_task_data(dataset: DatasetConfig, eval_cfg: EvalConfig, trainer: TrainerConfig,
-                   paths: PathsConfig, seed: int, needs_train: bool = True) -> TaskData:
+def load_task_data(dataset: DatasetConfig, eval_cfg: EvalConfig, paths: PathsConfig, seed: int,
+                   needs_train: bool = True) -> TaskData:
     """Read and check every file the run needs; raises DataError naming the key and path."""
     for key in ("batch_size", "num_beams", "max_new_tokens", "limit"):
         value = getattr(eval_cfg, key)
@@ -207,7 +207,7 @@ def load_task_data(dataset: DatasetConfig, eval_cfg: EvalConfig, trainer: Traine
         eval_sets[name] = records[: eval_cfg.limit] if eval_cfg.limit else records
     check_scoring(eval_cfg, list(eval_sets))
 
-    train, val = split_validation(train, trainer.val_set_size if needs_train else 0, seed, dataset.train)
+    train, val = split_validation(train, dataset.val_set_size if needs_train else 0, seed, dataset.train)
     if needs_train and not train:
         raise DataError(f"dataset.train={dataset.train}: no training records")
     return TaskData(train=train, val=val, eval_sets=eval_sets, skipped=skipped, missing_sets=missing)

@@ -16,7 +16,7 @@ class CausalLMKind:
         """Nothing beyond the adapter's and trainer's own checks."""
 
     def load_data(self, cfg, needs_train: bool):
-        return load_task_data(cfg.dataset, cfg.eval, cfg.trainer, cfg.paths, cfg.seed, needs_train=needs_train)
+        return load_task_data(cfg.dataset, cfg.eval, cfg.paths, cfg.seed, needs_train=needs_train)
 
     def data_notes(self, data) -> dict:
         """Extra data figures for metrics.json: none."""

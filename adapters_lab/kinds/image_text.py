@@ -53,7 +53,7 @@ class ImageTextKind:
                                          f"model={cfg.model.name} (padded batches with images only)")
 
     def load_data(self, cfg, needs_train: bool):
-        data = load_image_text_data(cfg.dataset, cfg.eval, cfg.trainer, cfg.paths, cfg.seed, needs_train)
+        data = load_image_text_data(cfg.dataset, cfg.eval, cfg.paths, cfg.seed, needs_train)
         for source, dropped in data.text_only_dropped.items():
             log.warning("dataset %s (%s): images absent, %d records with an image dropped: this run uses the "
                         "text-only questions", cfg.dataset.name, source, dropped)

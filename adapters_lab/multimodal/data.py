@@ -9,15 +9,14 @@ folder their images are relative to.
 
 from __future__ import annotations
 
-import random
 from dataclasses import dataclass
 from pathlib import Path
 
-from adapters_lab.config import DatasetConfig, EvalConfig, PathsConfig, TrainerConfig
+from adapters_lab.config import DatasetConfig, EvalConfig, PathsConfig
 from adapters_lab.data.mllm import check_conversations
 from adapters_lab.data.records import DataError, read_json_records
 from adapters_lab.data.shapes import shapes_records
-from adapters_lab.data.sources import TaskData
+from adapters_lab.data.sources import TaskData, split_validation
 
 
 @dataclass(frozen=True)
@@ -65,8 +64,8 @@ def eval_file(name: str, dataset: DatasetConfig, paths: PathsConfig) -> Path:
     return Path(paths.data_root) / spec.file
 
 
-def load_image_text_data(dataset: DatasetConfig, eval_cfg: EvalConfig, trainer: TrainerConfig, paths: PathsConfig,
-                         seed: int, needs_train: bool = True) -> TaskData:
+def load_image_text_data(dataset: DatasetConfig, eval_cfg: EvalConfig, paths: PathsConfig, seed: int,
+                         needs_train: bool = True) -> TaskData:
     """Every record the run needs, checked; DataError naming the key and path."""
     skipped: dict[str, int] = {}
     text_only = {}
@@ -91,15 +90,7 @@ def load_image_text_data(dataset: DatasetConfig, eval_cfg: EvalConfig, trainer: 
             records, text_only[name] = _read(eval_file(name, dataset, paths), f"dataset.eval_sets[{name}]", dataset,
                                              dataset.eval_image_dir or dataset.image_dir, skipped)
         eval_sets[name] = records[: eval_cfg.limit] if eval_cfg.limit else records
-    val: list[dict] = []
-    if needs_train and trainer.val_set_size > 0:
-        if trainer.val_set_size >= len(train):
-            raise DataError(f"trainer.val_set_size={trainer.val_set_size} leaves no training data "
-                            f"({len(train)} records in dataset.train={dataset.train})")
-        order = list(range(len(train)))
-        random.Random(seed).shuffle(order)
-        held = set(order[: trainer.val_set_size])
-        val, train = [r for i, r in enumerate(train) if i in held], [r for i, r in enumerate(train) if i not in held]
+    train, val = split_validation(train, dataset.val_set_size if needs_train else 0, seed, dataset.train)
     data = TaskData(train=train, val=val, eval_sets=eval_sets, skipped=skipped)
     data.text_only_dropped = {k: v for k, v in text_only.items() if v}
     return data

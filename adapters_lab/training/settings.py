@@ -89,11 +89,13 @@ def _check_optimiser(cfg: TrainerConfig) -> None:
         raise TrainerConfigError(f"trainer.peak_tflops={cfg.peak_tflops}: must be positive")
 
 
-def _check_selection(cfg: TrainerConfig) -> None:
-    if cfg.select == Select.best_val and (cfg.val_set_size <= 0 or cfg.eval_every <= 0):
-        raise TrainerConfigError(
-            f"trainer.select=best_val: needs validation during training (trainer.val_set_size={cfg.val_set_size}, "
-            f"trainer.eval_every={cfg.eval_every}: both must be positive)")
+def _check_selection(cfg: TrainerConfig, val_set_size: int | None) -> None:
+    if cfg.select != Select.best_val:
+        return
+    if cfg.eval_every <= 0 or (val_set_size is not None and val_set_size <= 0):
+        held = f"dataset.val_set_size={val_set_size}, " if val_set_size is not None else ""
+        raise TrainerConfigError(f"trainer.select=best_val: needs validation during training ({held}"
+                                 f"trainer.eval_every={cfg.eval_every}: {'both' if held else 'it'} must be positive)")
 
 
 def _check_checkpoints(cfg: TrainerConfig) -> None:
@@ -105,14 +107,15 @@ def _check_checkpoints(cfg: TrainerConfig) -> None:
             "need checkpoint_every >= 0 and keep_checkpoints >= 1")
 
 
-def check_trainer_config(cfg: TrainerConfig | DictConfig) -> TrainerSettings:
+def check_trainer_config(cfg: TrainerConfig | DictConfig, val_set_size: int | None = None) -> TrainerSettings:
     """Validate the trainer options before any model loads (one-line errors naming the key);
-    the result is what ``train`` takes."""
+    the result is what ``train`` takes. ``val_set_size``: the run's ``dataset.val_set_size`` (None where
+    the caller hands ``train`` its validation examples itself)."""
     typed = typed_trainer_config(cfg)
     _check_batches(typed)
     _check_optimiser(typed)
     _check_checkpoints(typed)
-    _check_selection(typed)
+    _check_selection(typed, val_set_size)
     resume, resume_from = resume_choice(typed.resume)
     forwards = 1 if typed.batching == Batching.paper_packed else typed.batch_size // typed.micro_batch_size
     return TrainerSettings(typed, forwards, resume, resume_from)
