@@ -82,6 +82,13 @@ class CompileMode(str, Enum):
     max_autotune_no_cudagraphs = "max-autotune-no-cudagraphs"
 
 
+class Distributed(str, Enum):
+    """How several processes (``accelerate launch``) share training (``trainer.distributed``)."""
+
+    ddp = "ddp"  # data-parallel: every process holds the whole model, adapter gradients averaged
+    fsdp = "fsdp"  # the same steps with the model sharded over the processes (training/sharding.py)
+
+
 class ResumeMode(str, Enum):
     """``trainer.resume``: ``auto``, ``never``, or any other value: a checkpoint folder."""
 
@@ -279,6 +286,7 @@ class TrainerConfig:
     device: Device = Device.auto
     progress_bar: bool = True
     batching: Batching = Batching.padded
+    distributed: Distributed = Distributed.ddp  # fsdp: the frozen base sharded over the processes
     pack_length: int = 0  # tokens per packed row; 0: the longest example rounded up to 8
     gradient_checkpointing: bool = False
     checkpoint_layers: Optional[int] = None  # recompute only the first N decoder layers (None: all)

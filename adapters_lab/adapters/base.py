@@ -118,6 +118,10 @@ class Adapter:
                 f"trainer.fused_loss=true: {self.name} adds its virtual tokens in the model's own forward, which the "
                 "chunked loss bypasses (it calls the decoder alone); use trainer.fused_loss=false"
             )
+        distributed = getattr(trainer, "distributed", "ddp")
+        if str(getattr(distributed, "value", distributed)) == "fsdp" and not self.can_shard():
+            raise AdapterConfigError(f"trainer.distributed=fsdp: adapter={self.name} ({type(self).__name__}) does not "
+                                     "train on a sharded model; use trainer.distributed=ddp")
 
     def inject(self, model: nn.Module, tokenizer: Any = None) -> InjectionReport:
         """Add the method's modules to ``model`` in place; ``tokenizer`` only for text-initialised prompts."""
@@ -144,6 +148,12 @@ class Adapter:
     @classmethod
     def can_export_peft(cls) -> bool:
         return cls.peft_export is not Adapter.peft_export
+
+    @classmethod
+    def can_shard(cls) -> bool:
+        """Whether the method trains under trainer.distributed=fsdp (every registered family does:
+        tests/test_fsdp.py); a family that cannot overrides this to return False."""
+        return True
 
 
 @dataclass

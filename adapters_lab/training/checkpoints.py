@@ -1,7 +1,9 @@
 """Checkpoints that resume exactly: ``<dir>/step-NNNNNNN/{adapter_model.safetensors,
 trainer_state.pt}`` hold the adapter weights, the optimiser and scheduler, the RNG states and the
 loop state (step, data position, counters); ``latest.json`` is written last (atomically), so it
-only ever names a complete checkpoint. Older ones are rotated out (``trainer.keep_checkpoints``)."""
+only ever names a complete checkpoint. Older ones are rotated out (``trainer.keep_checkpoints``).
+A sharded run (``trainer.distributed=fsdp``) gathers the whole adapter and its optimiser state (keyed by
+parameter name) from every process and process 0 writes them: any number of processes resumes it."""
 
 from __future__ import annotations
 
@@ -21,6 +23,7 @@ from safetensors.torch import load_file, save_file
 from adapters_lab.adapters.base import adapter_state_dict
 from adapters_lab.config import ResumeMode, TrainerConfigError
 from adapters_lab.files import atomic_path, write_json_atomic
+from adapters_lab.training import sharding
 from adapters_lab.training.settings import STATE_FILE, TrainerSettings
 
 log = logging.getLogger(__name__)
@@ -78,12 +81,28 @@ def written(folder: Path):
             "there or raise trainer.checkpoint_every") from err
 
 
+def trained_state(model: nn.Module, optimizer) -> tuple[dict[str, torch.Tensor], dict]:
+    """The adapter weights and the optimiser state to save, whole (gathered from every process when sharded:
+    all of them call it); a sharded run's optimiser state is keyed by parameter name."""
+    if sharding.is_sharded(model):
+        return sharding.full_adapter_state(model), {"optimizer": sharding.optimizer_state_by_name(model, optimizer),
+                                                    "optimizer_keys": "names"}
+    tensors = {name: t.contiguous().cpu() for name, t in adapter_state_dict(model).items()}
+    return tensors, {"optimizer": optimizer.state_dict()}
+
+
 def save_checkpoint(directory: Path, model: nn.Module, optimizer, scheduler, loop: LoopState,
-                    fingerprint: dict, keep: int, best: dict[str, torch.Tensor] | None = None) -> Path:
+                    fingerprint: dict, keep: int, best: dict[str, torch.Tensor] | None = None,
+                    main: bool = True) -> Path | None:
+    """Write a checkpoint (process 0: ``main``; the others only take part in gathering a sharded model's)."""
+    if not (main or sharding.is_sharded(model)):
+        return None
+    tensors, optimizer_state = trained_state(model, optimizer)
+    if not main:
+        return None
     folder = Path(directory) / f"step-{loop.step:07d}"
     folder.mkdir(parents=True, exist_ok=True)
-    tensors = {name: t.contiguous().cpu() for name, t in adapter_state_dict(model).items()}
-    state = {"loop": asdict(loop), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+    state = {"loop": asdict(loop), **optimizer_state, "scheduler": scheduler.state_dict(),
              "rng": rng_state(), "fingerprint": fingerprint}
     with written(folder):
         with atomic_path(folder / ADAPTER_FILE) as tmp:
@@ -130,10 +149,17 @@ def load_best(folder: Path) -> dict[str, torch.Tensor] | None:
 
 
 def copy_adapter(model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
-    params = dict(model.named_parameters())
-    with torch.no_grad():
-        for name, tensor in tensors.items():
-            params[name].copy_(tensor)
+    sharding.load_full_state(model, tensors)
+
+
+def load_optimizer(model: nn.Module, optimizer, state: dict) -> None:
+    """The optimiser state of a checkpoint made with any number of processes, sharded or not."""
+    by_name = state.get("optimizer_keys") == "names"
+    if not (by_name or sharding.is_sharded(model)):
+        optimizer.load_state_dict(state["optimizer"])
+        return
+    saved = state["optimizer"] if by_name else sharding.by_name(model, optimizer, state["optimizer"])
+    sharding.load_optimizer_state_by_name(model, optimizer, saved)
 
 
 def load_checkpoint(folder: Path, model: nn.Module, optimizer, scheduler, fingerprint: dict) -> LoopState:
@@ -148,7 +174,7 @@ def load_checkpoint(folder: Path, model: nn.Module, optimizer, scheduler, finger
     if set(tensors) != set(adapter_state_dict(model)):
         raise TrainerConfigError(f"trainer.resume: {folder / ADAPTER_FILE} does not match the injected adapter")
     copy_adapter(model, tensors)
-    optimizer.load_state_dict(state["optimizer"])
+    load_optimizer(model, optimizer, state)
     scheduler.load_state_dict(state["scheduler"])
     set_rng_state(state["rng"])
     return LoopState(**state["loop"])

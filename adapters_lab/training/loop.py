@@ -23,11 +23,10 @@ from accelerate import Accelerator
 from tqdm.auto import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from adapters_lab.adapters.base import adapter_state_dict
 from adapters_lab.config import NanPolicy, Select, TrainerConfigError
 from adapters_lab.data.batching import BatchPlan
 from adapters_lab.data.tokenize import PaddedCollator
-from adapters_lab.training import checkpoints
+from adapters_lab.training import checkpoints, sharding
 from adapters_lab.training.checkpoints import LoopState
 from adapters_lab.training.metrics import Throughput, TrainResult, default_peak_tflops, flops_per_token, \
     log_line, progress_postfix, train_result, window_mean
@@ -76,11 +75,17 @@ def train(model: nn.Module, train_examples: list[dict], val_examples: list[dict]
     if not any(p.requires_grad for p in model.parameters()):
         raise TrainerConfigError("the adapter added no trainable parameter")
     speed.apply(model)
+    sharded = sharding.wants_sharding(settings.cfg.distributed, accelerator)
+    if sharded:  # trainer.distributed=fsdp: the base split over the processes while training
+        param_groups = sharding.shard(model, accelerator, param_groups)
     try:
-        return Recipe(model, plan, val_examples, settings, accelerator, tracker, speed, checkpoint_dir,
-                      collate or PaddedCollator(pad_token_id), param_groups).run()
+        result = Recipe(model, plan, val_examples, settings, accelerator, tracker, speed, checkpoint_dir,
+                        collate or PaddedCollator(pad_token_id), param_groups).run()
+        if sharded:  # full weights on every process again, for evaluation and the results
+            sharding.unshard(model)
     finally:
         speed.restore(model)
+    return result
 
 
 class Recipe:
@@ -134,7 +139,12 @@ class Recipe:
                 f"trainer.batch_size={cfg.batch_size}, trainer.micro_batch_size={cfg.micro_batch_size}: "
                 f"{self.settings.accumulation} micro-batch(es) per optimiser step, fewer than the {world} processes "
                 "(batch_size counts examples over all of them)")
-        self.objective, self.optimizer = accelerator.prepare(CausalLMObjective(self.model, self.speed.loss), optimizer)
+        if sharding.is_sharded(self.model):  # sharded already: accelerate must not wrap it in DDP
+            self.objective = sharding.ShardedObjective(self.model, self.speed.loss)
+            self.optimizer = accelerator.prepare(optimizer)
+        else:
+            self.objective, self.optimizer = accelerator.prepare(CausalLMObjective(self.model, self.speed.loss),
+                                                                 optimizer)
         self.objective.train()
 
     def resume(self) -> None:
@@ -206,7 +216,7 @@ class Recipe:
         loop = self.loop
         if self.cfg.select == Select.best_val and (loop.best_val_loss is None or loop.val_loss < loop.best_val_loss):
             loop.best_val_loss, loop.best_step = loop.val_loss, loop.step
-            self.best = {name: t.detach().cpu().clone() for name, t in adapter_state_dict(self.model).items()}
+            self.best = sharding.full_adapter_state(self.model)
 
     def select_weights(self) -> None:
         """trainer.select=best_val: end with the weights of the lowest validation loss (upstream's
@@ -225,10 +235,11 @@ class Recipe:
             self.validate()
 
     def save(self) -> Path | None:
-        if self.checkpoint_dir is None or not self.accelerator.is_main_process:
+        if self.checkpoint_dir is None:
             return None
         return checkpoints.save_checkpoint(self.checkpoint_dir, self.model, self.optimizer, self.scheduler, self.loop,
-                                           self.fingerprint, self.cfg.keep_checkpoints, self.best)
+                                           self.fingerprint, self.cfg.keep_checkpoints, self.best,
+                                           main=self.accelerator.is_main_process)
 
     def maybe_checkpoint(self, stop: bool, signum: int) -> None:
         """Save every ``trainer.checkpoint_every`` steps, at the end, and when asked to stop (then exit)."""

@@ -14,7 +14,7 @@ import torch
 from accelerate import Accelerator
 from omegaconf import DictConfig, OmegaConf
 
-from adapters_lab.config import Batching, Device, Precision, ResumeMode, Select, TrainerConfig, TrainerConfigError
+from adapters_lab.config import Batching, Device, Distributed, Precision, ResumeMode, Select, TrainerConfig, TrainerConfigError
 
 ADAM_BETA1 = 0.9  # torch.optim.AdamW's default, which the trainer uses
 STATE_FILE = "trainer_state.pt"  # a checkpoint folder holds it (training/checkpoints.py)
@@ -107,6 +107,23 @@ def _check_checkpoints(cfg: TrainerConfig) -> None:
             "need checkpoint_every >= 0 and keep_checkpoints >= 1")
 
 
+def _check_sharding(cfg: TrainerConfig) -> None:
+    """trainer.distributed=fsdp: refuse the options that do not run on a sharded model (training/sharding.py)."""
+    if cfg.distributed != Distributed.fsdp:
+        return
+    refused = {"fused_loss": (cfg.fused_loss, "the chunked loss calls the decoder and head outside the sharded "
+                              "model's forward, where their weights are not gathered"),
+               "compile": (cfg.compile, "compiled layers are not tested with sharded ones"),
+               "precision": (cfg.precision == Precision.fp16, "fp16 loss scaling is not set up for sharded "
+                             "gradients; use bf16"),
+               "batching": (cfg.batching == Batching.paper_packed, "paper_packed runs in one process")}
+    for key, (bad, why) in refused.items():
+        if bad:
+            value = getattr(cfg, key)
+            raise TrainerConfigError(f"trainer.{key}={str(getattr(value, 'value', value)).lower()}: not supported with "
+                                     f"trainer.distributed=fsdp ({why})")
+
+
 def check_trainer_config(cfg: TrainerConfig | DictConfig, val_set_size: int | None = None) -> TrainerSettings:
     """Validate the trainer options before any model loads (one-line errors naming the key);
     the result is what ``train`` takes. ``val_set_size``: the run's ``dataset.val_set_size`` (None where
@@ -116,6 +133,7 @@ def check_trainer_config(cfg: TrainerConfig | DictConfig, val_set_size: int | No
     _check_optimiser(typed)
     _check_checkpoints(typed)
     _check_selection(typed, val_set_size)
+    _check_sharding(typed)
     resume, resume_from = resume_choice(typed.resume)
     forwards = 1 if typed.batching == Batching.paper_packed else typed.batch_size // typed.micro_batch_size
     return TrainerSettings(typed, forwards, resume, resume_from)
