@@ -25,12 +25,14 @@ demo-tiny: install
 	$(PY) scripts/demo.py --tiny
 
 # The SmolLM2 study on one GPU (every adapter family vs zero-shot; scripts/study_smollm2.py says what
-# it runs and how the budget is spent), then docs/results-smollm2.md from its runs' metrics.json.
+# it runs and how the budget is spent), then docs/results-smollm2.md from its runs' metrics.json
+# (STUDY=: study folders or --export archives in call order; default the archives in docs/study_smollm2/).
+STUDY ?=
 STUDY_ARGS ?=
 study-smollm2: install
 	$(PY) scripts/study_smollm2.py $(STUDY_ARGS)
 results-smollm2:
-	$(PY) scripts/results_smollm2.py
+	$(PY) scripts/results_smollm2.py $(STUDY)
 
 test: install
 	$(PY) -m pytest -q

@@ -1,7 +1,9 @@
 """docs/results-smollm2.md from the SmolLM2 study's runs (scripts/study_smollm2.py): every number is read
 from a run's metrics.json (and config.yaml for what the run was); a cell without a run shows "–".
 
-    python scripts/results_smollm2.py outputs/study_smollm2                 # -> docs/results-smollm2.md
+    python scripts/results_smollm2.py                                       # docs/study_smollm2/*.tar.gz -> docs/results-smollm2.md
+    python scripts/results_smollm2.py outputs/study_smollm2                 # a study folder
+    python scripts/results_smollm2.py a.tar.gz b.tar.gz                     # several study calls, in order (later runs win)
     python scripts/results_smollm2.py study_smollm2.tar.gz --out /tmp/r.md  # the study's --export archive
     python scripts/results_smollm2.py --template                            # the layout alone, no runs
 
@@ -54,6 +56,18 @@ def load_runs(source: Path) -> tuple[list[dict], dict]:
                      "seed": config["seed"]})
     study = next(iter(sorted(source.rglob("study.json"))), None)
     return runs, (json.loads(study.read_text()) if study else {})
+
+
+def load_all(sources: list[Path]) -> tuple[list[dict], list[dict]]:
+    """The runs of several study calls (later sources win for the same dataset, method and seed: a call that
+    resumes a study exports every run so far) and each call's study.json, in order."""
+    runs, studies = {}, []
+    for source in sources:
+        found, study = load_runs(source)
+        runs.update({(r["dataset"], r["method"], r["seed"]): r for r in found})
+        if study:
+            studies.append({**study, "source": source.name})
+    return list(runs.values()), studies
 
 
 def scores(runs: list[dict], dataset: str, method: str, eval_set: str, key: str) -> list[float]:
@@ -116,6 +130,62 @@ def suite_table(runs, protocol: str, columns: list[str], trained_on) -> list[str
     return lines + [""]
 
 
+def majority(data_root: Path, name: str) -> tuple[float, str, int] | None:
+    """(share in %, answer, test size) of the most common answer of a commonsense test set."""
+    path = data_root / "llm_adapters" / "dataset" / name / "test.json"
+    if not path.is_file():
+        return None
+    answers = [r["answer"] for r in json.loads(path.read_text())]
+    top = max(set(answers), key=answers.count)
+    return 100 * answers.count(top) / len(answers), top, len(answers)
+
+
+def chance_section(runs, data_root: Path, protocols: list[str]) -> list[str]:
+    """Each commonsense set's best fine-tuned score (any family, any protocol) against always giving its
+    majority answer, with the binomial standard error of that share on the test size."""
+    lines = ["## Commonsense against the majority class", "",
+             "Beating zero-shot is not learning the task: a model that always gives the majority answer scores the "
+             "share below. The best cell is the maximum over every family and protocol (many comparisons, so it "
+             "leans high); \"above chance\" needs it more than 2 standard errors above the majority share.", "",
+             "| set | majority answer | majority % | 2 x s.e. | best fine-tuned % (family, protocol) | LoRA likelihood % "
+             "| above chance |", "| --- | --- | ---: | ---: | --- | ---: | --- |"]
+    for name in COMMONSENSE:
+        facts = majority(data_root, name)
+        cells = [(statistics.fmean(v), m, p) for m in METHODS if m != "none" for p in protocols
+                 if (v := scores(runs, name, m, name, PROTOCOLS[p]))]
+        if facts is None or not cells:
+            lines.append(f"| {SHORT[name]} | {DASH} | {DASH} | {DASH} | {DASH} | {DASH} | {DASH} |")
+            continue
+        share, answer, n = facts
+        se2 = 200 * (share / 100 * (1 - share / 100) / n) ** 0.5
+        best, method, protocol = max(cells)
+        lora = scores(runs, name, "lora", name, PROTOCOLS["likelihood"])
+        lines.append(f"| {SHORT[name]} | {answer} | {share:.1f} | {se2:.1f} | {best:.1f} ({LABELS[method]}, {protocol}) "
+                     f"| {cell(lora)} | {'yes' if best - share > se2 else 'no'} |")
+    return lines + [""]
+
+
+def summary(runs, data_root: Path) -> list[str]:
+    """Where LoRA's mean clears zero-shot by more than the spread (paper protocol), and, for the commonsense
+    sets, whether any fine-tuned cell clears the majority class (``chance_section``)."""
+    def gap(dataset, eval_set):
+        own, zero = (scores(runs, dataset, m, eval_set, PROTOCOLS["paper"]) for m in ("lora", "none"))
+        return statistics.fmean(own) - statistics.fmean(zero) if own and zero else None
+
+    pairs = [("arith", "arith")] + [("math_data", m) for m in MATH]
+    learned = [f"{SHORT.get(e, e)} {g:+.1f}" for d, e in pairs if (g := gap(d, e)) is not None
+               and g > 0 and "yes" in verdict(runs, d, "lora", e, PROTOCOLS["paper"])]
+    flat = [SHORT.get(e, e) for d, e in pairs if gap(d, e) is not None and SHORT.get(e, e) not in
+            {x.split(" ")[0] for x in learned}]
+    at_chance = [row.split(" | ")[0].strip("| ") for row in chance_section(runs, data_root, list(PROTOCOLS))
+                 if row.endswith("| no |")]
+    return ["## Summary", "",
+            f"- LoRA clearly beats zero-shot (paper protocol, LoRA minus zero-shot in points): {', '.join(learned) or DASH}.",
+            f"- No clear gain: {', '.join(flat) or DASH}.",
+            f"- Commonsense sets where no family and no protocol clears the majority class: {', '.join(at_chance) or DASH}"
+            " (the generation gains over zero-shot there are the answer format, not the answers).", ""]
+
+
 def chance_row(data_root: Path) -> str:
     """Majority-class share of each commonsense test set (the score of always giving one answer)."""
     cells = []
@@ -175,20 +245,25 @@ def samples_section(runs) -> list[str]:
     return (lines if len(lines) > 2 else lines + [DASH]) + [""]
 
 
-def header(runs, study, source, template: bool) -> list[str]:
+def header(runs, studies: list[dict], template: bool) -> list[str]:
     lines = ["# SmolLM2-135M-Instruct: every adapter family against zero-shot", ""]
     if template:
         return lines + ["No runs yet: this is the layout `scripts/results_smollm2.py` writes. Run the study on a GPU",
                         "(`make study-smollm2`, or `scripts/study_smollm2.py` as its docstring says), then",
                         "`make results-smollm2` (or `python scripts/results_smollm2.py <study dir or archive>`).", ""]
-    lines += [f"Generated by `scripts/results_smollm2.py` from the metrics.json of {len(runs)} runs in `{source.name}`."
-              f" Study started {study.get('started', DASH)} on {study.get('device', DASH)} (commit "
-              f"{study.get('commit', DASH)}, torch {study.get('torch', DASH)}, transformers {study.get('transformers', DASH)})"
-              f", budget {study.get('budget_s', DASH)} s, {study.get('seconds', 0):.0f} s used."
-              f"{' TINY random-init model: plumbing only, not results.' if study.get('tiny') else ''}", "",
-              "| sweep | status | seconds |", "| --- | --- | ---: |"]
-    lines += [f"| {s['name']} | {s['status']} | {s['seconds']:.0f} |" for s in study.get("sweeps", [])]
-    return lines + [""]
+    names = ", ".join(f"`{s['source']}`" for s in studies)
+    lines += [f"Generated by `scripts/results_smollm2.py` from the metrics.json of {len(runs)} runs in {names or DASH}.",
+              ""]
+    for study in studies:
+        lines += [f"Study call started {study.get('started', DASH)} on {study.get('device', DASH)} (commit "
+                  f"{study.get('commit', DASH)}, torch {study.get('torch', DASH)}, transformers "
+                  f"{study.get('transformers', DASH)}), budget {study.get('budget_s', DASH)} s, "
+                  f"{study.get('seconds', 0):.0f} s used, {study.get('parallel', 1)} sweep(s) at a time."
+                  f"{' TINY random-init model: plumbing only, not results.' if study.get('tiny') else ''}", "",
+                  "| sweep | status | seconds |", "| --- | --- | ---: |"]
+        lines += [f"| {s['name']} | {s['status']} | {s['seconds']:.0f} |" for s in study.get("sweeps", [])]
+        lines.append("")
+    return lines
 
 
 def settings_section(runs) -> list[str]:
@@ -209,9 +284,9 @@ def settings_section(runs) -> list[str]:
     return lines + [""]
 
 
-def render(runs, study, source: Path, data_root: Path, template: bool) -> str:
+def render(runs, studies: list[dict], data_root: Path, template: bool) -> str:
     protocols = protocols_present(runs, template)
-    lines = header(runs, study, source, template)
+    lines = header(runs, studies, template) + ([] if template else summary(runs, data_root))
     lines += arith_section(runs, protocols)
     lines += ["## (b) math_data, evaluated on the math suite", ""]
     for p in protocols:
@@ -219,7 +294,7 @@ def render(runs, study, source: Path, data_root: Path, template: bool) -> str:
     lines += ["## (c) commonsense: each set's train split, evaluated on its test set", "", chance_row(data_root), ""]
     for p in protocols:
         lines += suite_table(runs, p, COMMONSENSE, lambda name: name)
-    lines += learning_section(runs, protocols) + settings_section(runs) + timing_section(runs) + samples_section(runs)
+    lines += learning_section(runs, protocols) + chance_section(runs, data_root, protocols) + settings_section(runs) + timing_section(runs) + samples_section(runs)
     lines += ["Regenerate: `make study-smollm2` (GPU) then `make results-smollm2`; "
               "definitions in `scripts/results_smollm2.py`'s docstring.", ""]
     return "\n".join(lines)
@@ -227,15 +302,16 @@ def render(runs, study, source: Path, data_root: Path, template: bool) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("source", nargs="?", type=Path, default=ROOT / "outputs" / "study_smollm2")
+    parser.add_argument("sources", nargs="*", type=Path, default=sorted((ROOT / "docs" / "study_smollm2").glob("*.tar.gz")),
+                        help="study folders or archives, in the order of the calls (default: docs/study_smollm2/)")
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "results-smollm2.md")
     parser.add_argument("--data-root", type=Path, default=ROOT.parent / "shared" / "data")
     parser.add_argument("--template", action="store_true", help="write the layout with no runs")
     args = parser.parse_args()
-    runs, study = ([], {}) if args.template else load_runs(args.source)
+    runs, studies = ([], []) if args.template else load_all(args.sources)
     if not runs and not args.template:
-        raise SystemExit(f"error: no metrics.json under {args.source}")
-    args.out.write_text(render(runs, study, args.source, args.data_root, args.template))
+        raise SystemExit(f"error: no metrics.json under {', '.join(map(str, args.sources)) or 'docs/study_smollm2/'}")
+    args.out.write_text(render(runs, studies, args.data_root, args.template))
     print(f"wrote {args.out} from {len(runs)} runs")
 
 

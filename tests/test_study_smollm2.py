@@ -114,3 +114,17 @@ def test_a_sweep_with_too_little_time_left_is_not_started():
     study.run_sweeps(sweeps, [[sys.executable, "-c", "raise SystemExit(3)"]], deadline=study.time.perf_counter() + 1,
                      parallel=2)
     assert sweeps[0].status == "not run (budget spent)" and sweeps[0].command == []
+
+
+def test_later_study_calls_win_and_every_call_is_listed(tmp_path):
+    def call(name: str, accuracy: float, started: str) -> Path:
+        run = tmp_path / name / "runs" / "arith" / "lora" / "seed1"
+        run.mkdir(parents=True)
+        (run / "config.yaml").write_text("dataset: {name: arith}\nadapter: {name: lora}\nseed: 1\n")
+        (run / "metrics.json").write_text(json.dumps({"eval": {"arith": {"accuracy_paper": accuracy, "n": 500}}}))
+        (tmp_path / name / "study.json").write_text(json.dumps({"started": started, "sweeps": []}))
+        return tmp_path / name
+
+    runs, studies = results.load_all([call("first", 0.25, "t1"), call("second", 0.75, "t2")])
+    assert [r["metrics"]["eval"]["arith"]["accuracy_paper"] for r in runs] == [0.75]
+    assert [(s["started"], s["source"]) for s in studies] == [("t1", "first"), ("t2", "second")]
