@@ -97,12 +97,12 @@ def check_settings(cfg: DictConfig) -> None:
 def meta_skeleton(model_cfg) -> tuple[nn.Module, object] | None:
     """(model on the meta device, tokenizer) from the model's config alone: no weights read or allocated;
     None for image-text models (their checks are their builder's)."""
-    if ModelKind(model_cfg.kind) == ModelKind.image_text:
+    if model_cfg.kind == ModelKind.image_text:
         return None
     if model_cfg.local_path and not Path(model_cfg.local_path).is_dir():  # else taken for a hub id
         raise SettingError(f"model={model_cfg.name}: model.local_path={model_cfg.local_path} is not a folder")
     try:
-        if model_cfg.tiny is not None or ModelInit(model_cfg.init) == ModelInit.random:
+        if model_cfg.tiny is not None or model_cfg.init == ModelInit.random:
             with torch.device("meta"):
                 return build_model(model_cfg, "meta")
         return _pretrained_skeleton(model_cfg)

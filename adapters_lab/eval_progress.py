@@ -13,6 +13,7 @@ import hashlib
 import json
 import logging
 import time
+from enum import Enum
 from pathlib import Path
 
 import torch.nn as nn
@@ -55,8 +56,13 @@ def model_digest(model: nn.Module | None) -> str:
     return digest.hexdigest()
 
 
+def setting(value) -> str:
+    """A score setting as text: an enum choice by its value (``paper``), a number as written."""
+    return value.value if isinstance(value, Enum) else str(value)
+
+
 def set_key(model_hash: str, cfg, name: str, prompts: list[str], records: list[dict]) -> str:
-    settings = {key: str(getattr(getattr(cfg, key), "value", getattr(cfg, key))) for key in SCORE_KEYS}
+    settings = {key: setting(getattr(cfg, key)) for key in SCORE_KEYS}
     payload = json.dumps([model_hash, settings, name, prompts, [r["answer"] for r in records]])
     return hashlib.sha256(payload.encode()).hexdigest()
 

@@ -234,9 +234,7 @@ def evaluate_sets(model: nn.Module, tokenizer, eval_sets: dict[str, list[dict]],
     ``group_seconds`` is the group's whole generation time; ``likelihood_seconds`` its likelihood
     scoring time. Under several processes (``accelerate launch``) each takes every ``processes``-th
     prompt from ``rank`` on, and every process scores all of them."""
-    protocol = str(getattr(cfg.protocol, "value", cfg.protocol))
-    scoring = str(getattr(cfg.scoring, "value", cfg.scoring))
-    template = str(getattr(cfg.prompt_template, "value", cfg.prompt_template))
+    protocol, scoring, template = cfg.protocol.value, cfg.scoring.value, cfg.prompt_template.value
     prompts = {name: [prompt_for(template, r["instruction"], r["input"]) for r in records]
                for name, records in eval_sets.items()}
     results: dict = {name: {} for name in eval_sets}
@@ -300,7 +298,7 @@ def generate_and_score(model: nn.Module, tokenizer, eval_sets: dict[str, list[di
                        rank: int, done=lambda name: None) -> None:
     """Generation and both parse protocols for every set, into ``results`` and ``lines`` per set;
     ``done(name)`` once a set is scored."""
-    protocol = str(getattr(cfg.protocol, "value", cfg.protocol))
+    protocol = cfg.protocol.value
     for max_new, names in sets_by_budget(eval_sets, cfg).items():
         start = time.perf_counter()
         texts = generate_together(model, tokenizer, [prompts[name] for name in names], cfg, max_new, device,
@@ -354,7 +352,7 @@ def generate_together(model: nn.Module, tokenizer, prompt_lists: list[list[str]]
     pooled = [prompt for prompts in prompt_lists for prompt in prompts]
     mine = list(range(rank, len(pooled), processes))
     texts = generate(model, tokenizer, [pooled[i] for i in mine], cfg.batch_size, cfg.num_beams, max_new_tokens,
-                     device, str(getattr(cfg.decoder, "value", cfg.decoder)))
+                     device, cfg.decoder.value)
     generated = gathered(mine, texts, len(pooled), processes)
     ends = list(itertools.accumulate(len(prompts) for prompts in prompt_lists))
     return [generated[end - len(prompts):end] for prompts, end in zip(prompt_lists, ends)]

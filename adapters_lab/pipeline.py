@@ -3,6 +3,7 @@ train -> evaluate -> write and log results. Everything it calls lives elsewhere.
 
 from __future__ import annotations
 
+import copy
 import logging
 from dataclasses import asdict
 from pathlib import Path
@@ -15,6 +16,7 @@ from transformers import set_seed
 from adapters_lab.adapters import build_adapter, count_parameters, freeze
 from adapters_lab.adapters.io import check_export, save_adapter, save_base_model, write_exports
 from adapters_lab.checks import check_known_keys, check_on_skeleton, check_settings, check_space
+from adapters_lab.config import Config
 from adapters_lab.files import probe_writable, write_json_atomic, write_text_atomic
 from adapters_lab.kinds import model_kind
 from adapters_lab.models import build_model
@@ -24,6 +26,7 @@ from adapters_lab.sweep import metric_value
 from adapters_lab.tracking import flatten, make_tracker
 from adapters_lab.training.loop import train
 from adapters_lab.training.settings import check_trainer_config, make_accelerator
+from adapters_lab.typed import typed_config
 
 log = logging.getLogger(__name__)
 
@@ -35,19 +38,23 @@ def shared_output_dir(path: Path, accelerator) -> Path:
     return Path(broadcast_object_list([str(path)])[0])
 
 
-def run(cfg: DictConfig) -> float | None:
-    """Run one experiment; returns ``metrics[cfg.optimized_metric]`` for sweepers."""
-    check_known_keys(cfg)
-    accelerator = make_accelerator(cfg.trainer)
+def run(composed: DictConfig) -> float | None:
+    """Run one experiment; returns ``metrics[cfg.optimized_metric]`` for sweepers. The composed config is
+    checked for keys no schema declares, then turned into typed objects once (``cfg``: every group its
+    dataclass, every choice an enum member), which is all the run reads; ``composed`` itself only goes
+    into the run folder's fingerprint, ``config.yaml`` and the tracker."""
+    check_known_keys(composed)
+    cfg = typed_config(composed)
+    accelerator = make_accelerator(cfg.trainer)  # the device, worked out once
     out_dir = shared_output_dir(Path(cfg.paths.output_dir), accelerator)
     share = (lambda value: broadcast_object_list([value])[0]) if accelerator.num_processes > 1 else None
-    with RunFolder(out_dir, cfg, accelerator.is_main_process, share) as folder:
+    with RunFolder(out_dir, composed, accelerator.is_main_process, share) as folder:
         finished = folder.finished()
         if finished is not None:
             log.warning("%s holds this config's metrics.json: skipping this finished run (overwrite=true redoes it)",
                         out_dir)
             return metric_value(finished, cfg.optimized_metric)
-        metrics = run_in(cfg, folder, accelerator)
+        metrics = run_in(cfg, composed, folder, accelerator)
         folder.commit()
     if accelerator.is_main_process:
         log.info("metrics written to %s", out_dir / "metrics.json")
@@ -55,7 +62,7 @@ def run(cfg: DictConfig) -> float | None:
     return metric_value(metrics, cfg.optimized_metric)
 
 
-def check_before_weights(cfg: DictConfig, folder: RunFolder) -> tuple:
+def check_before_weights(cfg: Config, folder: RunFolder) -> tuple:
     """1. Everything that needs no weights: adapter, trainer and data options, data files, the adapter on
     the meta-device skeleton (placement, attention), prompts against the cutoff, the disk. Returns
     (adapter, model kind, checked trainer settings or None, task data, tokenised features or None)."""
@@ -71,7 +78,7 @@ def check_before_weights(cfg: DictConfig, folder: RunFolder) -> tuple:
             check_checkpoint(trainer.resume_from, folder.fingerprint)
     check_settings(cfg)
     data = kind.load_data(cfg, needs_train=adapter.trains)
-    skeleton = check_on_skeleton(cfg, build_adapter(cfg.adapter))  # None for image-text models
+    skeleton = check_on_skeleton(cfg, build_adapter(copy.deepcopy(cfg.adapter)))  # None for image-text models
     features = tokenize(cfg, kind, data, skeleton[1]) if skeleton and adapter.trains else None
     probe_writable(folder.folder)
     if skeleton:
@@ -79,25 +86,26 @@ def check_before_weights(cfg: DictConfig, folder: RunFolder) -> tuple:
     return adapter, kind, trainer, data, features
 
 
-def tokenize(cfg: DictConfig, kind, data, tokenizer) -> dict:
+def tokenize(cfg: Config, kind, data, tokenizer) -> dict:
     """The training and validation records as the kind's features (fails on prompts that overflow the cutoff)."""
     ds = cfg.dataset
     return {split: kind.features(records, tokenizer, ds, f"dataset.train={ds.train} ({split})")
             for split, records in (("train", data.train), ("val", data.val))}
 
 
-def run_in(cfg: DictConfig, folder: RunFolder, accelerator) -> dict:
-    """The run itself, into ``folder.prepare()`` (the run folder, or its staging area under overwrite)."""
+def run_in(cfg: Config, composed: DictConfig, folder: RunFolder, accelerator) -> dict:
+    """The run itself, into ``folder.prepare()`` (the run folder, or its staging area under overwrite);
+    ``composed`` (the config as Hydra composed it) is only recorded."""
     main = accelerator.is_main_process
     adapter, kind, trainer, data, features = check_before_weights(cfg, folder)
     out_dir = folder.prepare()
     if main:
-        write_text_atomic(out_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+        write_text_atomic(out_dir / "config.yaml", OmegaConf.to_yaml(composed, resolve=True))
     accelerator.wait_for_everyone()  # the staging area settled before any process looks for a checkpoint
 
     set_seed(cfg.seed)
     run_name = f"{cfg.model.name}-{adapter.name}-{cfg.dataset.name}"
-    tracker = make_tracker(cfg.logger, OmegaConf.to_container(cfg, resolve=True), str(out_dir), run_name, main)
+    tracker = make_tracker(cfg.logger, OmegaConf.to_container(composed, resolve=True), str(out_dir), run_name, main)
 
     memory = MemorySampler(accelerator.device)  # reserved GPU memory, sampled for metrics.json's report
     # 2-3. Base model, frozen; the adapter injected into it.
@@ -139,7 +147,7 @@ def run_in(cfg: DictConfig, folder: RunFolder, accelerator) -> dict:
     return metrics
 
 
-def write_results(cfg: DictConfig, model, adapter, tracker, out_dir: Path, metrics: dict, fingerprint: dict,
+def write_results(cfg: Config, model, adapter, tracker, out_dir: Path, metrics: dict, fingerprint: dict,
                   memory: MemorySampler, data_files: list[Path]) -> None:
     """Adapter, exports and ``metrics.json`` (last: it marks the run finished), process 0 only."""
     tracker.log_predictions(out_dir / "predictions")

@@ -18,6 +18,8 @@ from pathlib import Path
 
 import torch
 
+from adapters_lab.config import ModelInit
+
 PACKAGES = ("torch", "transformers", "accelerate", "peft")
 GIB = 2**30
 
@@ -79,7 +81,7 @@ def model_revision(model_cfg) -> str:
     otherwise)."""
     if model_cfg.tiny is not None:
         return "tiny (random init)"
-    if str(getattr(getattr(model_cfg, "init", None), "value", getattr(model_cfg, "init", None))) == "random":
+    if model_cfg.init == ModelInit.random:
         return f"{model_cfg.name} shape (random init)"
     if model_cfg.local_path:
         folder = Path(model_cfg.local_path).expanduser()

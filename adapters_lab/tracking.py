@@ -8,7 +8,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from adapters_lab.config import LoggerConfig, WandbMode
+from adapters_lab.config import LoggerBackend, LoggerConfig, WandbMode
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +34,7 @@ class WandbTracker(NullTracker):
     def __init__(self, cfg: LoggerConfig, config: dict, run_dir: str, default_name: str):
         import wandb
 
-        mode = WandbMode(cfg.mode)
+        mode = cfg.mode
         if mode == WandbMode.auto:
             has_key = bool(os.environ.get("WANDB_API_KEY")) or os.path.exists(os.path.expanduser("~/.netrc"))
             mode = WandbMode.online if has_key else WandbMode.offline
@@ -83,9 +83,9 @@ def default_group() -> str | None:
 
 
 def make_tracker(cfg: LoggerConfig, config: dict, run_dir: str, default_name: str, is_main: bool = True):
-    if not is_main or cfg.backend == "none":
+    if not is_main or cfg.backend == LoggerBackend.none:
         return NullTracker()
-    if cfg.backend == "wandb":
+    if cfg.backend == LoggerBackend.wandb:
         return WandbTracker(cfg, config, run_dir, default_name)
     raise ValueError(f"logger.backend={cfg.backend!r}: expected none or wandb")
 

@@ -28,7 +28,7 @@ sys.path.insert(0, str(ROOT))
 
 from adapters_lab.adapters.base import Placement, freeze  # noqa: E402
 from adapters_lab.adapters.lora import LoRA  # noqa: E402
-from adapters_lab.config import ModelConfig, TinyModelConfig, TinyVisionConfig, TrainerConfig  # noqa: E402
+from adapters_lab.config import DType, ModelConfig, TinyModelConfig, TinyVisionConfig, TrainerConfig  # noqa: E402
 from adapters_lab.data.mllm import ImageTextCollator  # noqa: E402
 from adapters_lab.data.tokenize import IGNORE_INDEX  # noqa: E402
 from adapters_lab.files import write_json_atomic  # noqa: E402
@@ -52,7 +52,7 @@ TINY = TinyModelConfig(model_type="llava", vocab_size=448, vision=TinyVisionConf
 def build(tiny: bool, device: torch.device, dtype: torch.dtype):
     """(model, processor): random weights of the chosen shape, on ``device`` (a local tokenizer)."""
     shape = TINY if tiny else LLAVA_7B
-    cfg = ModelConfig(name="tiny_llava" if tiny else "llava15_7b_shape", tiny=shape, dtype="float32",
+    cfg = ModelConfig(name="tiny_llava" if tiny else "llava15_7b_shape", tiny=shape, dtype=DType.float32,
                       attn_implementation="sdpa")
     torch.manual_seed(0)
     with torch.device(device):

@@ -274,6 +274,7 @@ def check_varlen(shape: dict, device, dtype, lengths: list[int], rows: int, pack
     from adapters_lab.adapters.registry import adapter_from_file
     from adapters_lab.config import TrainerConfig
     from adapters_lab.data.batching import BatchPlan
+    from adapters_lab.training.settings import typed_trainer_config
     from adapters_lab.training.speed import SpeedPaths, forward_loss
 
     model = build_model({**shape, "num_hidden_layers": min(4, shape["num_hidden_layers"])}, device, dtype)
@@ -284,8 +285,9 @@ def check_varlen(shape: dict, device, dtype, lengths: list[int], rows: int, pack
             if "lora_B" in name:
                 param.copy_(torch.randn(param.shape, generator=generator) * 0.02)
     examples = examples_from(lengths, shape["vocab_size"], 4 * rows * pack_length // 150, seed=2)
-    cfg = TrainerConfig(batching="packed", pack_length=pack_length, micro_batch_size=rows, batch_size=rows,
-                        attn_implementation="varlen", device=device.type, fused_loss=True)
+    cfg = typed_trainer_config(TrainerConfig(batching="packed", pack_length=pack_length, micro_batch_size=rows,
+                                             batch_size=rows, attn_implementation="varlen", device=device.type,
+                                             fused_loss=True))
     speed = SpeedPaths(cfg, device)
     plan = BatchPlan(examples, cfg, 0, seed=0, extras=speed.batch_extras)
     batch = send_to_device(plan.batch(plan.epoch(0)[0])[0], device)

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from adapters_lab import evaluate
-from adapters_lab.config import EvalConfig, TinyModelConfig
+from adapters_lab.config import EvalConfig, Protocol, TinyModelConfig
 from adapters_lab.data.arith import arith_splits
 from adapters_lab.data.prompts import eval_prompt
 from adapters_lab.models import build_tiny_model, build_tiny_tokenizer
@@ -117,7 +117,7 @@ def test_scores_both_protocols_into_metrics_and_lines(tmp_path, monkeypatch):
         return [continuations[i] for i in range(len(prompts))]
 
     monkeypatch.setattr(evaluate, "generate", canned)
-    cfg = EvalConfig(protocol="strict")
+    cfg = EvalConfig(protocol=Protocol.strict)
     metrics = evaluate.evaluate_sets(None, None, {"AQuA": records}, cfg, CPU, tmp_path)
     # paper: first capital A-E -> "A" (wrong) for the first, "A" (right) for the second.
     # strict: "(B)" (right), then "A" after "Answer is" (right); text after a second marker is ignored.

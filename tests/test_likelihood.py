@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from adapters_lab import evaluate, likelihood
-from adapters_lab.config import EvalConfig, TinyModelConfig
+from adapters_lab.config import EvalConfig, Scoring, TinyModelConfig
 from adapters_lab.data.prompts import eval_prompt
 from adapters_lab.data.records import DataError
 from adapters_lab.data.sources import check_scoring
@@ -106,7 +106,7 @@ def test_likelihood_alone_and_beside_generation_in_metrics_and_lines(tiny, tmp_p
     sets = {"ARC-Easy": ARC, "boolq": BOOLQ}
     prompts = {n: [eval_prompt(r["instruction"]) for r in rs] for n, rs in sets.items()}
     expected = {n: likelihood.score_records(model, tokenizer, n, rs, prompts[n], 4, CPU) for n, rs in sets.items()}
-    alone = evaluate.evaluate_sets(model, tokenizer, sets, EvalConfig(scoring="likelihood", batch_size=4), CPU,
+    alone = evaluate.evaluate_sets(model, tokenizer, sets, EvalConfig(scoring=Scoring.likelihood, batch_size=4), CPU,
                                    tmp_path / "alone")
     for name, scored in expected.items():
         acc = sum(s["correct"] for s in scored) / len(scored)
@@ -122,7 +122,7 @@ def test_likelihood_alone_and_beside_generation_in_metrics_and_lines(tiny, tmp_p
                         lambda model, tok, prompts, *a: ["the correct answer is true"] * len(prompts))
     both = evaluate.evaluate_sets(model, tokenizer, {**sets, "gsm8k": [{"instruction": "1+1?", "input": "",
                                                                           "answer": "2"}]},
-                                  EvalConfig(scoring="both", batch_size=4), CPU, tmp_path / "both")
+                                  EvalConfig(scoring=Scoring.both, batch_size=4), CPU, tmp_path / "both")
     assert both["boolq"]["accuracy"] == both["boolq"]["accuracy_paper"] == 0.5  # generation's, as eval.protocol says
     assert both["boolq"]["accuracy_likelihood"] == alone["boolq"]["accuracy_likelihood"]
     assert "accuracy_likelihood" not in both["gsm8k"] and "average_likelihood" in both
@@ -131,7 +131,7 @@ def test_likelihood_alone_and_beside_generation_in_metrics_and_lines(tiny, tmp_p
 
 
 def test_likelihood_alone_refuses_free_number_sets():
-    check_scoring(EvalConfig(scoring="likelihood"), ["boolq", "AQuA"])
-    check_scoring(EvalConfig(scoring="both"), ["boolq", "gsm8k"])
+    check_scoring(EvalConfig(scoring=Scoring.likelihood), ["boolq", "AQuA"])
+    check_scoring(EvalConfig(scoring=Scoring.both), ["boolq", "gsm8k"])
     with pytest.raises(DataError, match=r"eval.scoring=likelihood: \['gsm8k'\] have free-number answers"):
-        check_scoring(EvalConfig(scoring="likelihood"), ["boolq", "gsm8k"])
+        check_scoring(EvalConfig(scoring=Scoring.likelihood), ["boolq", "gsm8k"])

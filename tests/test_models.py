@@ -7,7 +7,7 @@ import logging
 import pytest
 import torch
 
-from adapters_lab.config import ModelConfig, TinyModelConfig
+from adapters_lab.config import DType, ModelConfig, TinyModelConfig
 from adapters_lab.models import build_model, build_tiny_tokenizer, cache_argument, call_cache, ensure_pad_token
 
 
@@ -24,7 +24,7 @@ def test_tiny_tokenizer_round_trips_any_text_and_prepends_bos():
 
 def test_tiny_model_has_the_configured_odd_shape():
     cfg = ModelConfig(name="t", tiny=TinyModelConfig(hidden_size=36, intermediate_size=58, num_hidden_layers=2,
-                                                     num_attention_heads=3, num_key_value_heads=1), dtype="float32")
+                                                     num_attention_heads=3, num_key_value_heads=1), dtype=DType.float32)
     model, tok = build_model(cfg)
     layer = model.model.layers[0]
     assert len(model.model.layers) == 2

@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from adapters_lab.config import Batching
 from adapters_lab.data.paper_packing import LOSS_WEIGHTS, PaperPackedCollator, example_weights, step_groups
 from adapters_lab.data.tokenize import IGNORE_INDEX
 from tests.train_helpers import PAD, run, tiny_lora_model, token_examples, trainable, trainer_cfg
@@ -81,4 +82,4 @@ def test_virtual_token_adapters_refuse_paper_packed(make_cfg):
 
     adapter = build_adapter(make_cfg("adapter=prefix").adapter)
     with pytest.raises(AdapterConfigError, match="trainer.batching=paper_packed: prefix"):
-        adapter.check_training(trainer_cfg(batching="paper_packed"))
+        adapter.check_training(trainer_cfg(batching=Batching.paper_packed))

@@ -38,6 +38,49 @@ def test_run_writes_every_result(make_cfg, tmp_path):
     assert "lr: 0.0003" in (out / "config.yaml").read_text()  # the resolved config
 
 
+def test_run_types_the_config_once_and_the_evaluator_gets_its_enums(make_cfg, monkeypatch):
+    """The composed DictConfig becomes typed objects once, at the top of run: the evaluator gets that
+    object's own ``eval`` (an EvalConfig holding enum members, not a DictConfig node nor strings); the
+    trainer options are checked once and the device is worked out once."""
+    from adapters_lab.config import Config, DecoderKind, EvalConfig, Protocol, Scoring, TrainerConfig
+    from adapters_lab.kinds import causal_lm
+    from adapters_lab.training import settings
+
+    seen: dict = {"typed": [], "checked": [], "devices": 0, "eval": []}
+
+    def spy(module, name, record):
+        original = getattr(module, name)
+
+        def wrapper(*args, **kwargs):
+            result = original(*args, **kwargs)
+            record(args, result)
+            return result
+        monkeypatch.setattr(module, name, wrapper)
+
+    spy(pipeline, "typed_config", lambda args, result: seen["typed"].append(result))
+    spy(pipeline, "check_trainer_config", lambda args, result: seen["checked"].append(args[0]))
+    spy(settings, "resolve_device", lambda args, result: seen.__setitem__("devices", seen["devices"] + 1))
+    spy(causal_lm, "evaluate_sets", lambda args, result: seen["eval"].append(args[3]))
+    pipeline.run(make_cfg("eval.protocol=strict", "eval.decoder=transformers"))
+    (cfg,) = seen["typed"]
+    (eval_cfg,) = seen["eval"]
+    assert type(cfg) is Config and eval_cfg is cfg.eval and type(eval_cfg) is EvalConfig
+    assert eval_cfg.protocol is Protocol.strict and eval_cfg.scoring is Scoring.generate
+    assert eval_cfg.decoder is DecoderKind.transformers
+    assert len(seen["checked"]) == 1 and seen["checked"][0] is cfg.trainer and type(cfg.trainer) is TrainerConfig
+    assert seen["devices"] == 1
+
+
+def test_the_converter_takes_strings_at_the_boundary_and_names_a_bad_one():
+    from adapters_lab.config import EvalConfig, PromptTemplate, Scoring
+    from adapters_lab.typed import ConfigValueError, typed
+
+    converted = typed(EvalConfig(scoring="both", prompt_template="train"), "eval")
+    assert converted.scoring is Scoring.both and converted.prompt_template is PromptTemplate.train
+    with pytest.raises(ConfigValueError, match=r"^eval.scoring='best': expected one of generate, likelihood, both$"):
+        typed(EvalConfig(scoring="best"), "eval")
+
+
 def test_zero_shot_baseline_trains_nothing(make_cfg, tmp_path):
     pipeline.run(make_cfg("adapter=none"))
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())

@@ -60,7 +60,7 @@ def test_train_template_prompts_are_the_training_texts_user_part_token_for_token
     import torch
 
     from adapters_lab import evaluate
-    from adapters_lab.config import EvalConfig
+    from adapters_lab.config import EvalConfig, PromptTemplate
     from adapters_lab.data.tokenize import IGNORE_INDEX, tokenize_record
     from adapters_lab.models import build_tiny_tokenizer
 
@@ -69,7 +69,7 @@ def test_train_template_prompts_are_the_training_texts_user_part_token_for_token
                {"instruction": "Add them.", "input": "2 and 3", "output": "The answer is 5.", "answer": "5"}]
     monkeypatch.setattr(evaluate, "generate", lambda model, tok, prompts, *a: ["The answer is 5."] * len(prompts))
     for template in ("train", "paper"):
-        cfg = EvalConfig(prompt_template=template, num_beams=1)
+        cfg = EvalConfig(prompt_template=PromptTemplate(template), num_beams=1)
         evaluate.evaluate_sets(None, tokenizer, {"gsm8k": records}, cfg, torch.device("cpu"), tmp_path / template)
         lines = [json.loads(x) for x in (tmp_path / template / "gsm8k.jsonl").read_text().splitlines()]
         for record, line in zip(records, lines):

@@ -9,7 +9,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from adapters_lab.config import ArchConfig, ModelConfig
+from adapters_lab.config import ArchConfig, DType, ModelConfig, ModelInit
 from adapters_lab.models import build_model, build_tiny_tokenizer
 from adapters_lab.models.random_init import build_random_model
 
@@ -74,7 +74,8 @@ def test_random_llama_shape_trains_and_evaluates_end_to_end_offline(make_cfg, tm
 def test_random_init_is_built_on_the_requested_device_and_dtype():
     arch = ArchConfig(model_type="llama", hidden_size=32, intermediate_size=40, num_hidden_layers=1,
                       num_attention_heads=2, vocab_size=400)
-    model, tok = build_model(ModelConfig(name="m", init="random", arch=arch, dtype="bfloat16"), device="cpu")
+    model, tok = build_model(ModelConfig(name="m", init=ModelInit.random, arch=arch, dtype=DType.bfloat16),
+                             device="cpu")
     assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
     assert model.config.pad_token_id == tok.pad_token_id and len(tok) <= 400
     out = model(**tok(["a b"], return_tensors="pt"))
@@ -94,17 +95,18 @@ def test_random_init_is_built_on_the_requested_device_and_dtype():
 ])
 def test_bad_arch_fails_in_one_line_naming_the_key(arch, match):
     with pytest.raises(ValueError, match=match) as info:
-        build_model(ModelConfig(name="m", init="random", arch=arch), device="meta")
+        build_model(ModelConfig(name="m", init=ModelInit.random, arch=arch), device="meta")
     assert "\n" not in str(info.value)
 
 
 def test_random_init_reads_a_local_tokenizer_folder_and_never_a_hub_id(tmp_path):
     build_tiny_tokenizer().save_pretrained(tmp_path / "tok")
     arch = ArchConfig(model_type="llama", hidden_size=32, num_hidden_layers=1, num_attention_heads=2, vocab_size=400)
-    _, tok = build_model(ModelConfig(name="m", init="random", arch=arch, local_path=str(tmp_path / "tok")), "meta")
+    _, tok = build_model(ModelConfig(name="m", init=ModelInit.random, arch=arch, local_path=str(tmp_path / "tok")),
+                         "meta")
     assert tok.get_vocab() == build_tiny_tokenizer().get_vocab()
     with pytest.raises(ValueError, match="model.local_path=yahma/llama-7b-hf is not a folder"):
-        build_model(ModelConfig(name="m", init="random", arch=arch, local_path="yahma/llama-7b-hf"), "meta")
+        build_model(ModelConfig(name="m", init=ModelInit.random, arch=arch, local_path="yahma/llama-7b-hf"), "meta")
 
 
 def test_arch_typo_fails_at_compose_time(make_cfg):

@@ -11,6 +11,7 @@ from types import SimpleNamespace
 import torch
 
 from adapters_lab import pipeline, report
+from adapters_lab.config import ModelInit
 
 
 def test_percentile_is_nearest_rank():
@@ -47,7 +48,7 @@ def test_model_revision_hashes_local_files_and_reads_the_hub_cache(tmp_path, mon
     folder = tmp_path / "model"
     folder.mkdir()
     (folder / "config.json").write_text("{}")
-    local = SimpleNamespace(tiny=None, local_path=str(folder), hub_id=None, revision=None)
+    local = SimpleNamespace(tiny=None, init=ModelInit.pretrained, local_path=str(folder), hub_id=None, revision=None)
     first = report.model_revision(local)
     assert first.startswith("sha256:") and first == report.model_revision(local)
     (folder / "config.json").write_text('{"a": 1}')
@@ -62,10 +63,10 @@ def test_model_revision_hashes_local_files_and_reads_the_hub_cache(tmp_path, mon
     import huggingface_hub.constants
 
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
-    hub = SimpleNamespace(tiny=None, local_path=None, hub_id="org/name", revision=None)
+    hub = SimpleNamespace(tiny=None, init=ModelInit.pretrained, local_path=None, hub_id="org/name", revision=None)
     assert report.model_revision(hub) == f"org/name@{commit}"
     assert report.model_revision(SimpleNamespace(**{**vars(hub), "hub_id": "org/absent"})) == "org/absent@main"
-    random = SimpleNamespace(**{**vars(hub), "name": "llama7b", "init": "random"})
+    random = SimpleNamespace(**{**vars(hub), "name": "llama7b", "init": ModelInit.random})
     assert report.model_revision(random) == "llama7b shape (random init)"
 
 

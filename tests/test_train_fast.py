@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from adapters_lab.data.tokenize import PackedCollator, PaddedCollator, pack_rows
-from adapters_lab.config import TrainerConfigError
+from adapters_lab.config import Batching, TrainerConfigError
 from adapters_lab.data.batching import BatchPlan
 from adapters_lab.training.metrics import flops_per_token
 from adapters_lab.training.settings import resolve_device
@@ -193,7 +193,7 @@ def test_training_with_varlen_matches_the_default_attention(batching):
 
 def test_batch_plan_adds_the_segments_on_the_cpu():
     examples = token_examples(30, seed=1)
-    plan = BatchPlan(examples, trainer_cfg(batching="packed", pack_length=64, attn_implementation="varlen"), PAD, 0,
+    plan = BatchPlan(examples, trainer_cfg(batching=Batching.packed, pack_length=64, attn_implementation="varlen"), PAD, 0,
                      extras=varlen_batch_kwargs)
     batch, _ = plan.batch(plan.epoch(0)[0])
     assert batch["varlen_max_seqlen"] == plan.max_segment == 24  # longest example (20) rounded up to 8

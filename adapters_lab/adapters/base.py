@@ -19,6 +19,8 @@ import torch
 import torch.nn as nn
 from omegaconf import MISSING, DictConfig, OmegaConf
 
+from adapters_lab.config import Batching
+
 
 class AdapterConfigError(ValueError):
     """A bad adapter option, raised before any training; the message names the key."""
@@ -106,14 +108,14 @@ class Adapter:
         return 0
 
     def check_training(self, trainer: Any) -> None:
-        """Refuse trainer options this method cannot train with (before any weight loads)."""
-        batching = str(getattr(trainer.batching, "value", trainer.batching))
-        if self.virtual_tokens and batching in ("packed", "paper_packed"):
+        """Refuse trainer options (the typed ``TrainerConfig``) this method cannot train with (before any
+        weight loads)."""
+        if self.virtual_tokens and trainer.batching in (Batching.packed, Batching.paper_packed):
             raise AdapterConfigError(
-                f"trainer.batching={batching}: {self.name} puts virtual tokens before each sequence and a packed row "
-                "holds several; use trainer.batching=padded"
+                f"trainer.batching={trainer.batching.value}: {self.name} puts virtual tokens before each sequence "
+                "and a packed row holds several; use trainer.batching=padded"
             )
-        if self.virtual_tokens and getattr(trainer, "fused_loss", False):
+        if self.virtual_tokens and trainer.fused_loss:
             raise AdapterConfigError(
                 f"trainer.fused_loss=true: {self.name} adds its virtual tokens in the model's own forward, which the "
                 "chunked loss bypasses (it calls the decoder alone); use trainer.fused_loss=false"

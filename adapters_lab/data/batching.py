@@ -57,7 +57,7 @@ class BatchPlan:
                  extras: Extras | None = None, collate=None):
         self.examples, self.seed, self.cfg, self.extras = examples, seed, cfg, extras
         self.lengths = [len(x["input_ids"]) for x in examples]
-        self.batching = Batching(cfg.batching)
+        self.batching = cfg.batching  # typed: a Batching member
         # a fixed bound on segment lengths (varlen's max_seqlen, static for compiled code; the
         # packed row length when trainer.pack_length=0): the longest example rounded up to 8
         self.max_segment = -(-max(self.lengths) // 8) * 8 if self.lengths else 8

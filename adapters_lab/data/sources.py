@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from adapters_lab.answers import label_parses
-from adapters_lab.config import DatasetConfig, EvalConfig, PathsConfig
+from adapters_lab.config import DatasetConfig, EvalConfig, MissingSets, PathsConfig, Scoring
 from adapters_lab.data.arith import arith_splits
 from adapters_lab.data.records import DataError, RecordSet, check_records, read_json_records
 from adapters_lab.data.tasks import SUITES, TASKS
@@ -122,7 +122,7 @@ def data_files(dataset: DatasetConfig, paths: PathsConfig, needs_train: bool = T
 def missing_eval_sets(dataset: DatasetConfig, eval_cfg: EvalConfig, paths: PathsConfig) -> list[str]:
     """Under ``eval.missing_sets=skip``, the known evaluation sets whose test file does not exist
     (logged); DataError when none of the asked-for sets exists. Empty under ``fail``."""
-    if str(getattr(eval_cfg.missing_sets, "value", eval_cfg.missing_sets)) != "skip":
+    if eval_cfg.missing_sets != MissingSets.skip:
         return []
     names = expand_eval_sets(list(dataset.eval_sets))
     missing = [n for n in names if n in TASKS and n != SYNTHETIC and not eval_path(n, paths).is_file()]
@@ -136,7 +136,7 @@ def missing_eval_sets(dataset: DatasetConfig, eval_cfg: EvalConfig, paths: Paths
 
 def check_scoring(eval_cfg: EvalConfig, names: list[str]) -> None:
     """``eval.scoring=likelihood`` needs sets whose answer is one of a fixed list."""
-    if str(getattr(eval_cfg.scoring, "value", eval_cfg.scoring)) != "likelihood":
+    if eval_cfg.scoring != Scoring.likelihood:
         return
     free = [name for name in names if not TASKS[name].fixed_answers]
     if free:

@@ -14,4 +14,4 @@ KINDS = {ModelKind.causal_lm: CausalLMKind, ModelKind.image_text: ImageTextKind}
 
 def model_kind(cfg: ModelConfig):
     """The kind object of ``model.kind``."""
-    return KINDS[ModelKind(cfg.kind)]()
+    return KINDS[cfg.kind]()

@@ -9,6 +9,7 @@ from pathlib import Path
 from adapters_lab.adapters.base import AdapterConfigError
 from adapters_lab.adapters.prefix import PrefixTuning
 from adapters_lab.adapters.prompt import PromptTuning
+from adapters_lab.config import Batching, Scoring
 from adapters_lab.data.mllm import ImageTextCollator, tokenize_conversations
 from adapters_lab.models.image_text import family_of
 from adapters_lab.models.parts import count_by_part, parameter_groups, set_connector_trainable
@@ -16,10 +17,6 @@ from adapters_lab.multimodal.data import SHAPES, eval_file, load_image_text_data
 from adapters_lab.multimodal.evaluate import evaluate_image_text_sets
 
 log = logging.getLogger(__name__)
-
-
-def _value(option) -> str:
-    return str(getattr(option, "value", option))
 
 
 def refusal(adapter, family: str, model_name: str) -> str | None:
@@ -41,15 +38,16 @@ class ImageTextKind:
         reason = refusal(adapter, family_of(cfg.model), cfg.model.name)
         if reason:
             raise AdapterConfigError(reason)
-        scoring = _value(getattr(cfg.eval, "scoring", "generate"))
-        if scoring != "generate":
-            raise AdapterConfigError(f"eval.scoring={scoring}: image-text models are scored on generated answers "
-                                     "(eval.scoring=generate)")
+        if cfg.eval.scoring != Scoring.generate:
+            raise AdapterConfigError(f"eval.scoring={cfg.eval.scoring.value}: image-text models are scored on "
+                                     "generated answers (eval.scoring=generate)")
         trainer = cfg.trainer
-        for key, bad in (("batching", _value(trainer.batching) == "packed"), ("fused_loss", trainer.fused_loss),
-                         ("attn_implementation", trainer.attn_implementation == "varlen")):
+        for key, value, bad in (("batching", trainer.batching.value, trainer.batching == Batching.packed),
+                                ("fused_loss", trainer.fused_loss, trainer.fused_loss),
+                                ("attn_implementation", trainer.attn_implementation,
+                                 trainer.attn_implementation == "varlen")):
             if bad and adapter.trains:
-                raise AdapterConfigError(f"trainer.{key}={getattr(trainer, key)}: not supported for image-text "
+                raise AdapterConfigError(f"trainer.{key}={value}: not supported for image-text "
                                          f"model={cfg.model.name} (padded batches with images only)")
 
     def load_data(self, cfg, needs_train: bool):

@@ -17,7 +17,7 @@ from adapters_lab.models.image_text import build_image_text
 
 def build_model(cfg: ModelConfig, device=None) -> tuple:
     """(model, tokenizer) of a causal LM, or (model, processor) of an image-text model (``model.kind``)."""
-    if ModelKind(cfg.kind) == ModelKind.image_text:
+    if cfg.kind == ModelKind.image_text:
         return build_image_text(cfg)
     return build_causal_lm(cfg, device)
 

@@ -12,7 +12,7 @@ import torch.nn as nn
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
 
-from adapters_lab.config import ModelConfig, ModelInit, TinyModelConfig
+from adapters_lab.config import DType, ModelConfig, ModelInit, TinyModelConfig
 from adapters_lab.data.arith import ITEMS, NAMES, TEMPLATES
 from adapters_lab.data.prompts import eval_prompt, train_prompt
 from adapters_lab.models.random_init import build_random_model
@@ -37,8 +37,12 @@ def call_cache(kwargs: dict):
     return next((kwargs[name] for name in CACHE_ARGUMENTS if kwargs.get(name) is not None), None)
 
 
-def torch_dtype(name) -> torch.dtype:
-    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[str(getattr(name, "value", name))]
+TORCH_DTYPES = {DType.float32: torch.float32, DType.bfloat16: torch.bfloat16, DType.float16: torch.float16}
+
+
+def torch_dtype(dtype: DType) -> torch.dtype:
+    """``model.dtype`` as a torch dtype."""
+    return TORCH_DTYPES[dtype]
 
 
 def _tokenizer_corpus() -> list[str]:

@@ -4,17 +4,16 @@ accelerator, worked out once."""
 
 from __future__ import annotations
 
-import dataclasses
-import typing
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from adapters_lab.config import Batching, Device, Distributed, Precision, ResumeMode, Select, TrainerConfig, TrainerConfigError
+from adapters_lab.typed import enum_member, typed
 
 ADAM_BETA1 = 0.9  # torch.optim.AdamW's default, which the trainer uses
 STATE_FILE = "trainer_state.pt"  # a checkpoint folder holds it (training/checkpoints.py)
@@ -32,24 +31,14 @@ class TrainerSettings:
 
 
 def enum_value(key: str, kind: type[Enum], value) -> Enum:
-    """``value`` as a member of ``kind`` (by value or by name), or a one-line error naming the key."""
-    if isinstance(value, kind):
-        return value
-    for member in kind:
-        if value in (member.value, member.name):
-            return member
-    raise TrainerConfigError(f"trainer.{key}={value!r}: expected one of {', '.join(m.name for m in kind)}")
+    """``value`` as a member of ``kind`` (by value or by name), or a one-line error naming ``trainer.<key>``."""
+    return enum_member(f"trainer.{key}", kind, value, TrainerConfigError)
 
 
 def typed_trainer_config(cfg: TrainerConfig | DictConfig) -> TrainerConfig:
     """The trainer config as a ``TrainerConfig`` whose enum fields hold enum members (a composed
-    DictConfig, or a dataclass built with strings as tests and scripts do)."""
-    if isinstance(cfg, DictConfig):
-        cfg = OmegaConf.to_object(cfg)
-    hints = typing.get_type_hints(TrainerConfig)
-    changes = {f.name: enum_value(f.name, hints[f.name], getattr(cfg, f.name)) for f in dataclasses.fields(cfg)
-               if isinstance(hints[f.name], type) and issubclass(hints[f.name], Enum)}
-    return dataclasses.replace(cfg, **changes)
+    DictConfig, the typed run config's own, or a dataclass built with strings as tests and scripts do)."""
+    return typed(cfg, "trainer", TrainerConfigError)
 
 
 def resume_choice(value: str) -> tuple[ResumeMode, Path | None]:

@@ -48,10 +48,11 @@ def forward_loss(model: nn.Module, batch: dict, fused: bool) -> torch.Tensor:
 
 
 class SpeedPaths:
-    """The configured speed paths for one training run on ``device``."""
+    """The configured speed paths for one training run on ``device``; ``cfg`` is typed (its choices enum
+    members: ``check_trainer_config``'s, or ``prepare_model``'s conversion)."""
 
     def __init__(self, cfg: TrainerConfig, device: torch.device):
-        self.cfg, self.device = typed_trainer_config(cfg), torch.device(device)
+        self.cfg, self.device = cfg, torch.device(device)
         self.varlen = cfg.attn_implementation == VARLEN
         self.evaluation_attention: str | None = None
 
@@ -108,5 +109,5 @@ class SpeedPaths:
 
 
 def prepare_model(model: nn.Module, cfg: TrainerConfig, device: torch.device = torch.device("cpu")) -> SpeedPaths:
-    """``SpeedPaths(cfg, device).apply(model)``."""
-    return SpeedPaths(cfg, device).apply(model)
+    """``SpeedPaths(cfg, device).apply(model)``, for a ``cfg`` built with strings too."""
+    return SpeedPaths(typed_trainer_config(cfg), device).apply(model)
