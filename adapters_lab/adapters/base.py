@@ -19,7 +19,7 @@ import torch
 import torch.nn as nn
 from omegaconf import MISSING, DictConfig, OmegaConf
 
-from adapters_lab.config import Batching
+from adapters_lab.config import Batching, Distributed
 
 
 class AdapterConfigError(ValueError):
@@ -120,8 +120,7 @@ class Adapter:
                 f"trainer.fused_loss=true: {self.name} adds its virtual tokens in the model's own forward, which the "
                 "chunked loss bypasses (it calls the decoder alone); use trainer.fused_loss=false"
             )
-        distributed = getattr(trainer, "distributed", "ddp")
-        if str(getattr(distributed, "value", distributed)) == "fsdp" and not self.can_shard():
+        if trainer.distributed == Distributed.fsdp and not self.can_shard():
             raise AdapterConfigError(f"trainer.distributed=fsdp: adapter={self.name} ({type(self).__name__}) does not "
                                      "train on a sharded model; use trainer.distributed=ddp")
 
