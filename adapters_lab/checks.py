@@ -24,7 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from adapters_lab.adapters import count_parameters, freeze
-from adapters_lab.config import MOVED_KEYS, ModelInit, ModelKind
+from adapters_lab.config import MOVED_KEYS, Config, ModelInit, ModelKind
 from adapters_lab.files import OutputDirError
 from adapters_lab.models import build_model, ensure_pad_token, torch_dtype
 
@@ -87,7 +87,7 @@ class SettingError(ValueError):
     """A setting the model or data cannot take, found before any weight loads; shown as one line."""
 
 
-def check_settings(cfg: DictConfig) -> None:
+def check_settings(cfg: Config) -> None:
     """Values no schema type can rule out."""
     if cfg.dataset.cutoff_len < 8:
         raise SettingError(f"dataset.cutoff_len={cfg.dataset.cutoff_len}: must be at least 8 tokens "
@@ -134,7 +134,7 @@ def _pretrained_skeleton(model_cfg) -> tuple[nn.Module, object]:
     return model, tokenizer
 
 
-def check_on_skeleton(cfg: DictConfig, adapter) -> tuple[dict, object] | None:
+def check_on_skeleton(cfg: Config, adapter) -> tuple[dict, object] | None:
     """The adapter placed on the meta skeleton (placement against the architecture's layers and module
     names, the attention implementation, the method on this architecture): (parameter counts, tokenizer)."""
     skeleton = meta_skeleton(cfg.model)
@@ -146,7 +146,7 @@ def check_on_skeleton(cfg: DictConfig, adapter) -> tuple[dict, object] | None:
     return count_parameters(model), tokenizer
 
 
-def space_needed(cfg: DictConfig, params: dict, eval_examples: int) -> int:
+def space_needed(cfg: Config, params: dict, eval_examples: int) -> int:
     """Bytes the run will write, roughly: fp32 adapter weights, checkpoints (weights and AdamW's two moments,
     ``keep_checkpoints`` + 1 while the newest is written before the oldest goes), exports, the tiny model's
     base weights, predictions (4 KB an example covers prompt, output and parse)."""
@@ -160,7 +160,7 @@ def space_needed(cfg: DictConfig, params: dict, eval_examples: int) -> int:
     return needed
 
 
-def check_space(folder, cfg: DictConfig, params: dict, eval_examples: int) -> None:
+def check_space(folder, cfg: Config, params: dict, eval_examples: int) -> None:
     """Fail at start when the output folder's disk cannot take what the run will write."""
     needed = space_needed(cfg, params, eval_examples)
     free = shutil.disk_usage(folder).free
