@@ -21,7 +21,8 @@ from tests.conftest import CONF_DIR
 GROUPS = ["model", "adapter", "dataset", "trainer", "eval", "logger", "paths", "experiment", "sweep",
           "hparams_search", "launcher"]
 PLUGINS = {"optuna": "hydra_plugins.hydra_optuna_sweeper", "slurm": "hydra_plugins.hydra_submitit_launcher",
-           "local": "hydra_plugins.hydra_joblib_launcher"}  # Hydra plugins from the `sweeps` extra
+           "local": "hydra_plugins.hydra_joblib_launcher",  # Hydra plugins from the `sweeps` extra
+           "gpus": "hydra_plugins.hydra_ray_launcher"}  # the `gpu-sweeps` extra
 
 
 def compose_hydra(overrides: list[str]):
@@ -38,7 +39,7 @@ def options(group: str) -> list[str]:
 def test_every_conf_file_composes(group, name):
     plugin = PLUGINS.get(name) if group in ("hparams_search", "launcher") else None
     if plugin and importlib.util.find_spec(plugin) is None:
-        pytest.skip(f"{plugin} not installed (pip install -e '.[sweeps]')")
+        pytest.skip(f"{plugin} not installed (pip install -e '.[sweeps]', or '.[gpu-sweeps]' for launcher=gpus)")
     cfg = compose_hydra([f"{group}={name}"])
     OmegaConf.to_container(cfg, resolve=False)  # the whole tree is valid against the schemas
     assert cfg.hydra.runtime.choices[group] == name
@@ -103,7 +104,8 @@ def test_hparams_search_uses_optuna_over_lr_and_rank():
     assert cfg.optimized_metric == "eval/average"
 
 
-@pytest.mark.parametrize("launcher,cls", [("slurm", "SlurmLauncher"), ("local", "JoblibLauncher")])
+@pytest.mark.parametrize("launcher,cls", [("slurm", "SlurmLauncher"), ("local", "JoblibLauncher"),
+                                          ("gpus", "RayLauncher")])
 def test_launchers_are_the_hydra_plugins(launcher, cls):
     if importlib.util.find_spec(PLUGINS[launcher]) is None:
         pytest.skip(f"{PLUGINS[launcher]} not installed")
@@ -113,6 +115,8 @@ def test_launchers_are_the_hydra_plugins(launcher, cls):
     if launcher == "slurm":
         assert (cfg.hydra.launcher.gpus_per_node, cfg.hydra.launcher.partition) == (1, "gpu")
         assert cfg.hydra.launcher.timeout_min > 0
+    if launcher == "gpus":  # Ray runs each job as a task holding one GPU, on a Ray started on this machine
+        assert (cfg.hydra.launcher.ray.remote.num_gpus, cfg.hydra.launcher.ray.init.address) == (1, None)
 
 
 @pytest.mark.parametrize("override,needle", [
