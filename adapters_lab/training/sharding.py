@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 
 import torch
+import torch.distributed
 import torch.nn as nn
 from accelerate import Accelerator
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict, \
@@ -47,6 +48,9 @@ def shard(model: nn.Module, accelerator: Accelerator, param_groups: list[dict] |
     weights stay in their own dtype (fp32). Returns ``param_groups`` holding the sharded parameters."""
     names = {id(p): n for n, p in model.named_parameters()}
     named = [{**g, "params": [names[id(p)] for p in g["params"]]} for g in param_groups or []]
+    with torch.no_grad():  # every process starts from process 0's weights, as DDP's wrapper makes them
+        for tensor in [*model.parameters(), *model.buffers()]:
+            torch.distributed.broadcast(tensor, src=0)
     mesh = init_device_mesh(accelerator.device.type, (accelerator.num_processes,))
     bf16 = accelerator.mixed_precision == "bf16"
     policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 \
