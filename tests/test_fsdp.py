@@ -85,9 +85,15 @@ def test_stopped_under_two_processes_resumes_under_one_and_the_reverse(tmp_path)
                                rtol=1e-5, atol=1e-6)
 
 
+RUNS = {"text": ["experiment=demo"],  # image-text: LLaVA with its connector trained (an optimiser group of its own)
+        "image_text": ["model=tiny_llava", "dataset=shapes", "dataset.shapes.num_train=16", "dataset.shapes.num_test=4",
+                       "model.train_connector=true"]}
+
+
 @pytest.mark.slow
-def test_a_sharded_run_evaluates_and_writes_what_one_process_does(tmp_path):
-    common = [sys.executable, "run.py", "experiment=demo", *FAST, "trainer.distributed=fsdp", "adapter.dropout=0"]
+@pytest.mark.parametrize("kind", list(RUNS))
+def test_a_sharded_run_evaluates_and_writes_what_one_process_does(tmp_path, kind):
+    common = [sys.executable, "run.py", *RUNS[kind], *FAST, "trainer.distributed=fsdp", "adapter.dropout=0"]
     launch([*common, f"hydra.run.dir={tmp_path}/two/rank{{rank}}"])
     subprocess.run([*common, f"hydra.run.dir={tmp_path}/one"], check=True, capture_output=True, cwd=REPO,
                    env={**os.environ, "PYTHONPATH": str(REPO)})
@@ -95,6 +101,7 @@ def test_a_sharded_run_evaluates_and_writes_what_one_process_does(tmp_path):
     assert not (tmp_path / "two" / "rank1" / "metrics.json").exists()  # process 0 alone writes the results
     assert_same_weights(load_file(str(two / "adapter" / "adapter_model.safetensors")),
                         load_file(str(one / "adapter" / "adapter_model.safetensors")))
+    assert sorted((one / "predictions").glob("*.jsonl"))
     for predictions in sorted((one / "predictions").glob("*.jsonl")):
         assert (two / "predictions" / predictions.name).read_text() == predictions.read_text()
     got, expected = (json.loads((d / "metrics.json").read_text()) for d in (two, one))
