@@ -9,13 +9,17 @@ position is (epoch, index) and a resumed run sees the same batches in the same o
 
 from __future__ import annotations
 
+import logging
+import math
 from typing import Callable
 
 import torch
 
 from adapters_lab.config import Batching, TrainerConfig, TrainerConfigError
-from adapters_lab.data.paper_packing import PaperPackedCollator, step_groups
+from adapters_lab.data.paper_packing import PaperPackedCollator, run_step_shape, step_groups
 from adapters_lab.data.tokenize import PackedCollator, PaddedCollator, pack_rows
+
+log = logging.getLogger(__name__)
 
 
 # Not accelerate's prepared DataLoader + skip_first_batches: a (seed, epoch) plan resumes at its position, no state
@@ -67,8 +71,12 @@ class BatchPlan:
                 raise TrainerConfigError(
                     f"trainer.pack_length={cfg.pack_length}: shorter than the longest training example "
                     f"({max(self.lengths)} tokens); raise it or set 0 (auto)")
-            packed = self.batching == Batching.packed
-            self.collate = (PackedCollator if packed else PaperPackedCollator)(pad_token_id, self.row_length)
+            if self.batching == Batching.packed:
+                self.collate = PackedCollator(pad_token_id, self.row_length)
+            else:  # one shape for every step of the run (compiled layers and the block mask: built once)
+                rows, length = self.paper_step_shape()
+                log.info("trainer.batching=paper_packed: every step is %d row(s) of %d tokens", rows, length)
+                self.collate = PaperPackedCollator(pad_token_id, length, rows)
         else:  # a model kind's own padded collator (image-text: with the images) or the text one
             self.collate = collate or PaddedCollator(pad_token_id)
 
@@ -95,3 +103,17 @@ class BatchPlan:
 
     def micro_batches_per_epoch(self) -> int:
         return len(self.epoch(0))
+
+    def run_epochs(self) -> int:
+        """The epochs a run visits (``trainer.max_steps`` or ``trainer.epochs`` of the plan's entries)."""
+        per_epoch = max(self.micro_batches_per_epoch(), 1)
+        entries = self.cfg.max_steps if self.cfg.max_steps > 0 else math.ceil(per_epoch * self.cfg.epochs)
+        return max(1, math.ceil(entries / per_epoch))
+
+    def paper_step_shape(self) -> tuple[int, int]:
+        """paper_packed: (rows, row length) that every optimiser step of the run is padded to, the
+        largest any step of its seeded epochs needs (known before the first step; a resumed run
+        computes the same)."""
+        steps = [[self.lengths[i] for micro in step for i in micro]
+                 for epoch in range(self.run_epochs()) for step in self.epoch(epoch)]
+        return run_step_shape(steps, self.row_length)

@@ -8,6 +8,11 @@ steps) go into packed rows (whole examples, positions restarting per example, no
 examples: ``PackedCollator``) and run in one forward, and each labelled token carries the weight
 ``1 / (micro-batches in the step x labelled tokens of its micro-batch)``: the weighted sum of the
 token losses is the padded step's loss, term for term.
+
+Every step of a run has the same shape (``run_step_shape``: the most rows, or the longest single
+row, that any step of the run's seeded epochs needs); a step that needs fewer gets filler rows or
+tokens (pad ids, no labels, weight 0, a segment of their own), so compiled layers and flex
+attention's block mask are built for one shape only.
 """
 
 from __future__ import annotations
@@ -44,12 +49,26 @@ def row_length_for(lengths: list[int], row_length: int) -> int:
     return row_length or -(-sum(lengths) // 8) * 8
 
 
+def step_shape(lengths: list[int], row_length: int) -> tuple[int, int]:
+    """(rows, row length) one step of examples of ``lengths`` packs into (``row_length`` 0: one row)."""
+    length = row_length_for(lengths, row_length)
+    return len(pack_rows(list(range(len(lengths))), lengths, length)), length
+
+
+def run_step_shape(steps: list[list[int]], row_length: int) -> tuple[int, int]:
+    """One (rows, row length) for every step of ``steps`` (each its examples' lengths): the most rows
+    any step needs at ``row_length``, or (0) one row of the longest step's tokens."""
+    shapes = [step_shape(lengths, row_length) for lengths in steps] or [(1, row_length or 8)]
+    return max(rows for rows, _ in shapes), max(length for _, length in shapes)
+
+
 class PaperPackedCollator:
     """One optimiser step (its micro-batches of examples) as packed rows of ``row_length`` tokens
-    (0: a single row of the step's tokens), with ``loss_weights`` beside the labels."""
+    (0: a single row of the step's tokens), with ``loss_weights`` beside the labels; with ``rows``,
+    filler rows (no labels, weight 0) up to that many, so that every step has one shape."""
 
-    def __init__(self, pad_token_id: int, row_length: int = 0):
-        self.pad_token_id, self.row_length = pad_token_id, row_length
+    def __init__(self, pad_token_id: int, row_length: int = 0, rows: int = 0):
+        self.pad_token_id, self.row_length, self.rows = pad_token_id, row_length, rows
 
     def __call__(self, step: list[list[dict]]) -> dict[str, torch.Tensor]:
         examples = [x for micro in step for x in micro]
@@ -57,6 +76,9 @@ class PaperPackedCollator:
         lengths = [len(x["input_ids"]) for x in examples]
         length = row_length_for(lengths, self.row_length)
         rows = pack_rows(list(range(len(examples))), lengths, length)
+        if self.rows and len(rows) > self.rows:
+            raise ValueError(f"a step packs into {len(rows)} rows of {length}, more than the run's {self.rows}")
+        rows += [[] for _ in range(self.rows - len(rows))]  # filler rows: one segment of pad ids each
         batch = PackedCollator(self.pad_token_id, length)([[examples[i] for i in row] for row in rows])
         loss_weights = torch.zeros(batch["labels"].shape, dtype=torch.float32)
         for r, row in enumerate(rows):  # the examples' places, as PackedCollator lays them out
