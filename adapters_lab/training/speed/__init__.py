@@ -20,6 +20,7 @@ from adapters_lab.training.speed.layers import (compile_decoder_layers, enable_g
                                                 uncompile_decoder_layers)
 from adapters_lab.training.speed.loss import (check_fused_loss_supported, chunked_causal_lm_loss,
                                               weighted_causal_lm_loss)
+from adapters_lab.training.speed.packed_mask import with_packed_block_mask
 from adapters_lab.training.speed.varlen import (VARLEN, check_varlen_supported, register_varlen_attention,
                                                 varlen_batch_kwargs)
 
@@ -35,8 +36,9 @@ def mark_dynamic_segments(inputs: dict) -> None:
 def forward_loss(model: nn.Module, batch: dict, fused: bool) -> torch.Tensor:
     """Mean next-token loss of a batch (padded: attention_mask; packed: position_ids; varlen
     attention: also varlen_cu_seqlens and varlen_max_seqlen); a paper_packed batch's weighted sum
-    (its ``loss_weights``: the padded step's loss)."""
-    inputs = {k: v for k, v in batch.items() if k not in ("labels", LOSS_WEIGHTS)}
+    (its ``loss_weights``: the padded step's loss). Packed rows under flex attention get their block
+    mask here (``packed_mask``: built without a host read)."""
+    inputs = with_packed_block_mask(model, {k: v for k, v in batch.items() if k not in ("labels", LOSS_WEIGHTS)})
     weights = batch.get(LOSS_WEIGHTS)
     mark_dynamic_segments(inputs)
     if not fused and weights is None:
