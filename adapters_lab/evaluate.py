@@ -101,6 +101,8 @@ def generate(model: nn.Module, tokenizer, prompts: list[str], batch_size: int, n
                 raise
             new_tokens, reason = None, str(error).split(". ")[0]
         if new_tokens is None:
+            # Not accelerate's find_executable_batch_size: it reruns every batch at the smaller size, where
+            # only the failed chunk (the longest prompts) is split here and the finished ones are kept.
             # The KV cache of the longest prompts (they come first) did not fit: halve and go on. Out of
             # the except block, so the failed attempt's tensors (held by the traceback) are free.
             last.decoder = None
