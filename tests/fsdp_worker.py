@@ -1,11 +1,12 @@
 """One process of ``tests/test_fsdp.py`` (started by ``tests/test_distributed.py``'s ``launch``):
-``train <family>`` trains the tiny LLaMA with that adapter family under ``trainer.distributed=fsdp``
-and writes its adapter weights and loss history to ``argv[1]``; ``stop`` trains LoRA with
+``train <family> [<trainer overrides as JSON>]`` trains the tiny LLaMA with that adapter family under
+``trainer.distributed=fsdp`` and writes its adapter weights and loss history to ``argv[1]``; ``stop`` trains LoRA with
 checkpoints beside that file and is interrupted during step 4 (after the step-2 checkpoint);
 ``resume`` continues from the checkpoints there."""
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -56,7 +57,7 @@ def checkpointed(directory: Path, tracker=None):
 if __name__ == "__main__":
     out, mode = Path(sys.argv[1]), sys.argv[2]
     if mode == "train":
-        model, result = train_family(sys.argv[3])
+        model, result = train_family(sys.argv[3], **json.loads(sys.argv[4] if len(sys.argv) > 4 else "{}"))
         torch.save({"weights": trainable(model), "loss": result.loss_history, "val_loss": result.val_loss}, out)
     elif mode == "stop":
         try:

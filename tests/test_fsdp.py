@@ -58,6 +58,15 @@ def test_two_sharded_processes_train_what_one_does_with_accumulation(tmp_path, f
 
 
 @pytest.mark.slow
+def test_micro_batches_accumulated_in_each_sharded_process_sync_once_per_step(tmp_path):
+    # 4 micro-batches a step: 2 per process, the first under no_sync (no reduce-scatter), as under DDP
+    ranks = workers(tmp_path, "train", "lora", json.dumps({"batch_size": 8}))
+    model, single = train_family("lora", batch_size=8)
+    assert_same_weights(ranks[0]["weights"], trainable(model))
+    torch.testing.assert_close(torch.tensor(ranks[0]["loss"]), torch.tensor(single.loss_history), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.slow
 def test_stopped_under_two_processes_resumes_under_one_and_the_reverse(tmp_path):
     model, uninterrupted = checkpointed(None)
     expected = trainable(model)

@@ -3,8 +3,9 @@ then the root, so the frozen base is split over the processes and each decoder l
 gathered only while it runs; the adapter parameters (inside the layers, or in the root group for
 prefix and prompt tuning) are sharded with them and trained. ``shard`` applies it for the time of
 training and ``unshard`` gives the pipeline back a plain model with full weights on every process,
-so evaluation and writing the results are the data-parallel path's. Checkpoints hold the full
-adapter and optimiser state, keyed by parameter name, so any number of processes resumes them.
+so evaluation and writing the results are the data-parallel path's (the whole model on each device
+again, as when it was loaded). Checkpoints hold the full adapter and optimiser state, keyed by
+parameter name, so any number of processes resumes them.
 
 ``fully_shard`` is applied here, not through accelerate's FSDP plugin: accelerate ignores the plugin
 under ``Accelerator(cpu=True)`` (it shards only on GPU process types), so its path could not be run by
@@ -68,7 +69,8 @@ def fsdp_modules(model: nn.Module) -> list[FSDPModule]:
 
 def unshard(model: nn.Module) -> None:
     """Undo ``shard`` in place: every parameter back as a plain full tensor on every process (a
-    collective: all processes call it), FSDP's forward hooks removed and each module's class restored."""
+    collective: all processes call it), FSDP's forward hooks removed and each module's class restored.
+    FSDP2 has no public inverse of ``fully_shard``: the hook handles are its state's (torch 2.4 to 2.13)."""
     modules = fsdp_modules(model)
     for module in modules:
         module.reshard()  # the module's registered parameters are the sharded ones again
