@@ -51,8 +51,9 @@ def row_length_for(lengths: list[int], row_length: int) -> int:
 
 def step_shape(lengths: list[int], row_length: int) -> tuple[int, int]:
     """(rows, row length) one step of examples of ``lengths`` packs into (``row_length`` 0: one row)."""
-    length = row_length_for(lengths, row_length)
-    return len(pack_rows(list(range(len(lengths))), lengths, length)), length
+    if not row_length:  # one row of the step's tokens
+        return 1, row_length_for(lengths, row_length)
+    return len(pack_rows(list(range(len(lengths))), lengths, row_length)), row_length
 
 
 def run_step_shape(steps: list[list[int]], row_length: int) -> tuple[int, int]:
