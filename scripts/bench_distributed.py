@@ -48,7 +48,8 @@ TINY = ["model.arch.vocab_size=509", "model.dtype=float32", "trainer.device=cpu"
 
 
 def compose(leg: str, steps: int, tiny: bool):
-    from hydra import compose as hydra_compose, initialize_config_dir
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
 
     from adapters_lab.config import register_configs
 
@@ -83,8 +84,7 @@ def child(leg: str, steps: int, tiny: bool, out: Path) -> None:
                                   tokenizer.bos_token_id or 1, cfg.dataset.cutoff_len, seed=0)
     result = train(model, examples, [], tokenizer.pad_token_id, settings, accelerator, NullTracker(), cfg.seed)
     figures = {"leg": leg, "processes": accelerator.num_processes, "rank": accelerator.process_index,
-               "distributed": cfg.trainer.distributed.value if hasattr(cfg.trainer.distributed, "value")
-               else str(cfg.trainer.distributed), "steps": result.steps, "tokens": result.tokens,
+               "distributed": settings.cfg.distributed.value, "steps": result.steps, "tokens": result.tokens,
                "tokens_per_second": result.steady_tokens_per_second, "peak_memory_gib": result.peak_memory_gib,
                "loss_history": result.loss_history, "trainable": params["trainable"], "total": params["total"]}
     Path(f"{out}.rank{accelerator.process_index}.json").write_text(json.dumps(figures))
@@ -126,7 +126,8 @@ def compare(legs: dict) -> dict:
 
 
 def markdown(legs: dict, comparisons: dict) -> str:
-    lines = ["| leg | processes | real tokens/s | peak GiB per process | final loss |", "| --- | ---: | ---: | --- | ---: |"]
+    lines = ["| leg | processes | real tokens/s | peak GiB per process | final loss |",
+             "| --- | ---: | ---: | --- | ---: |"]
     for name, leg in legs.items():
         memory = ", ".join("-" if m is None else f"{m:.1f}" for m in leg["peak_memory_gib_per_process"])
         lines.append(f"| {name} | {leg['processes']} | {leg['tokens_per_second']:,.0f} | {memory} | "

@@ -12,7 +12,8 @@ import torch
 from accelerate import Accelerator
 from omegaconf import DictConfig
 
-from adapters_lab.config import Batching, Device, Distributed, Precision, ResumeMode, Select, TrainerConfig, TrainerConfigError
+from adapters_lab.config import Batching, Device, Distributed, Precision, ResumeMode, Select, TrainerConfig, \
+    TrainerConfigError
 from adapters_lab.typed import enum_member, typed
 
 ADAM_BETA1 = 0.9  # torch.optim.AdamW's default, which the trainer uses

@@ -20,8 +20,7 @@ import torch
 import torch.distributed
 import torch.nn as nn
 from accelerate import Accelerator
-from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict, \
-    set_optimizer_state_dict
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict, set_optimizer_state_dict
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor, distribute_tensor
