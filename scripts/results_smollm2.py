@@ -35,6 +35,7 @@ SHORT = {"gsm8k": "GSM8K", "mawps": "MAWPS", "boolq": "BoolQ", "ARC-Easy": "ARC-
 PROTOCOLS = {"paper": "accuracy_paper", "strict": "accuracy_strict", "likelihood": "accuracy_likelihood",
              "likelihood, per character": "accuracy_likelihood_norm"}
 DASH = "–"
+TUNING = ROOT / "docs" / "study_smollm2" / "tuning" / "lr_demo_cpu.tar.gz"  # make tune-smollm2
 
 
 def load_runs(source: Path) -> tuple[list[dict], dict]:
@@ -186,6 +187,24 @@ def summary(runs, data_root: Path) -> list[str]:
             " (the generation gains over zero-shot there are the answer format, not the answers).", ""]
 
 
+def tuning_section(archive: Path) -> list[str]:
+    """The learning-rate sweep of the demo's recipe (LoRA, arith, 12 steps, 2 CPU cores), from its runs'
+    metrics.json in ``archive`` (``make tune-smollm2``)."""
+    if not archive.is_file():
+        return []
+    runs, _ = load_runs(archive)
+    lines = ["## A small tuning sweep: the learning rate", "",
+             f"LoRA with the demo's recipe (`experiment=demo_smollm2`: arith, 12 optimiser steps, warm-up 10, response-only "
+             f"loss, greedy), one seed, 2 CPU cores shared with other work (so the seconds are long), learning rate swept; "
+             f"runs in `{archive.name}`.", "",
+             "| lr | held-out accuracy (paper) | correct | train s |", "| ---: | ---: | ---: | ---: |"]
+    for run in sorted(runs, key=lambda r: r["config"]["trainer"]["lr"]):
+        score = run["metrics"]["eval"]["arith"]
+        lines.append(f"| {run['config']['trainer']['lr']:g} | {100 * score['accuracy_paper']:.1f} | "
+                     f"{score['correct']}/{score['n']} | {run['metrics']['train']['seconds']:.0f} |")
+    return lines + [""]
+
+
 def chance_row(data_root: Path) -> str:
     """Majority-class share of each commonsense test set (the score of always giving one answer)."""
     cells = []
@@ -294,7 +313,8 @@ def render(runs, studies: list[dict], data_root: Path, template: bool) -> str:
     lines += ["## (c) commonsense: each set's train split, evaluated on its test set", "", chance_row(data_root), ""]
     for p in protocols:
         lines += suite_table(runs, p, COMMONSENSE, lambda name: name)
-    lines += learning_section(runs, protocols) + chance_section(runs, data_root, protocols) + settings_section(runs) + timing_section(runs) + samples_section(runs)
+    lines += learning_section(runs, protocols) + chance_section(runs, data_root, protocols) + settings_section(runs)
+    lines += tuning_section(TUNING) + timing_section(runs) + samples_section(runs)
     lines += ["Regenerate: `make study-smollm2` (GPU) then `make results-smollm2`; "
               "definitions in `scripts/results_smollm2.py`'s docstring.", ""]
     return "\n".join(lines)
