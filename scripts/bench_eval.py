@@ -184,6 +184,7 @@ def attention_bandwidth(decoder: Decoder, window: int, device: torch.device) -> 
     import torch.nn.functional as F
 
     from adapters_lab.decoding import few_query_attention
+    from adapters_lab.step_attention import flex_few_query_attention
 
     keys, values = decoder.cache.keys[0], decoder.cache.values[0]
     visible = decoder.prompt_slots + window * decoder.beams
@@ -204,19 +205,22 @@ def attention_bandwidth(decoder: Decoder, window: int, device: torch.device) -> 
             kernels[backend.name.lower()] = lambda backend=backend: attend(backend)
         kernels["sdpa_unmasked"] = lambda: F.scaled_dot_product_attention(query, keys, values, scale=scale,
                                                                           enable_gqa=heads != kv_heads)
+        kernels["flex"] = lambda: flex_few_query_attention(query, keys, values, mask, scale)
     layers = decoder.model.config.num_hidden_layers
     read = 2 * keys.numel() * keys.element_size()
     result = {"chosen_backend": getattr(decoder.step_backend, "name", None)}
+    reference = kernels["ours"]().float()
     for name, kernel in kernels.items():
         try:
-            kernel()
-        except RuntimeError as error:  # a candidate kernel that does not take these inputs
-            result[name] = {"error": str(error)[:120]}
+            out = kernel()
+        except Exception as error:  # a candidate kernel that does not take these inputs
+            result[name] = {"error": str(error)[:300]}
             continue
         for _ in range(2):
             kernel()
         seconds = timed(lambda: [kernel() for _ in range(10)], device) / 10
-        result[name] = {"ms_all_layers": 1000 * seconds * layers, "kv_gb_per_s": read / seconds / 1e9}
+        result[name] = {"ms_all_layers": 1000 * seconds * layers, "kv_gb_per_s": read / seconds / 1e9,
+                        "max_abs_diff_to_ours": float((out.float() - reference).abs().max())}
     return result
 
 

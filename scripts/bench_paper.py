@@ -81,7 +81,8 @@ class FetchLog(torch.utils.data.Dataset):
         return {**example, "attention_mask": [1] * len(example["input_ids"])}
 
 
-def hf_trainer(cfg, examples: list[dict], steps: int, warmup: int, device: torch.device) -> dict:
+def hf_trainer(cfg, examples: list[dict], steps: int, warmup: int, device: torch.device,
+               logging_steps: int = 10) -> dict:
     """HF PEFT LoRA trained by transformers' ``Trainer`` with upstream ``finetune.py``'s arguments."""
     import tempfile
 
@@ -95,24 +96,29 @@ def hf_trainer(cfg, examples: list[dict], steps: int, warmup: int, device: torch
                                              target_modules=LORA["targets"], task_type="CAUSAL_LM"))
     data = FetchLog(examples)
     marks: list[tuple[float, int]] = []  # (time, real tokens fetched) at each step's end
+    logged: list[dict] = []  # the Trainer's own logs (loss, grad_norm), every ``--hf-logging-steps``
 
     class Timer(TrainerCallback):
         def on_step_end(self, args, state, control, **kwargs):
             sync(device)
             marks.append((time.perf_counter(), sum(data.fetched)))
 
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            logged.append({"step": state.global_step, **(logs or {})})
+
     with tempfile.TemporaryDirectory() as out:
         args = TrainingArguments(
             output_dir=out, per_device_train_batch_size=PAPER["micro"],
             gradient_accumulation_steps=PAPER["accumulation"], learning_rate=PAPER["lr"],
             warmup_steps=PAPER["warmup"], max_steps=steps, max_grad_norm=PAPER["max_grad_norm"], optim="adamw_torch",
-            bf16=device.type == "cuda", use_cpu=device.type == "cpu", logging_steps=10, save_strategy="no",
+            bf16=device.type == "cuda", use_cpu=device.type == "cpu", logging_steps=logging_steps, save_strategy="no",
             eval_strategy="no", report_to="none", train_sampling_strategy="random", disable_tqdm=True,
             dataloader_num_workers=0, remove_unused_columns=False, seed=cfg.seed)
         collator = DataCollatorForSeq2Seq(tokenizer, pad_to_multiple_of=8, return_tensors="pt", padding=True)
         Trainer(model=model, args=args, train_dataset=data, data_collator=collator, callbacks=[Timer()]).train()
     (start, before), (end, after) = marks[warmup - 1], marks[-1]
-    row = {"tokens_per_second": (after - before) / (end - start), "steps": len(marks), "peak_gib": peak_gib(device)}
+    row = {"tokens_per_second": (after - before) / (end - start), "steps": len(marks), "peak_gib": peak_gib(device),
+           "trainer_logs": logged}
     del model
     return row
 
@@ -136,7 +142,7 @@ def ours(cfg, examples: list[dict], device: torch.device) -> dict:
                    NullTracker(), cfg.seed)
     row = {"tokens_per_second": result.steady_tokens_per_second, "steps": result.steps,
            "padding": 1 - result.tokens / max(result.padded_tokens, 1), "peak_gib": peak_gib(device),
-           "loss_final": result.loss_final}
+           "loss_final": result.loss_final, "loss_history": result.loss_history}
     del model
     return row
 
@@ -191,7 +197,7 @@ def run_shape(shape: str, args, device: torch.device) -> list[dict]:
         start = time.perf_counter()
         with Profiled(args.profile, f"{shape}_{variant}", device):
             if variant == "hf_trainer":
-                row = hf_trainer(base, examples, args.steps, args.warmup, device)
+                row = hf_trainer(base, examples, args.steps, args.warmup, device, args.hf_logging_steps)
             else:
                 cfg = compose(shape, args.tiny, variant_overrides(variant, args.steps, args.tiny, args.pack_length)
                               + args.overrides)
@@ -226,6 +232,7 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--warmup", type=int, default=2, help="first steps left out of the HF Trainer's rate")
     parser.add_argument("--pack-length", type=int, default=512,
                         help="paper_packed's row length (0: one row a step; --tiny: 0)")
+    parser.add_argument("--hf-logging-steps", type=int, default=10, help="the HF Trainer's logging_steps (its logs are kept)")
     parser.add_argument("--profile", type=Path, help="write each variant's profile (top ops, recompiles) here")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides for our variants, e.g. trainer.compile=false")
     args = parser.parse_args(argv)
