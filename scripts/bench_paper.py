@@ -92,6 +92,9 @@ def hf_trainer(cfg, examples: list[dict], steps: int, warmup: int, device: torch
     from adapters_lab.models import build_model
 
     model, tokenizer = build_model(cfg.model, device)
+    # Upstream pads left (fp16, eager attention). Left-padded bf16 steps under transformers 5.17's SDPA gave
+    # grad_norm NaN from the fifth step on an H200 (both shapes, 2026-12-02); right padding is the same work.
+    tokenizer.padding_side = "right"
     model = get_peft_model(model, LoraConfig(r=LORA["r"], lora_alpha=LORA["alpha"], lora_dropout=LORA["dropout"],
                                              target_modules=LORA["targets"], task_type="CAUSAL_LM"))
     data = FetchLog(examples)
@@ -232,7 +235,8 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--warmup", type=int, default=2, help="first steps left out of the HF Trainer's rate")
     parser.add_argument("--pack-length", type=int, default=512,
                         help="paper_packed's row length (0: one row a step; --tiny: 0)")
-    parser.add_argument("--hf-logging-steps", type=int, default=10, help="the HF Trainer's logging_steps (its logs are kept)")
+    parser.add_argument("--hf-logging-steps", type=int, default=10,
+                        help="the HF Trainer's logging_steps (its logs are kept)")
     parser.add_argument("--profile", type=Path, help="write each variant's profile (top ops, recompiles) here")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides for our variants, e.g. trainer.compile=false")
     args = parser.parse_args(argv)
