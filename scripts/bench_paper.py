@@ -233,8 +233,8 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--variants", default=",".join(VARIANTS), help=f"comma list of {', '.join(VARIANTS)}")
     parser.add_argument("--steps", type=int, help="optimiser steps per variant (default 30; --tiny 4)")
     parser.add_argument("--warmup", type=int, default=2, help="first steps left out of the HF Trainer's rate")
-    parser.add_argument("--pack-length", type=int, default=512,
-                        help="paper_packed's row length (0: one row a step; --tiny: 0)")
+    parser.add_argument("--pack-length", type=int, default=0,
+                        help="paper_packed's row length (0, conf/trainer/paper_packed.yaml's: one row a step)")
     parser.add_argument("--hf-logging-steps", type=int, default=10,
                         help="the HF Trainer's logging_steps (its logs are kept)")
     parser.add_argument("--profile", type=Path, help="write each variant's profile (top ops, recompiles) here")
