@@ -69,24 +69,3 @@ def fastest_step_backend(query: torch.Tensor, key: torch.Tensor, value: torch.Te
         if elapsed < best_time:
             best, best_time = backend, elapsed
     return best
-
-
-_compiled_flex = None
-
-
-def flex_few_query_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor,
-                             scale: float) -> torch.Tensor:
-    """``few_query_attention`` by flex attention (its split-key decoding kernel on a GPU), the mask
-    ``(b, 1, q, slots)`` read inside the kernel as a score modification. A candidate kernel, timed
-    beside SDPA's by ``scripts/bench_eval.py --step-profile``."""
-    from torch.nn.attention.flex_attention import flex_attention
-
-    global _compiled_flex
-    if _compiled_flex is None:
-        _compiled_flex = torch.compile(flex_attention, dynamic=False) if query.is_cuda else flex_attention
-    allowed = mask[:, 0]
-
-    def masked(score, b, h, q, kv):
-        return torch.where(allowed[b, q, kv], score, -float("inf"))
-
-    return _compiled_flex(query, key, value, score_mod=masked, scale=scale, enable_gqa=key.shape[1] != query.shape[1])

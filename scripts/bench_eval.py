@@ -184,7 +184,6 @@ def attention_bandwidth(decoder: Decoder, window: int, device: torch.device) -> 
     import torch.nn.functional as F
 
     from adapters_lab.decoding import few_query_attention
-    from adapters_lab.step_attention import flex_few_query_attention
 
     keys, values = decoder.cache.keys[0], decoder.cache.values[0]
     visible = decoder.prompt_slots + window * decoder.beams
@@ -205,7 +204,6 @@ def attention_bandwidth(decoder: Decoder, window: int, device: torch.device) -> 
             kernels[backend.name.lower()] = lambda backend=backend: attend(backend)
         kernels["sdpa_unmasked"] = lambda: F.scaled_dot_product_attention(query, keys, values, scale=scale,
                                                                           enable_gqa=heads != kv_heads)
-        kernels["flex"] = lambda: flex_few_query_attention(query, keys, values, mask, scale)
     layers = decoder.model.config.num_hidden_layers
     read = 2 * keys.numel() * keys.element_size()
     result = {"chosen_backend": getattr(decoder.step_backend, "name", None)}
