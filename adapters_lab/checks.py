@@ -24,9 +24,10 @@ from omegaconf import DictConfig, OmegaConf
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from adapters_lab.adapters import count_parameters, freeze
-from adapters_lab.config import MOVED_KEYS, Config, ModelInit, ModelKind
+from adapters_lab.config import MOVED_KEYS, BasePrecision, Config, ModelInit, ModelKind
 from adapters_lab.files import OutputDirError
 from adapters_lab.models import build_model, ensure_pad_token, torch_dtype
+from adapters_lab.training.speed.fp8 import fp8_config_refusal, fp8_shape_refusal
 
 
 class ConfigKeyError(KeyError):
@@ -92,6 +93,9 @@ def check_settings(cfg: Config) -> None:
     if cfg.dataset.cutoff_len < 8:
         raise SettingError(f"dataset.cutoff_len={cfg.dataset.cutoff_len}: must be at least 8 tokens "
                            "(the prompt and answer are cut to it; the paper uses 256)")
+    reason = fp8_config_refusal(cfg.model, cfg.trainer)
+    if reason:
+        raise SettingError(reason)
 
 
 def meta_skeleton(model_cfg) -> tuple[nn.Module, object] | None:
@@ -143,6 +147,10 @@ def check_on_skeleton(cfg: Config, adapter) -> tuple[dict, object] | None:
     model, tokenizer = skeleton
     freeze(model)
     adapter.inject(model, tokenizer)
+    if cfg.model.base_precision == BasePrecision.fp8 and adapter.trains:
+        reason = fp8_shape_refusal(model)  # the layers' shapes, from the skeleton: before any weight loads
+        if reason:
+            raise SettingError(f"model.base_precision=fp8: {reason}")
     return count_parameters(model), tokenizer
 
 

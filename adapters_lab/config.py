@@ -33,6 +33,14 @@ class Precision(str, Enum):
     fp16 = "fp16"
 
 
+class BasePrecision(str, Enum):
+    """How the frozen base computes while training (``model.base_precision``); evaluation always uses
+    ``model.dtype``."""
+
+    bf16 = "bf16"  # the frozen weights stay in model.dtype
+    fp8 = "fp8"  # the decoder's frozen linear layers as FP8 GEMMs (training/speed/fp8.py); bf16 models only
+
+
 class Schedule(str, Enum):
     linear = "linear"
     cosine = "cosine"
@@ -208,6 +216,7 @@ class ModelConfig:
     init: ModelInit = ModelInit.pretrained  # random: ``arch``'s shape, random weights (tiny models always are)
     arch: Optional[ArchConfig] = None  # the architecture's facts, for init=random
     dtype: DType = DType.bfloat16
+    base_precision: BasePrecision = BasePrecision.bf16  # fp8: the frozen base's GEMMs in FP8 while training
     attn_implementation: str = "sdpa"
     revision: Optional[str] = None
     trust_remote_code: bool = False

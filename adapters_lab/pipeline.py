@@ -128,7 +128,8 @@ def run_in(cfg: Config, composed: DictConfig, folder: RunFolder, accelerator) ->
         features = features or tokenize(cfg, kind, data, tokenizer)
         result = train(model, features["train"].examples, features["val"].examples,
                        kind.text_tokenizer(tokenizer).pad_token_id, trainer, accelerator, tracker, cfg.seed,
-                       checkpoint_dir=out_dir / "checkpoints", **kind.train_options(model, tokenizer, cfg))
+                       checkpoint_dir=out_dir / "checkpoints", base_precision=cfg.model.base_precision,
+                       **kind.train_options(model, tokenizer, cfg))
         metrics["train"] = asdict(result)
         metrics["data"] = {"train_records": len(data.train), "val_records": len(data.val),
                            "truncated": features["train"].truncated, "prompt_overflow": features["train"].prompt_overflow}

@@ -23,7 +23,7 @@ from accelerate import Accelerator
 from tqdm.auto import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from adapters_lab.config import NanPolicy, Select, TrainerConfigError
+from adapters_lab.config import BasePrecision, NanPolicy, Select, TrainerConfigError
 from adapters_lab.data.batching import BatchPlan
 from adapters_lab.data.tokenize import PaddedCollator
 from adapters_lab.training import checkpoints, sharding
@@ -65,12 +65,14 @@ def nan_message(value: float, step: int, loop: LoopState, cfg, saved: Path | Non
 
 def train(model: nn.Module, train_examples: list[dict], val_examples: list[dict], pad_token_id: int,
           settings: TrainerSettings, accelerator: Accelerator, tracker, seed: int,
-          checkpoint_dir: Path | None = None, collate=None, param_groups: list[dict] | None = None) -> TrainResult:
+          checkpoint_dir: Path | None = None, collate=None, param_groups: list[dict] | None = None,
+          base_precision: BasePrecision = BasePrecision.bf16) -> TrainResult:
     """Train the trainable (adapter) parameters of ``model`` with the options ``check_trainer_config``
     returned; checkpoints go to ``checkpoint_dir`` and ``trainer.resume=auto`` continues from the last
     one there. A model kind may give its own padded ``collate`` (image-text: with the images) and the
-    optimiser's ``param_groups`` with their own ``lr`` (image-text: the connector at trainer.connector_lr)."""
-    speed = SpeedPaths(settings.cfg, accelerator.device)
+    optimiser's ``param_groups`` with their own ``lr`` (image-text: the connector at trainer.connector_lr).
+    ``base_precision``: the run's ``model.base_precision`` (fp8: the frozen base in FP8 while training only)."""
+    speed = SpeedPaths(settings.cfg, accelerator.device, base_precision)
     plan = BatchPlan(train_examples, settings.cfg, pad_token_id, seed, extras=speed.batch_extras, collate=collate)
     if not any(p.requires_grad for p in model.parameters()):
         raise TrainerConfigError("the adapter added no trainable parameter")

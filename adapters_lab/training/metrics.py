@@ -43,6 +43,8 @@ def matmul_weights(model: nn.Module) -> tuple[int, int]:
                 trainable += module.weight.numel()
             else:
                 frozen += module.weight.numel()
+        elif hasattr(module, "frozen_weight_numel"):  # the FP8 base (speed/fp8.py) keeps no weight parameter
+            frozen += module.frozen_weight_numel
     return frozen, trainable
 
 

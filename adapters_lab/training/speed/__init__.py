@@ -1,7 +1,8 @@
 """The trainer's speed and memory paths behind one interface, ``SpeedPaths``: packed-row
 attention (``trainer.attn_implementation``, varlen segments), compiled decoder layers
 (``trainer.compile``), the chunked loss (``trainer.fused_loss``), the fused LoRA op
-(``trainer.fused_lora``) and activation recomputation (``trainer.gradient_checkpointing``).
+(``trainer.fused_lora``), activation recomputation (``trainer.gradient_checkpointing``) and the FP8
+frozen base (``model.base_precision=fp8``: ``fp8.py``, checked against bf16 within FP8's error, not equal).
 Each changes how, never what, is computed (tests/test_train_fast.py checks each against the plain
 path). The loop calls ``apply`` before training and ``restore`` after it, ``batch_extras`` when a
 batch is collated, ``loss`` for a training forward and ``logits`` for a validation one."""
@@ -13,9 +14,10 @@ import logging
 import torch
 import torch.nn as nn
 
-from adapters_lab.config import TrainerConfig, TrainerConfigError
+from adapters_lab.config import BasePrecision, TrainerConfig, TrainerConfigError
 from adapters_lab.data.paper_packing import LOSS_WEIGHTS
 from adapters_lab.training.settings import typed_trainer_config
+from adapters_lab.training.speed.fp8 import FP8Swap, apply_fp8_base, restore_fp8_base
 from adapters_lab.training.speed.layers import (compile_decoder_layers, enable_gradient_checkpointing,
                                                 uncompile_decoder_layers)
 from adapters_lab.training.speed.loss import (check_fused_loss_supported, chunked_causal_lm_loss,
@@ -51,12 +53,15 @@ def forward_loss(model: nn.Module, batch: dict, fused: bool) -> torch.Tensor:
 
 class SpeedPaths:
     """The configured speed paths for one training run on ``device``; ``cfg`` is typed (its choices enum
-    members: ``check_trainer_config``'s, or ``prepare_model``'s conversion)."""
+    members: ``check_trainer_config``'s, or ``prepare_model``'s conversion); ``base_precision``: the run's
+    ``model.base_precision`` (checked at config time: ``checks.py``)."""
 
-    def __init__(self, cfg: TrainerConfig, device: torch.device):
+    def __init__(self, cfg: TrainerConfig, device: torch.device, base_precision: BasePrecision = BasePrecision.bf16):
         self.cfg, self.device = cfg, torch.device(device)
         self.varlen = cfg.attn_implementation == VARLEN
         self.evaluation_attention: str | None = None
+        self.fp8 = BasePrecision(base_precision) == BasePrecision.fp8
+        self.fp8_swap: FP8Swap | None = None
 
     def check(self, model: nn.Module) -> None:
         """A one-line error for a path this model or device cannot take."""
@@ -68,6 +73,9 @@ class SpeedPaths:
             reason = check_varlen_supported(self.device)
             if reason:
                 raise TrainerConfigError(f"trainer.attn_implementation=varlen: {reason}")
+        if self.fp8 and self.cfg.fused_lora:  # checks.py refuses it at config time; train() may be called directly
+            raise TrainerConfigError("model.base_precision=fp8: trainer.fused_lora=true is not supported (the fused "
+                                     "LoRA op multiplies by the base weight)")
 
     def apply(self, model: nn.Module) -> "SpeedPaths":
         """Switch the paths on, in place, on the (adapter-injected) model."""
@@ -84,15 +92,21 @@ class SpeedPaths:
             model.set_attn_implementation(cfg.attn_implementation)
         if cfg.fused_lora:
             log.info("fused LoRA op on %d layers", enable_fused_lora(model))
+        if self.fp8:  # after fused_lora: a fused LoRA layer keeps its bf16 base (its op reads the weight)
+            self.fp8_swap = apply_fp8_base(model)
+            log.info("FP8 frozen base: %d linear layers", len(self.fp8_swap.swapped))
         if cfg.compile:
             mode = cfg.compile_mode.value
             log.info("compiled %d decoder layers (mode %s)", compile_decoder_layers(model, mode), mode)
         return self
 
     def restore(self, model: nn.Module) -> None:
-        """Generation after training runs eager layers and the model's own attention."""
+        """Generation after training runs eager layers, the model's own attention and its bf16 base."""
         if self.cfg.compile:
             uncompile_decoder_layers(model)
+        if self.fp8_swap is not None:  # the original bf16 layers, never written
+            restore_fp8_base(self.fp8_swap)
+            self.fp8_swap = None
         if self.cfg.attn_implementation and self.evaluation_attention is not None:
             model.set_attn_implementation(self.evaluation_attention)
 
@@ -110,6 +124,7 @@ class SpeedPaths:
         return model(**inputs, use_cache=False).logits
 
 
-def prepare_model(model: nn.Module, cfg: TrainerConfig, device: torch.device = torch.device("cpu")) -> SpeedPaths:
-    """``SpeedPaths(cfg, device).apply(model)``, for a ``cfg`` built with strings too."""
-    return SpeedPaths(typed_trainer_config(cfg), device).apply(model)
+def prepare_model(model: nn.Module, cfg: TrainerConfig, device: torch.device = torch.device("cpu"),
+                  base_precision: BasePrecision | str = BasePrecision.bf16) -> SpeedPaths:
+    """``SpeedPaths(cfg, device, base_precision).apply(model)``, for a ``cfg`` built with strings too."""
+    return SpeedPaths(typed_trainer_config(cfg), device, BasePrecision(base_precision)).apply(model)
