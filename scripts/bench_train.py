@@ -15,7 +15,10 @@ gives without the rest of our trainer). adapters_lab: ours, ours_padded, series,
 ``_plainlora`` (trainer.fused_lora=false: LoRA through nn.Dropout and separate adds, the
 layers before commit 871c8c8), ``_liger`` (liger-kernel's RMSNorm, SwiGLU and RoPE for LLaMA; needs CUDA and the
 optional liger-kernel package), ``_nocompile`` (eager layers), ``_autotune`` (trainer.compile_mode=
-max_autotune_no_cudagraphs), e.g. ``ours_varlen_liger``.
+max_autotune_no_cudagraphs), ``_fp8`` (model.base_precision=fp8: the frozen base's GEMMs in FP8; it takes the
+plain LoRA layers, as trainer.fused_lora is refused with it, so ``ours_plainlora`` is its like-for-like
+bf16 row; its model is bf16 under ``--tiny`` too, where the others' is fp32),
+e.g. ``ours_varlen_liger``. Every adapters_lab row keeps its loss per step in the JSON (``loss_history``).
 ``check_varlen`` trains nothing: on one packed batch of a 4-layer model of the same shape it
 prints the loss and LoRA-gradient differences of varlen vs flex attention (and SDPA vs flex, the
 bf16 noise floor), checking the CUDA varlen kernel.
@@ -40,7 +43,7 @@ import random
 import re
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -55,7 +58,8 @@ LENGTHS_FILE = ROOT / "scripts" / "math_data_lengths.json"
 MATH_DATA = ROOT.parent / "shared" / "data" / "llm_adapters" / "ft-training_set" / "math_data.json"
 LLAMA_7B = dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
                 num_key_value_heads=32, vocab_size=32000)
-TINY = dict(hidden_size=48, intermediate_size=76, num_hidden_layers=2, num_attention_heads=3,
+# every linear layer a multiple of 16 (k, v: one 16-wide head), so that --tiny runs the FP8 base too
+TINY = dict(hidden_size=48, intermediate_size=80, num_hidden_layers=2, num_attention_heads=3,
             num_key_value_heads=1, vocab_size=384)
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"]
 PIECE = re.compile(r"[A-Za-z]+|\d| {2,}|\n|[^\sA-Za-z\d]")
@@ -103,6 +107,7 @@ class Row:
     peak_gib: float | None
     note: str = ""
     variant: str = ""  # the --variants name
+    loss_history: list[float] = field(default_factory=list)  # adapters_lab rows: the loss of every step
 
 
 def build_model(shape: dict, device: torch.device, dtype: torch.dtype):
@@ -207,8 +212,10 @@ def packed_peft_batches(examples, rows: int, row_length: int):
             for b in range(0, len(packed) - rows + 1, rows)]
 
 
-def ours(model, adapter_node: dict, examples, trainer_overrides: dict, steps: int, device):
-    """adapters_lab's own trainer on the same model: returns its TrainResult."""
+def ours(model, adapter_node: dict, examples, trainer_overrides: dict, steps: int, device,
+         base_precision: str = "bf16"):
+    """adapters_lab's own trainer on the same model (``base_precision``: model.base_precision): returns its
+    TrainResult."""
     from adapters_lab.adapters.registry import adapter_from_file
     from adapters_lab.config import TrainerConfig
     from adapters_lab.tracking import NullTracker
@@ -221,7 +228,8 @@ def ours(model, adapter_node: dict, examples, trainer_overrides: dict, steps: in
                         device=device.type, lr=3e-4, **trainer_overrides)
     accelerator = make_accelerator(cfg)
     flops = flops_per_token(model)
-    result = train(model, examples, [], 0, check_trainer_config(cfg), accelerator, NullTracker(), seed=0)
+    result = train(model, examples, [], 0, check_trainer_config(cfg), accelerator, NullTracker(), seed=0,
+                   base_precision=base_precision)
     return result, flops
 
 
@@ -231,11 +239,11 @@ def ours_variant(variant: str) -> dict | None:
     if parts[0] != "ours" or variant == "ours_padded":
         return None
     flags = set(parts[1:])
-    known = {"varlen", "liger", "nocompile", "autotune", "plainlora"}
+    known = {"varlen", "liger", "nocompile", "autotune", "plainlora", "fp8"}
     if flags - known:
         raise SystemExit(f"--variants: {variant!r} has unknown suffixes {sorted(flags - known)} ({', '.join(sorted(known))})")
     return {"varlen": "varlen" in flags, "liger": "liger" in flags, "compile": "nocompile" not in flags,
-            "autotune": "autotune" in flags, "fused_lora": "plainlora" not in flags}
+            "autotune": "autotune" in flags, "fused_lora": not flags & {"plainlora", "fp8"}, "fp8": "fp8" in flags}
 
 
 @contextlib.contextmanager
@@ -410,6 +418,11 @@ def profiled(device, warmup: int, steps: int):
         print(f"  {count / active:7.1f}  {site}")
 
 
+def variant_dtype(variant: str, dtype: torch.dtype) -> torch.dtype:
+    """A variant's model dtype: an FP8 base needs bf16 weights (under --tiny: the fp32 model's values rounded)."""
+    return torch.bfloat16 if (ours_variant(variant) or {}).get("fp8") else dtype
+
+
 BASELINES = ("paper", "tuned", "tuned_lengths", "tuned_packed")  # the ratio columns, where they ran
 
 
@@ -432,7 +445,7 @@ def main(argv=None) -> list[Row]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tiny", action="store_true", help="tiny model on CPU, a few steps (smoke test)")
     parser.add_argument("--variants", default="paper,tuned,tuned_lengths,tuned_packed,ours,series,parallel",
-                        help="comma list of paper, tuned, tuned_lengths, tuned_packed, ours[_varlen][_plainlora][_liger][_nocompile][_autotune], ours_padded, series, "
+                        help="comma list of paper, tuned, tuned_lengths, tuned_packed, ours[_varlen][_plainlora][_fp8][_liger][_nocompile][_autotune], ours_padded, series, "
                              "parallel, check_varlen (see the module docstring)")
     parser.add_argument("--steps", type=int, default=12, help="timed optimiser steps per variant")
     parser.add_argument("--pack-length", type=int, default=2048)
@@ -456,10 +469,10 @@ def main(argv=None) -> list[Row]:
           f"bf16 8192^3 matmul {measured or 0:.0f} TFLOP/s; datasheet {datasheet} TFLOP/s", flush=True)
     rows: list[Row] = []
 
-    def add(name, tokens_per_second, padded_share, flops, peak, note=""):
+    def add(name, tokens_per_second, padded_share, flops, peak, note="", loss_history=()):
         mfu = tokens_per_second * flops / (datasheet * 1e12) if datasheet else None
         mfu_m = tokens_per_second * flops / (measured * 1e12) if measured else None
-        rows.append(Row(name, tokens_per_second, padded_share, mfu, mfu_m, peak, note))
+        rows.append(Row(name, tokens_per_second, padded_share, mfu, mfu_m, peak, note, loss_history=list(loss_history)))
         print(f"  {name}: {tokens_per_second:,.0f} real tok/s, {peak or 0:.1f} GiB {note}", flush=True)
 
     variants = args.variants.split(",")
@@ -516,20 +529,22 @@ def main(argv=None) -> list[Row]:
             extras = [name for name, on in (("liger kernels", switches["liger"]),
                                             ("eager layers", not switches["compile"] and compiled),
                                             ("max-autotune", "compile_mode" in overrides),
-                                            ("plain LoRA layers", not switches["fused_lora"])) if on]
+                                            ("plain LoRA layers", not switches["fused_lora"]),
+                                            ("FP8 frozen base", switches["fp8"])) if on]
             label += "".join(f", {e}" for e in extras)
             if switches["liger"]:
                 liger = liger_kernels(model, device)
         rows_per_step = overrides["micro_batch_size"] * (args.pack_length if "pack_length" in overrides and not args.tiny else 180)
         examples = examples_for(rows_per_step)
         with liger:
-            result, flops = ours(model, adapter, examples, overrides, steps + warmup, device)
+            result, flops = ours(model, adapter, examples, overrides, steps + warmup, device,
+                                 "fp8" if switches and switches["fp8"] else "bf16")
         first_losses[variant] = result.loss_history[0]
         add(label, result.steady_tokens_per_second, 1 - result.tokens / result.padded_tokens, flops,
             result.peak_memory_gib, f"({overrides.get('batching', 'padded')}, {overrides['micro_batch_size']} rows"
             + (f" x {args.pack_length})" if "pack_length" in overrides and not args.tiny else ")")
             + (f"; {overrides['attn_implementation'] or 'sdpa'}" if "attn_implementation" in overrides else "")
-            + f"; step-1 loss {result.loss_history[0]:.5f}")
+            + f"; step-1 loss {result.loss_history[0]:.5f}", result.loss_history)
 
     for variant in variants:
         free(device)
@@ -543,7 +558,7 @@ def main(argv=None) -> list[Row]:
                 traceback.print_exc()
                 print("varlen check: FAILED (traceback above)", flush=True)
             continue
-        model = build_model(shape, device, dtype)
+        model = build_model(shape, device, variant_dtype(variant, dtype))
         added = len(rows)
         try:
             if args.profile:
@@ -570,6 +585,13 @@ def main(argv=None) -> list[Row]:
         if "_varlen" in variant and plain in first_losses:
             print(f"varlen vs {args.attn if not args.tiny else 'sdpa'}: step-1 loss {variant} {loss:.5f}, {plain} "
                   f"{first_losses[plain]:.5f}, |diff| {abs(loss - first_losses[plain]):.2e}", flush=True)
+
+    for variant, loss in first_losses.items():  # the same base model's loss, its GEMMs in FP8 or bf16
+        plain = variant.replace("_fp8", "")
+        plain = plain if plain in first_losses else variant.replace("_fp8", "_plainlora")
+        if "_fp8" in variant and plain in first_losses:
+            print(f"fp8 vs bf16 base: step-1 loss {variant} {loss:.5f}, {plain} {first_losses[plain]:.5f}, "
+                  f"|diff| {abs(loss - first_losses[plain]):.2e}", flush=True)
 
     print(markdown_table(rows))
     if args.json:

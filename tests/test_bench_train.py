@@ -36,6 +36,19 @@ def test_bench_train_tiny_runs_every_variant(bench, tmp_path, capsys):
     assert len(json.loads((tmp_path / "rows.json").read_text())) == 3
 
 
+def test_tiny_fp8_variant_trains_and_keeps_both_loss_curves(bench, tmp_path, capsys):
+    """ours_fp8 beside its bf16 counterpart (plain LoRA layers): both train, the JSON holds every step's loss,
+    and the first step (LoRA B = 0: the base model's loss) agrees within FP8's error but not exactly."""
+    rows = bench.main(["--tiny", "--variants", "ours_plainlora,ours_fp8", "--json", str(tmp_path / "rows.json")])
+    assert [r.note.startswith("FAILED") for r in rows] == [False] * 2, [r.note for r in rows]
+    assert all(r.tokens_per_second > 0 for r in rows) and "FP8 frozen base" in rows[1].name
+    saved = {r["variant"]: r["loss_history"] for r in json.loads((tmp_path / "rows.json").read_text())}
+    assert set(saved) == {"ours_plainlora", "ours_fp8"} and all(len(v) == 3 for v in saved.values())
+    first = saved["ours_plainlora"][0], saved["ours_fp8"][0]
+    assert first[0] != first[1] and abs(first[0] - first[1]) < 1e-3 * first[0]
+    assert "fp8 vs bf16 base: step-1 loss ours_fp8" in capsys.readouterr().out
+
+
 def test_length_list_matches_the_paper_cut():
     lengths = json.loads((REPO / "scripts" / "math_data_lengths.json").read_text())["lengths"]
     assert len(lengths) == 3260 and max(lengths) == 256 and min(lengths) > 16
@@ -56,12 +69,13 @@ def test_tiny_varlen_variants_check_and_liger_skip(bench, capsys):
 
 
 def test_ours_variant_suffixes(bench):
-    plain = {"varlen": False, "liger": False, "compile": True, "autotune": False, "fused_lora": True}
+    plain = {"varlen": False, "liger": False, "compile": True, "autotune": False, "fused_lora": True, "fp8": False}
     assert bench.ours_variant("ours") == plain
     assert bench.ours_variant("ours_varlen_liger") == {**plain, "varlen": True, "liger": True}
     assert bench.ours_variant("ours_liger_nocompile") == {**plain, "liger": True, "compile": False}
     assert bench.ours_variant("ours_varlen_autotune") == {**plain, "varlen": True, "autotune": True}
     assert bench.ours_variant("ours_plainlora") == {**plain, "fused_lora": False}
+    assert bench.ours_variant("ours_fp8") == {**plain, "fused_lora": False, "fp8": True}  # fused_lora is refused
     assert bench.ours_variant("ours_padded") is None and bench.ours_variant("tuned") is None
     with pytest.raises(SystemExit, match="unknown suffixes"):
         bench.ours_variant("ours_fast")
