@@ -251,7 +251,9 @@ BF16_80 = ["model.base_precision=fp8", "model.dtype=bfloat16", "model.tiny.inter
 @pytest.mark.parametrize("overrides,message", [
     (["model.base_precision=fp8"], r"model.base_precision=fp8: model.dtype=float32 is not supported \(the FP8 GEMMs "
                                    r"give bf16; use bfloat16\)"),
-    ([*BF16_80, "trainer.fused_lora=true"], r"model.base_precision=fp8: trainer.fused_lora=true is not supported"),
+    ([*BF16_80, "trainer.fused_lora=true"], r"model.base_precision=fp8: trainer.fused_lora=true is not supported "
+                                             r"\(the fused LoRA op multiplies by the base weight; set "
+                                             r"trainer.fused_lora=false\)$"),
     ([*BF16_80, "trainer.distributed=fsdp"], r"model.base_precision=fp8: trainer.distributed=fsdp is not supported"),
     (["model.base_precision=fp8", "model.dtype=bfloat16"],
      r"model.base_precision=fp8: model.layers.0.mlp.gate_proj is 48 -> 76 features; FP8 GEMMs "

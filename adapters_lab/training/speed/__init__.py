@@ -75,7 +75,7 @@ class SpeedPaths:
                 raise TrainerConfigError(f"trainer.attn_implementation=varlen: {reason}")
         if self.fp8 and self.cfg.fused_lora:  # checks.py refuses it at config time; train() may be called directly
             raise TrainerConfigError("model.base_precision=fp8: trainer.fused_lora=true is not supported (the fused "
-                                     "LoRA op multiplies by the base weight)")
+                                     "LoRA op multiplies by the base weight; set trainer.fused_lora=false)")
 
     def apply(self, model: nn.Module) -> "SpeedPaths":
         """Switch the paths on, in place, on the (adapter-injected) model."""

@@ -195,7 +195,8 @@ def fp8_config_refusal(model_cfg, trainer_cfg) -> str | None:
     if model_cfg.dtype != DType.bfloat16:
         return f"{head}: model.dtype={model_cfg.dtype.value} is not supported (the FP8 GEMMs give bf16; use bfloat16)"
     if trainer_cfg.fused_lora:
-        return f"{head}: trainer.fused_lora=true is not supported (the fused LoRA op multiplies by the base weight)"
+        return (f"{head}: trainer.fused_lora=true is not supported (the fused LoRA op multiplies by the base "
+                "weight; set trainer.fused_lora=false)")
     if trainer_cfg.distributed == Distributed.fsdp:
         return f"{head}: trainer.distributed=fsdp is not supported (FSDP shards the weights the FP8 layers replace)"
     if model_cfg.kind != ModelKind.causal_lm:
