@@ -15,9 +15,8 @@ gives without the rest of our trainer). adapters_lab: ours, ours_padded, series,
 ``_plainlora`` (trainer.fused_lora=false: LoRA through nn.Dropout and separate adds, the
 layers before commit 871c8c8), ``_liger`` (liger-kernel's RMSNorm, SwiGLU and RoPE for LLaMA; needs CUDA and the
 optional liger-kernel package), ``_nocompile`` (eager layers), ``_autotune`` (trainer.compile_mode=
-max_autotune_no_cudagraphs), ``_fp8`` (model.base_precision=fp8: the frozen base's GEMMs in FP8; it takes the
-plain LoRA layers, as trainer.fused_lora is refused with it, so ``ours_plainlora`` is its like-for-like
-bf16 row; its model is bf16 under ``--tiny`` too, where the others' is fp32),
+max_autotune_no_cudagraphs), ``_fp8`` (model.base_precision=fp8: the frozen base's GEMMs in FP8, the rest
+as the variant without it; its model is bf16 under ``--tiny`` too, where the others' is fp32),
 e.g. ``ours_varlen_liger``. Every adapters_lab row keeps its loss per step in the JSON (``loss_history``).
 ``check_varlen`` trains nothing: on one packed batch of a 4-layer model of the same shape it
 prints the loss and LoRA-gradient differences of varlen vs flex attention (and SDPA vs flex, the
@@ -243,7 +242,7 @@ def ours_variant(variant: str) -> dict | None:
     if flags - known:
         raise SystemExit(f"--variants: {variant!r} has unknown suffixes {sorted(flags - known)} ({', '.join(sorted(known))})")
     return {"varlen": "varlen" in flags, "liger": "liger" in flags, "compile": "nocompile" not in flags,
-            "autotune": "autotune" in flags, "fused_lora": not flags & {"plainlora", "fp8"}, "fp8": "fp8" in flags}
+            "autotune": "autotune" in flags, "fused_lora": "plainlora" not in flags, "fp8": "fp8" in flags}
 
 
 @contextlib.contextmanager
@@ -588,7 +587,6 @@ def main(argv=None) -> list[Row]:
 
     for variant, loss in first_losses.items():  # the same base model's loss, its GEMMs in FP8 or bf16
         plain = variant.replace("_fp8", "")
-        plain = plain if plain in first_losses else variant.replace("_fp8", "_plainlora")
         if "_fp8" in variant and plain in first_losses:
             print(f"fp8 vs bf16 base: step-1 loss {variant} {loss:.5f}, {plain} {first_losses[plain]:.5f}, "
                   f"|diff| {abs(loss - first_losses[plain]):.2e}", flush=True)

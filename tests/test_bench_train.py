@@ -37,14 +37,14 @@ def test_bench_train_tiny_runs_every_variant(bench, tmp_path, capsys):
 
 
 def test_tiny_fp8_variant_trains_and_keeps_both_loss_curves(bench, tmp_path, capsys):
-    """ours_fp8 beside its bf16 counterpart (plain LoRA layers): both train, the JSON holds every step's loss,
-    and the first step (LoRA B = 0: the base model's loss) agrees within FP8's error but not exactly."""
-    rows = bench.main(["--tiny", "--variants", "ours_plainlora,ours_fp8", "--json", str(tmp_path / "rows.json")])
+    """ours_fp8 beside ours (its bf16 counterpart): both train, the JSON holds every step's loss, and the
+    first step (LoRA B = 0: the base model's loss) agrees within FP8's error but not exactly."""
+    rows = bench.main(["--tiny", "--variants", "ours,ours_fp8", "--json", str(tmp_path / "rows.json")])
     assert [r.note.startswith("FAILED") for r in rows] == [False] * 2, [r.note for r in rows]
     assert all(r.tokens_per_second > 0 for r in rows) and "FP8 frozen base" in rows[1].name
     saved = {r["variant"]: r["loss_history"] for r in json.loads((tmp_path / "rows.json").read_text())}
-    assert set(saved) == {"ours_plainlora", "ours_fp8"} and all(len(v) == 3 for v in saved.values())
-    first = saved["ours_plainlora"][0], saved["ours_fp8"][0]
+    assert set(saved) == {"ours", "ours_fp8"} and all(len(v) == 3 for v in saved.values())
+    first = saved["ours"][0], saved["ours_fp8"][0]
     assert first[0] != first[1] and abs(first[0] - first[1]) < 1e-3 * first[0]
     assert "fp8 vs bf16 base: step-1 loss ours_fp8" in capsys.readouterr().out
 
@@ -75,7 +75,8 @@ def test_ours_variant_suffixes(bench):
     assert bench.ours_variant("ours_liger_nocompile") == {**plain, "liger": True, "compile": False}
     assert bench.ours_variant("ours_varlen_autotune") == {**plain, "varlen": True, "autotune": True}
     assert bench.ours_variant("ours_plainlora") == {**plain, "fused_lora": False}
-    assert bench.ours_variant("ours_fp8") == {**plain, "fused_lora": False, "fp8": True}  # fused_lora is refused
+    assert bench.ours_variant("ours_fp8") == {**plain, "fp8": True}
+    assert bench.ours_variant("ours_plainlora_fp8") == {**plain, "fused_lora": False, "fp8": True}
     assert bench.ours_variant("ours_padded") is None and bench.ours_variant("tuned") is None
     with pytest.raises(SystemExit, match="unknown suffixes"):
         bench.ours_variant("ours_fast")

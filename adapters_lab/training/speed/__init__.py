@@ -18,13 +18,19 @@ from adapters_lab.config import BasePrecision, TrainerConfig, TrainerConfigError
 from adapters_lab.data.paper_packing import LOSS_WEIGHTS
 from adapters_lab.training.settings import typed_trainer_config
 from adapters_lab.training.speed.fp8 import FP8Swap, apply_fp8_base, restore_fp8_base
-from adapters_lab.training.speed.layers import (compile_decoder_layers, enable_gradient_checkpointing,
-                                                uncompile_decoder_layers)
-from adapters_lab.training.speed.loss import (check_fused_loss_supported, chunked_causal_lm_loss,
-                                              weighted_causal_lm_loss)
+from adapters_lab.training.speed.layers import (
+    compile_decoder_layers,
+    enable_gradient_checkpointing,
+    uncompile_decoder_layers,
+)
+from adapters_lab.training.speed.loss import check_fused_loss_supported, chunked_causal_lm_loss, weighted_causal_lm_loss
 from adapters_lab.training.speed.packed_mask import with_packed_block_mask
-from adapters_lab.training.speed.varlen import (VARLEN, check_varlen_supported, register_varlen_attention,
-                                                varlen_batch_kwargs)
+from adapters_lab.training.speed.varlen import (
+    VARLEN,
+    check_varlen_supported,
+    register_varlen_attention,
+    varlen_batch_kwargs,
+)
 
 log = logging.getLogger(__name__)
 
@@ -73,9 +79,6 @@ class SpeedPaths:
             reason = check_varlen_supported(self.device)
             if reason:
                 raise TrainerConfigError(f"trainer.attn_implementation=varlen: {reason}")
-        if self.fp8 and self.cfg.fused_lora:  # checks.py refuses it at config time; train() may be called directly
-            raise TrainerConfigError("model.base_precision=fp8: trainer.fused_lora=true is not supported (the fused "
-                                     "LoRA op multiplies by the base weight; set trainer.fused_lora=false)")
 
     def apply(self, model: nn.Module) -> "SpeedPaths":
         """Switch the paths on, in place, on the (adapter-injected) model."""
@@ -92,7 +95,7 @@ class SpeedPaths:
             model.set_attn_implementation(cfg.attn_implementation)
         if cfg.fused_lora:
             log.info("fused LoRA op on %d layers", enable_fused_lora(model))
-        if self.fp8:  # after fused_lora: a fused LoRA layer keeps its bf16 base (its op reads the weight)
+        if self.fp8:  # a fused LoRA layer then calls its FP8 base and adds its update (fused_lora.py)
             self.fp8_swap = apply_fp8_base(model)
             log.info("FP8 frozen base: %d linear layers", len(self.fp8_swap.swapped))
         if cfg.compile:

@@ -18,7 +18,8 @@ their own precision.
 
 ``apply_fp8_base`` swaps the layers in and returns what ``restore_fp8_base`` needs to put the very
 same ``nn.Linear`` modules (their bf16 weights untouched) back after training, so evaluation, merging
-and the saved adapter see the original base.
+and the saved adapter see the original base. Under ``trainer.fused_lora`` the fused LoRA op calls the FP8
+base and adds its update (``fused_lora._LoRAUpdateFunction``); DoRA layers keep their bf16 base.
 """
 
 from __future__ import annotations
@@ -120,12 +121,12 @@ class FP8Linear(nn.Module):
 
 def wraps_base(parent: nn.Module) -> bool:
     """Whether a frozen linear child of ``parent`` may be swapped: parent is a model's own module, or a
-    LoRA layer that only calls its base (not DoRA, which reads the base weight, nor the fused op, which
-    multiplies by it). Other adapters' wrappers keep their base as it is."""
+    LoRA layer that only calls its base (not DoRA, which reads the base weight; the fused LoRA op calls an
+    FP8 base and adds its update). Other adapters' wrappers keep their base as it is."""
     from adapters_lab.adapters.lora import LoRALinear  # the adapters import the speed paths
 
     if isinstance(parent, LoRALinear):
-        return parent.lora_magnitude_vector is None and not parent.fused
+        return parent.lora_magnitude_vector is None
     return type(parent).__module__.startswith("transformers.")
 
 
@@ -194,9 +195,6 @@ def fp8_config_refusal(model_cfg, trainer_cfg) -> str | None:
     head = "model.base_precision=fp8"
     if model_cfg.dtype != DType.bfloat16:
         return f"{head}: model.dtype={model_cfg.dtype.value} is not supported (the FP8 GEMMs give bf16; use bfloat16)"
-    if trainer_cfg.fused_lora:
-        return (f"{head}: trainer.fused_lora=true is not supported (the fused LoRA op multiplies by the base "
-                "weight; set trainer.fused_lora=false)")
     if trainer_cfg.distributed == Distributed.fsdp:
         return f"{head}: trainer.distributed=fsdp is not supported (FSDP shards the weights the FP8 layers replace)"
     if model_cfg.kind != ModelKind.causal_lm:

@@ -140,16 +140,49 @@ class _LoRALinearFunction(torch.autograd.Function):
         return grad_x, None, None, grad_a, grad_b, None, None, None
 
 
-def fused_lora_linear(x: torch.Tensor, base: nn.Linear, lora_a: torch.Tensor, lora_b: torch.Tensor,
+class _LoRAUpdateFunction(torch.autograd.Function):
+    """``y = base_out + s * dropout(x) A^T B^T`` for 2-D ``x``: the same LoRA op beside a frozen base that
+    computes its own output and input gradient (the FP8 base, ``fp8.py``); autograd adds the two input
+    gradients."""
+
+    @staticmethod
+    def forward(ctx, base_out, x, lora_a, lora_b, scaling: float, p: float, seed):
+        dropped = seeded_dropout(x, seed, p) if p else x
+        h = dropped @ lora_a.T
+        y = torch.addmm(base_out, h, lora_b.T, alpha=scaling)
+        ctx.save_for_backward(x, lora_a, lora_b, h, seed)
+        ctx.scaling, ctx.p = scaling, p
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        x, lora_a, lora_b, h, seed = ctx.saved_tensors
+        s, p = ctx.scaling, ctx.p
+        grad_h = grad_y @ (lora_b * s)
+        grad_b = grad_y.T @ (h * s)
+        grad_x = None
+        if ctx.needs_input_grad[1]:
+            grad_x = seeded_dropout(grad_h @ lora_a, seed, p) if p else grad_h @ lora_a
+        grad_a = grad_h.T @ (seeded_dropout(x, seed, p) if p else x)
+        return grad_y, grad_x, grad_a, grad_b, None, None, None
+
+
+def fused_lora_linear(x: torch.Tensor, base: nn.Module, lora_a: torch.Tensor, lora_b: torch.Tensor,
                       scaling: float, p: float) -> torch.Tensor:
     """``base(x) + scaling * B A dropout_p(x)`` through ``_LoRALinearFunction``, in the autocast
     dtype when autocast is on (as the plain path's matmuls run) and in ``x``'s dtype otherwise;
-    the adapter weights' gradients reach their fp32 masters through the casts."""
+    the adapter weights' gradients reach their fp32 masters through the casts. A base that is not an
+    ``nn.Linear`` (the FP8 base) runs its own op, and ``_LoRAUpdateFunction`` adds the update to its output."""
     device = x.device.type
     dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
     seed = torch.randint(0, 2**31 - 1, (1,), device=x.device) if p else torch.zeros(1, dtype=torch.long, device=x.device)
-    bias = base.bias.to(dtype) if base.bias is not None else None
     flat = x.reshape(-1, x.shape[-1]).to(dtype)
+    if not isinstance(base, nn.Linear):
+        with torch.autocast(device, enabled=False):
+            y = _LoRAUpdateFunction.apply(base(flat).to(dtype), flat, lora_a.to(dtype), lora_b.to(dtype), scaling, p,
+                                          seed)
+        return y.reshape(*x.shape[:-1], y.shape[-1])
+    bias = base.bias.to(dtype) if base.bias is not None else None
     with torch.autocast(device, enabled=False):
         y = _LoRALinearFunction.apply(flat, base.weight.to(dtype), bias, lora_a.to(dtype), lora_b.to(dtype),
                                       scaling, p, seed)
