@@ -6,8 +6,9 @@ search with length penalty 1 and ``early_stopping=False``, the decoding LLM-Adap
 ``generate``. What differs is the cost (the evaluation-time targets: docs/benchmarks.md):
 
 - One KV cache tensor per K and V, ``(layers, prompts, kv_heads, slots, head_dim)``: each prompt
-  is stored once, right-aligned to slot ``prompt_slots``, and the token chosen at step ``s`` by
-  beam ``k`` goes to slot ``prompt_slots + s * beams + k``. Beams never copy or reorder the cache:
+  is stored once, right-aligned to slot ``first_generated`` (``prompt_slots``, after a prefix's
+  slots if any), and the token chosen at step ``s`` by beam ``k`` goes to slot
+  ``first_generated + s * beams + k``. Beams never copy or reorder the cache:
   each beam keeps its ancestry (which beam row holds its token of step ``s``) and attends through
   a mask, the ``beams`` queries of one prompt together (``grouped_attention``). A prompt's keys are
   read once per step for all its beams, not once per beam, and in their own dtype (by SDPA's
@@ -16,6 +17,10 @@ search with length penalty 1 and ``early_stopping=False``, the decoding LLM-Adap
   no host synchronisation; on a GPU it is captured as a CUDA graph per window of attended slots
   (attention reads only the slots filled so far, rounded up to ``window`` steps) and replayed.
   The host checks for completion after the first token and every ``check_every`` steps.
+- Prefix tuning (``adapters/prefix.py``): its ``n`` keys and values per layer fill the first ``n``
+  slots of every prompt's row, written at each batch's prefill; every mask covers them, and position
+  ids count real tokens after them, as the virtual-token hook does for ``generate``. The hook itself
+  is suspended around our calls (``virtual_tokens.hooks_suspended``): it would rewrite our 4D mask.
 """
 
 from __future__ import annotations
@@ -30,6 +35,8 @@ from torch.nn.attention import SDPBackend
 from transformers import AttentionInterface, Cache
 
 from adapters_lab.adapters import virtual_tokens
+from adapters_lab.adapters.prefix import PrefixEncoder
+from adapters_lab.beam_search import NEG, BeamSearch  # noqa: F401
 from adapters_lab.models import cache_argument
 from adapters_lab.step_attention import (  # noqa: F401
     STEP_BACKENDS,
@@ -42,7 +49,6 @@ from adapters_lab.step_attention import (  # noqa: F401
 log = logging.getLogger(__name__)
 
 ATTENTION = "adapters_lab_grouped"
-NEG = -1.0e9  # transformers' "impossible" beam score
 PREFILL_TOKENS = 8192  # prompt tokens per prefill forward
 WORKSPACE_BYTES = 3 * 2**30  # GPU memory kept beside a decoder's cache (prefill activations, graph pool)
 
@@ -70,13 +76,26 @@ def grouped_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor,
 
 def supports(model: nn.Module, max_length: int) -> bool:
     """Models whose attention goes through transformers' attention interface with a 4D mask as
-    given, whose sliding window (if any) covers ``max_length`` tokens, and without virtual tokens
-    (prompt/prefix tuning rewrite the mask): the others use ``generate``."""
+    given, whose sliding window (if any) covers ``max_length`` tokens and the prefix, with no virtual
+    tokens but a prefix-tuning prefix: the others use ``generate``."""
     config = model.config
     window = getattr(config, "sliding_window", None) if getattr(config, "use_sliding_window", True) else None
-    return (config.model_type in {"llama", "mistral", "qwen2"} and (window is None or window >= max_length)
-            and getattr(model, "_supports_attention_backend", False)
-            and not virtual_tokens.count(model))
+    prefix = prefix_tokens(model)
+    # Prompt tuning's virtual tokens are input embeddings run through every layer, not cache entries.
+    only_prefix = virtual_tokens.count(model) == prefix
+    return (config.model_type in {"llama", "mistral", "qwen2"} and (window is None or window >= max_length + prefix)
+            and getattr(model, "_supports_attention_backend", False) and only_prefix)
+
+
+def cache_prefix(model: nn.Module) -> PrefixEncoder | None:
+    """The model's prefix-tuning encoder (keys and values for the cache's first slots), or None."""
+    return next((m for m in model.children() if isinstance(m, PrefixEncoder)), None)
+
+
+def prefix_tokens(model: nn.Module) -> int:
+    """How many cache slots before every prompt the model's prefix (if any) takes."""
+    prefix = cache_prefix(model)
+    return prefix.num_virtual_tokens if prefix is not None else 0
 
 
 def cache_shape(model: nn.Module, prompts: int, slots: int) -> tuple[int, ...]:
@@ -93,7 +112,8 @@ def prompts_that_fit(model: nn.Module, prompt_slots: int, beams: int, max_new_to
     memory: their KV cache and float32 logits (four copies per beam), after ``WORKSPACE_BYTES``
     for the prefill's activations and the CUDA graphs' pool. At least one."""
     embed = model.get_input_embeddings().weight
-    per_prompt = 2 * math.prod(cache_shape(model, 1, prompt_slots + beams * max_new_tokens)) * embed.element_size()
+    slots = prefix_tokens(model) + prompt_slots + beams * max_new_tokens
+    per_prompt = 2 * math.prod(cache_shape(model, 1, slots)) * embed.element_size()
     per_prompt += 4 * beams * embed.shape[0] * 4
     return max(1, (free_bytes - WORKSPACE_BYTES) // per_prompt)
 
@@ -128,7 +148,9 @@ class SlotCache(Cache):
 class Decoder:
     """Decodes batches of ``prompts`` left-padded prompts of at most ``prompt_slots`` tokens,
     ``beams`` beams each (1: greedy), ``max_new_tokens`` steps; buffers and CUDA graphs are built
-    once and reused for every batch of the same shape."""
+    once and reused for every batch of the same shape. A row of the cache holds the model's prefix
+    (``prefix_slots``, none without prefix tuning), the prompt right-aligned to slot
+    ``first_generated``, then the generated tokens."""
 
     def __init__(self, model: nn.Module, prompts: int, prompt_slots: int, beams: int, max_new_tokens: int,
                  eos_token_id: int, pad_token_id: int, window: int = 32, check_every: int = 8,
@@ -141,7 +163,10 @@ class Decoder:
         AttentionInterface.register(ATTENTION, grouped_attention)  # on first use, not at import
         embed = model.get_input_embeddings().weight
         self.device, dtype = embed.device, embed.dtype
-        shape = cache_shape(model, prompts, prompt_slots + beams * max_new_tokens)
+        self.prefix = cache_prefix(model)
+        self.prefix_slots = prefix_tokens(model)
+        self.first_generated = self.prefix_slots + prompt_slots  # the slot of beam 0's first token
+        shape = cache_shape(model, prompts, self.first_generated + beams * max_new_tokens)
         # Zeros, not empty: masked slots still enter q.k, and garbage could hold NaN.
         self.cache = SlotCache(torch.zeros(shape, dtype=dtype, device=self.device),
                                torch.zeros(shape, dtype=dtype, device=self.device))
@@ -150,18 +175,14 @@ class Decoder:
         self.step = torch.zeros((), **index_kwargs)  # index of the token being chosen
         self.tokens = torch.zeros(rows, **index_kwargs)  # last chosen token per beam row
         self.next_position = torch.zeros(rows, **index_kwargs)  # position id of the first generated token
-        self.prompt_mask = torch.zeros(prompts, prompt_slots, dtype=torch.bool, device=self.device)
+        self.prompt_mask = torch.zeros(prompts, self.first_generated, dtype=torch.bool, device=self.device)
         self.ancestry = torch.zeros(prompts, beams, max_new_tokens, **index_kwargs)  # row holding step s of beam k
         self.own_row = torch.arange(beams, **index_kwargs).view(1, beams, 1)
         self.sequences = torch.zeros(prompts, beams, max_new_tokens, **index_kwargs)  # running beams' tokens
         self.scores = torch.zeros(prompts, beams, dtype=torch.float32, device=self.device)
         self.done = torch.zeros((), dtype=torch.bool, device=self.device)
         if beams > 1:
-            self.finished = torch.zeros_like(self.sequences)
-            self.finished_scores = torch.zeros_like(self.scores)
-            self.is_finished = torch.zeros(prompts, beams, dtype=torch.bool, device=self.device)
-            self.improvable = torch.zeros(prompts, 1, dtype=torch.bool, device=self.device)
-            self.top_beams = torch.arange(2 * beams, device=self.device) < beams
+            self.beam_search = BeamSearch(prompts, beams, max_new_tokens, self.eos, self.device)
         else:
             self.unfinished = torch.zeros(rows, dtype=torch.bool, device=self.device)
         self.step_backend = self._choose_step_backend()
@@ -190,7 +211,7 @@ class Decoder:
                 self.graphs[window].replay()
             else:
                 self._step(window)
-        best = self.finished[:, 0] if self.beams > 1 else self.sequences[:, 0]
+        best = self.beam_search.finished[:, 0] if self.beams > 1 else self.sequences[:, 0]
         return best.clone()
 
     def _window(self, t: int) -> int:
@@ -204,11 +225,7 @@ class Decoder:
         self.ancestry.zero_()
         self.scores.zero_()
         if self.beams > 1:
-            self.scores[:, 1:] = NEG  # only beam 0 extends at first, as in generate
-            self.finished.fill_(self.pad)
-            self.finished_scores.fill_(NEG)
-            self.is_finished.zero_()
-            self.improvable.fill_(True)
+            self.beam_search.reset(self.pad, self.scores)
         else:
             self.unfinished.fill_(True)
 
@@ -218,18 +235,23 @@ class Decoder:
         if batch != self.prompts or length > self.prompt_slots:
             raise ValueError(f"decoder built for {self.prompts} prompts of <= {self.prompt_slots} tokens, "
                              f"got {batch} x {length}")
-        real = attention_mask.bool()
+        real, n, end = attention_mask.bool(), self.prefix_slots, self.first_generated
         self.prompt_mask.zero_()
-        self.prompt_mask[:, self.prompt_slots - length:] = real
-        positions = (real.long().cumsum(-1) - 1).clamp(min=0)
+        self.prompt_mask[:, :n] = True
+        self.prompt_mask[:, end - length:] = real
+        # Position ids as the virtual-token hook makes them: the mask gains n ones in front, cumsum - 1.
+        with_prefix = torch.cat([real.new_ones(batch, n), real], dim=1)
+        positions = (with_prefix.long().cumsum(-1) - 1).clamp(min=0)[:, n:]
         self.next_position.copy_((positions[:, -1] + 1).repeat_interleave(self.beams))
-        # Causal over the prompt's real tokens; a padding query attends to itself (no empty rows).
+        # Causal over the prompt's real tokens and the prefix; a padding query attends to itself (no empty rows).
         causal = torch.ones(length, length, dtype=torch.bool, device=self.device).tril()
         mask = (causal & real[:, None, :]) | torch.eye(length, dtype=torch.bool, device=self.device)
-        full = torch.zeros(batch, 1, length, self.prompt_slots, dtype=torch.bool, device=self.device)
-        full[:, 0, :, self.prompt_slots - length:] = mask
-        self.cache.write_slots = torch.arange(self.prompt_slots - length, self.prompt_slots, device=self.device)
-        self.cache.visible = self.prompt_slots
+        full = torch.zeros(batch, 1, length, end, dtype=torch.bool, device=self.device)
+        full[:, 0, :, :n] = True
+        full[:, 0, :, end - length:] = mask
+        self._write_prefix()
+        self.cache.write_slots = torch.arange(end - length, end, device=self.device)
+        self.cache.visible = end
         chunk, logits = max(1, PREFILL_TOKENS // length), []
         for start in range(0, batch, chunk):  # bounded activations, whatever the batch
             rows = self.cache.prompts = slice(start, start + chunk)
@@ -237,13 +259,23 @@ class Decoder:
         self.cache.prompts = slice(None)
         self._select(torch.cat(logits).repeat_interleave(self.beams, dim=0))
 
+    def _write_prefix(self) -> None:
+        """The prefix's keys and values, the same for every prompt, into the first ``prefix_slots`` slots."""
+        if self.prefix is None:
+            return
+        prefixes = self.prefix().to(self.cache.keys.dtype)  # (layers * 2, kv_heads, n, head_dim): k0, v0, k1, ...
+        n = self.prefix_slots
+        self.cache.keys[:, :, :, :n] = prefixes[0::2, None]
+        self.cache.values[:, :, :, :n] = prefixes[1::2, None]
+
     def _forward(self, input_ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         previous = self.model.config._attn_implementation
         AttentionInterface.register(ATTENTION, grouped_attention)  # registered when a decoder is first built
         self.model.config._attn_implementation = ATTENTION
         try:
-            out = self.model(input_ids=input_ids, position_ids=positions, attention_mask=mask,
-                             use_cache=True, logits_to_keep=1, **{self.cache_argument: self.cache})
+            with virtual_tokens.hooks_suspended(self.model):  # the prefix is in our cache and masks already
+                out = self.model(input_ids=input_ids, position_ids=positions, attention_mask=mask,
+                                 use_cache=True, logits_to_keep=1, **{self.cache_argument: self.cache})
         finally:
             self.model.config._attn_implementation = previous
         return out.logits[:, -1].float()
@@ -268,11 +300,11 @@ class Decoder:
         return backend
 
     def _step(self, window: int) -> None:
-        """Feed the tokens chosen at step t-1 (slots ``prompt_slots + (t-1) * beams + k``), choose step t."""
-        beams, prompt_slots = self.beams, self.prompt_slots
+        """Feed the tokens chosen at step t-1 (slots ``first_generated + (t-1) * beams + k``), choose step t."""
+        beams, first = self.beams, self.first_generated
         previous = self.step - 1
-        self.cache.write_slots = prompt_slots + previous * beams + torch.arange(beams, device=self.device)
-        self.cache.visible = prompt_slots + window * beams
+        self.cache.write_slots = first + previous * beams + torch.arange(beams, device=self.device)
+        self.cache.visible = first + window * beams
         self.ancestry.index_copy_(2, previous.view(1), self.own_row.expand(self.prompts, beams, 1))
         # Beam k sees generated slot (s, r) iff r holds its step s; steps > t-1 are not written yet.
         seen = (torch.arange(window, device=self.device) <= previous).view(1, 1, window, 1)
@@ -299,40 +331,7 @@ class Decoder:
         self.tokens.copy_(chosen)
 
     def _select_beams(self, logits: torch.Tensor) -> None:
-        """One step of transformers' vectorised beam search (``_beam_search``: top 2k continuations,
-        running beams, finished hypotheses, the early-stop heuristic), without cache reordering."""
-        prompts, beams, vocab = self.prompts, self.beams, logits.shape[-1]
-        t = self.step
-        log_probs = F.log_softmax(logits, dim=-1).view(prompts, beams, vocab) + self.scores[:, :, None]
-        top_scores, top_index = torch.topk(log_probs.view(prompts, beams * vocab), 2 * beams)
-        parent, token = top_index // vocab, top_index % vocab
-        candidates = torch.gather(self.sequences, 1, parent[:, :, None].expand(-1, -1, self.steps)).clone()
-        candidates.index_copy_(2, t.view(1), token[:, :, None])
-        ends = (token == self.eos) | (t == self.steps - 1)
-
-        running = top_scores + ends.float() * NEG
-        keep = torch.topk(running, beams).indices
-        self.sequences.copy_(torch.gather(candidates, 1, keep[:, :, None].expand(-1, -1, self.steps)))
-        self.scores.copy_(torch.gather(running, 1, keep))
-        kept_parent = torch.gather(parent, 1, keep)
-        self.ancestry.copy_(torch.gather(self.ancestry, 1, kept_parent[:, :, None].expand(-1, -1, self.steps)))
-
-        just_finished = ends & self.top_beams
-        finished_scores = top_scores / (t + 1).float()
-        finished_scores = finished_scores + (~self.improvable).float() * NEG
-        finished_scores = finished_scores + (~just_finished).float() * NEG
-        merged_scores = torch.cat([self.finished_scores, finished_scores], dim=1)
-        best = torch.topk(merged_scores, beams).indices
-        merged = torch.cat([self.finished, candidates], dim=1)
-        self.finished.copy_(torch.gather(merged, 1, best[:, :, None].expand(-1, -1, self.steps)))
-        self.finished_scores.copy_(torch.gather(merged_scores, 1, best))
-        self.is_finished.copy_(torch.gather(torch.cat([self.is_finished, just_finished], dim=1), 1, best))
-
-        best_running = self.scores[:, :1] / (t + 1).float()
-        worst_finished = torch.where(self.is_finished, self.finished_scores.min(dim=1, keepdim=True).values, NEG)
-        self.improvable &= (best_running > worst_finished).any(dim=-1, keepdim=True)
-        self.done.copy_(~(self.improvable.any() & ~ends.all()))
-        self.tokens.copy_(self.sequences.index_select(2, t.view(1)).reshape(-1))  # no tensor indexing: it syncs
+        self.beam_search.select(logits, self.step, self.sequences, self.scores, self.ancestry, self.done, self.tokens)
 
     def _capture(self) -> dict[int, torch.cuda.CUDAGraph]:
         """One CUDA graph per attention window, sharing a memory pool (replayed one at a time)."""

@@ -8,12 +8,16 @@ work unchanged. On every call the attention mask gains ``num_virtual_tokens`` on
 virtual tokens too. Position ids are rebuilt from that mask (``cumsum - 1``), so a left-padded
 prompt gets the same positions as the unpadded one, in training and in every generation step.
 With an all-ones mask this is exactly HF PEFT's layout (virtual tokens at 0..n-1).
+
+A caller that lays out the virtual tokens itself (our decoder writes the prefix into its own cache
+and passes 4D masks) runs the model inside ``hooks_suspended(model)``, where the hooks do nothing.
 """
 
 from __future__ import annotations
 
+import contextlib
 import inspect
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 import torch.nn as nn
@@ -35,6 +39,21 @@ def count(model: nn.Module) -> int:
     return sum(m.num_virtual_tokens for m in model.children() if isinstance(m, VirtualTokenModule))
 
 
+SUSPENDED = "_virtual_tokens_suspended"  # a model attribute: True inside ``hooks_suspended``
+
+
+@contextlib.contextmanager
+def hooks_suspended(model: nn.Module) -> Iterator[nn.Module]:
+    """Within: the hooks ``install`` put on ``model`` pass its calls and outputs through unchanged
+    (the previous state comes back on exit, also after an error)."""
+    previous = getattr(model, SUSPENDED, False)
+    setattr(model, SUSPENDED, True)
+    try:
+        yield model
+    finally:
+        setattr(model, SUSPENDED, previous)
+
+
 def is_first_step(kwargs: dict) -> bool:
     """No cache yet, or an empty one (``generate`` passes an empty cache to its first call)."""
     cache = call_cache(kwargs)
@@ -50,7 +69,9 @@ def install(model: nn.Module, num_virtual_tokens: int, first_step: Callable[[dic
     takes_positions = "position_ids" in inspect.signature(model.forward).parameters
     call = {"length": 0}  # the caller's sequence length of the call in flight
 
-    def pre_hook(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    def pre_hook(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+        if getattr(module, SUSPENDED, False):
+            return None  # the call as given
         if args:
             if len(args) > 1:
                 raise TypeError(
@@ -81,6 +102,8 @@ def install(model: nn.Module, num_virtual_tokens: int, first_step: Callable[[dic
         return (), kwargs
 
     def post_hook(module: nn.Module, args: tuple, kwargs: dict, output):
+        if getattr(module, SUSPENDED, False):
+            return output
         length = call["length"]
         logits = getattr(output, "logits", None)
         if inserts_tokens and logits is not None and logits.shape[1] > length:
