@@ -81,7 +81,7 @@ def generate(model: nn.Module, tokenizer, prompts: list[str], batch_size: int, n
     our_decoder = decoder == "adapters_lab" and decoding.supports(model, longest)
     if decoder == "adapters_lab" and not our_decoder:
         log.info("eval: decoding with transformers' generate: our decoder takes llama, mistral and qwen2 models "
-                 "without virtual tokens and with full attention over %d tokens (this is a %s model)",
+                 "without prompt tuning and with full attention over %d tokens (this is a %s model)",
                  longest, model.config.model_type)
     outputs: list[str] = [""] * len(prompts)
     free = free_gpu_bytes(device) if our_decoder else None
