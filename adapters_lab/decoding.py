@@ -36,7 +36,7 @@ from transformers import AttentionInterface, Cache
 
 from adapters_lab.adapters import virtual_tokens
 from adapters_lab.adapters.prefix import PrefixEncoder
-from adapters_lab.beam_search import NEG, BeamSearch  # noqa: F401
+from adapters_lab.beam_search import BeamSearch
 from adapters_lab.models import cache_argument
 from adapters_lab.step_attention import (  # noqa: F401
     STEP_BACKENDS,
