@@ -18,7 +18,10 @@ tokens (an upper bound for a trained model).
 Stages per cell, wall seconds: ``load`` (build, freeze, inject, on the device), ``compile`` (the
 first optimiser steps' time beyond the steady rate: compilation and warm-up), ``train`` (the rest
 of training: steps, validation, checkpoints), ``eval``. ``--max-steps`` / ``--eval-limit`` time a
-sample and extrapolate that stage linearly to the full run (marked ``extrapolated``). Each finished
+sample and extrapolate that stage to the full run (marked ``extrapolated``): train by its remaining
+steps at the steady rate, what the sample spent beyond its steps (closing validation, checkpoint) once;
+eval linearly by questions, an upper bound, since a sample of one batch pays for building a decoder
+and capturing its CUDA graphs, which the whole suite pays a few times over its 34 batches. Each finished
 cell is written to ``--out`` at once and skipped when the script runs again (``--overwrite``
 redoes it), so the table can be timed one cell per command; the printed table sums every cell in
 the file.
@@ -142,6 +145,16 @@ def train_stage(cfg, model, tokenizer, adapter, examples: list[dict], device) ->
     return {"compile": compile_seconds, "train": seconds - compile_seconds, "train_examples": rest}, result
 
 
+def extrapolated_train(seconds: float, steps: int, full_steps: int, tokens: int, steady: float) -> float:
+    """The full schedule's train stage from a sample of ``steps`` steps that took ``seconds`` (after the
+    compile stage) and trained ``tokens``: the remaining steps at the steady rate, each with the sample's
+    mean tokens per step; what the sample spent beyond its steps (the closing validation, the checkpoint,
+    restoring the selected weights) is counted once, as the full run spends it once."""
+    if steady <= 0:
+        return seconds * full_steps / steps
+    return seconds + (full_steps - steps) * (tokens / steps) / steady
+
+
 def run_cell(cell: str, args, device: torch.device) -> dict:
     """One cell: its stages' seconds (extrapolated where a sample ran) and what was measured."""
     from transformers import set_seed
@@ -164,7 +177,8 @@ def run_cell(cell: str, args, device: torch.device) -> dict:
     full_steps = full_updates(full_cfg.trainer, stages.pop("train_examples"), tokenizer.pad_token_id, cfg.seed)
     extrapolated = []
     if result.steps < full_steps:
-        stages["train"] *= full_steps / result.steps
+        stages["train"] = extrapolated_train(stages["train"], result.steps, full_steps, result.tokens,
+                                             result.steady_tokens_per_second)
         extrapolated.append("train")
     metrics, eval_seconds = timed(lambda: evaluate_sets(model, tokenizer, data.eval_sets, cfg.eval, device, None),
                                   device)
@@ -177,7 +191,7 @@ def run_cell(cell: str, args, device: torch.device) -> dict:
     row["measured"] = {"steps": result.steps, "full_steps": full_steps,
                        "train_examples": len(examples) - cfg.dataset.val_set_size,
                        "questions": questions, "full_questions": full_questions, "eval_seconds": eval_seconds,
-                       "tokens_per_second": result.tokens_per_second,
+                       "tokens": result.tokens, "tokens_per_second": result.tokens_per_second,
                        "steady_tokens_per_second": result.steady_tokens_per_second,
                        "peak_memory_gib": result.peak_memory_gib, "eval_sets": sorted(data.eval_sets)}
     row["recipe"] = {"adapter": adapter.name, "params": params, "lr": cfg.trainer.lr, "epochs": cfg.trainer.epochs,

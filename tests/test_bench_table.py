@@ -51,6 +51,14 @@ def test_full_schedule_steps_are_the_trainers():
     assert bench.full_updates(TrainerConfig(max_steps=7), examples, 0, 0) == 7
 
 
+def test_a_sampled_train_stage_extrapolates_its_steps_not_its_closing_costs():
+    # 12 steps of 2,739 tokens took 40 s, of which 12 x 2,739 / 9,869 = 3.3 s were steps at the steady rate.
+    got = bench.extrapolated_train(40.0, 12, 1854, 12 * 2739, 9869.0)
+    assert got == pytest.approx(40.0 + 1842 * 2739 / 9869.0)
+    assert got < 40.0 * 1854 / 12 / 10  # linear scaling would also repeat the 36.7 s spent once, 1854 / 12 times
+    assert bench.extrapolated_train(6.0, 2, 6, 100, 0.0) == pytest.approx(18.0)  # no steady rate: linear
+
+
 @pytest.mark.skipif(not (SUITE / "gsm8k" / "test.json").is_file(), reason="math test sets not present")
 def test_tiny_run_times_every_stage_keeps_cells_and_refuses_other_settings(tmp_path, capsys):
     out = tmp_path / "bench.json"
