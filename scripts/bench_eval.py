@@ -168,7 +168,8 @@ def step_profile(model, tokenizer, prompt: str, args, max_new: int, device: torc
                 torch.cuda.synchronize()
         sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
         table = prof.key_averages().table(sort_by=sort, row_limit=12)
-        result[f"{beams}_beams"] = {"prompts": batch, "prompt_slots": slots, "attended_slots": slots + beams * window,
+        result[f"{beams}_beams"] = {"prompts": batch, "prompt_slots": slots,
+                                    "attended_slots": decoder.first_generated + beams * window,
                                     "ms_per_step": 1000 * seconds / repeats, "top_kernels": table.splitlines(),
                                     "attention": attention_bandwidth(decoder, window, device)}
         print(json.dumps({f"{beams}_beams": result[f"{beams}_beams"]}, indent=1), flush=True)
@@ -186,13 +187,13 @@ def attention_bandwidth(decoder: Decoder, window: int, device: torch.device) -> 
     from adapters_lab.decoding import few_query_attention
 
     keys, values = decoder.cache.keys[0], decoder.cache.values[0]
-    visible = decoder.prompt_slots + window * decoder.beams
+    visible = decoder.first_generated + window * decoder.beams  # a prefix's slots, the prompt's, the generated
     keys, values = keys[:, :, :visible], values[:, :, :visible]
     prompts, kv_heads, _, dim = keys.shape
     heads = decoder.model.config.num_attention_heads
     query = torch.randn(prompts, heads, decoder.beams, dim, dtype=keys.dtype, device=device)
     mask = torch.ones(prompts, 1, decoder.beams, visible, dtype=torch.bool, device=device)
-    mask[:, :, :, : decoder.prompt_slots] = decoder.prompt_mask[:, None, None]
+    mask[:, :, :, : decoder.first_generated] = decoder.prompt_mask[:, None, None]
     scale = dim**-0.5
     def attend(backend):
         with attention_backend(backend):
