@@ -83,3 +83,16 @@ def test_virtual_token_adapters_refuse_paper_packed(make_cfg):
     adapter = build_adapter(make_cfg("adapter=prefix").adapter)
     with pytest.raises(AdapterConfigError, match="trainer.batching=paper_packed: prefix"):
         adapter.check_training(trainer_cfg(batching=Batching.paper_packed))
+
+
+def test_paper_packed_under_a_multi_process_launcher_fails_in_one_line_naming_the_key(monkeypatch):
+    from adapters_lab.config import TrainerConfigError
+    from adapters_lab.training.settings import check_trainer_config
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(TrainerConfigError, match=r"^trainer.batching=paper_packed: runs in one process .*not 2;") as e:
+        check_trainer_config(trainer_cfg(batching=Batching.paper_packed))
+    assert "\n" not in str(e.value)
+    assert check_trainer_config(trainer_cfg(batching=Batching.padded)).accumulation == 2  # padded runs under 2
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    assert check_trainer_config(trainer_cfg(batching=Batching.paper_packed)).accumulation == 1

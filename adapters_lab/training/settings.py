@@ -4,6 +4,7 @@ accelerator, worked out once."""
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
@@ -114,6 +115,15 @@ def _check_sharding(cfg: TrainerConfig) -> None:
                                      f"trainer.distributed=fsdp ({why})")
 
 
+def _check_processes(cfg: TrainerConfig, processes: int) -> None:
+    """paper_packed runs a step's micro-batches as one forward, which one process holds; under a launcher
+    (``WORLD_SIZE``, set by accelerate/torchrun) it would otherwise fail later on the accumulation count."""
+    if cfg.batching == Batching.paper_packed and processes > 1:
+        raise TrainerConfigError(
+            f"trainer.batching=paper_packed: runs in one process (a step's examples are one forward), not {processes}; "
+            "for data parallel use trainer.batching=padded (the paper's recipe) or trainer=fast")
+
+
 def check_trainer_config(cfg: TrainerConfig | DictConfig, val_set_size: int | None = None) -> TrainerSettings:
     """Validate the trainer options before any model loads (one-line errors naming the key);
     the result is what ``train`` takes. ``val_set_size``: the run's ``dataset.val_set_size`` (None where
@@ -124,6 +134,7 @@ def check_trainer_config(cfg: TrainerConfig | DictConfig, val_set_size: int | No
     _check_checkpoints(typed)
     _check_selection(typed, val_set_size)
     _check_sharding(typed)
+    _check_processes(typed, int(os.environ.get("WORLD_SIZE", "1")))
     resume, resume_from = resume_choice(typed.resume)
     forwards = 1 if typed.batching == Batching.paper_packed else typed.batch_size // typed.micro_batch_size
     return TrainerSettings(typed, forwards, resume, resume_from)
