@@ -12,11 +12,9 @@ import pytest
 import torch
 import torch.nn as nn
 from hydra.errors import ConfigCompositionException
-from transformers import LlamaConfig, LlamaForCausalLM
 
 from adapters_lab import pipeline
-from adapters_lab.adapters.base import Placement, freeze
-from adapters_lab.adapters.lora import LoRA, LoRALinear
+from adapters_lab.adapters.lora import LoRALinear
 from adapters_lab.checks import SettingError
 from adapters_lab.tracking import NullTracker
 from adapters_lab.training.loop import train
@@ -24,7 +22,7 @@ from adapters_lab.training.metrics import flops_per_token
 from adapters_lab.training.settings import check_trainer_config, make_accelerator, typed_trainer_config
 from adapters_lab.training.speed import SpeedPaths
 from adapters_lab.training.speed.fp8 import FP8Linear, apply_fp8_base, quantize_rows, restore_fp8_base
-from tests.train_helpers import PAD, token_examples, trainer_cfg
+from tests.train_helpers import PAD, tiny_lora_model, token_examples, trainer_cfg
 
 FP8_TOLERANCE = 0.06  # relative Frobenius error of an e4m3 GEMM (3 mantissa bits, per-row scales)
 LORA_GRAD_TOLERANCE = 0.12  # a LoRA gradient through two FP8 decoder layers, against the bf16 base's
@@ -39,20 +37,7 @@ def rel_error(got: torch.Tensor, want: torch.Tensor) -> float:
 def tiny_bf16_lora_model(seed: int = 0, layers: int = 2, dora: bool = False) -> nn.Module:
     """A bf16 random LLaMA whose linear layers are all multiples of 16 (48 hidden, 80 MLP, 16-wide k/v
     heads), LoRA r=4 on q,k,v,up,down with non-zero B."""
-    config = LlamaConfig(hidden_size=48, intermediate_size=80, num_hidden_layers=layers, num_attention_heads=3,
-                         num_key_value_heads=1, vocab_size=97, max_position_embeddings=256, bos_token_id=1,
-                         eos_token_id=2, pad_token_id=0, tie_word_embeddings=False)
-    config._attn_implementation = "sdpa"
-    torch.manual_seed(seed)
-    model = LlamaForCausalLM(config).to(torch.bfloat16)
-    freeze(model)
-    LoRA(_target_="adapters_lab.adapters.lora.LoRA", name="lora", rank=4, alpha=8.0, dropout=0.0, use_dora=dora,
-         placement=Placement(modules=["q", "k", "v", "up", "down"])).inject(model)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "lora_B" in name:
-                param.normal_(0.0, 0.1)
-    return model
+    return tiny_lora_model(seed, layers=layers, intermediate=80, dtype=torch.bfloat16, dora=dora)
 
 
 def linear_case(in_features=80, out_features=112, bias=True, seed=0):

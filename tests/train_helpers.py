@@ -20,17 +20,18 @@ VOCAB = 97
 PAD = 0
 
 
-def tiny_lora_model(seed: int = 0, dropout: float = 0.0, layers: int = 2) -> nn.Module:
-    """A float32 random LLaMA (odd sizes) with LoRA on q,k,v,up,down and non-zero B, so the
-    adapters change the outputs from the first step."""
-    config = LlamaConfig(hidden_size=48, intermediate_size=76, num_hidden_layers=layers, num_attention_heads=3,
-                         num_key_value_heads=1, vocab_size=VOCAB, max_position_embeddings=256,
+def tiny_lora_model(seed: int = 0, dropout: float = 0.0, layers: int = 2, intermediate: int = 76,
+                    dtype: torch.dtype = torch.float32, dora: bool = False) -> nn.Module:
+    """A random LLaMA (odd sizes; float32 unless ``dtype``) with LoRA (or DoRA) on q,k,v,up,down and
+    non-zero B, so the adapters change the outputs from the first step."""
+    config = LlamaConfig(hidden_size=48, intermediate_size=intermediate, num_hidden_layers=layers,
+                         num_attention_heads=3, num_key_value_heads=1, vocab_size=VOCAB, max_position_embeddings=256,
                          bos_token_id=1, eos_token_id=2, pad_token_id=PAD, tie_word_embeddings=False)
     config._attn_implementation = "sdpa"
     torch.manual_seed(seed)
-    model = LlamaForCausalLM(config)
+    model = LlamaForCausalLM(config).to(dtype)
     freeze(model)
-    LoRA(_target_="adapters_lab.adapters.lora.LoRA", name="lora", rank=4, alpha=8.0, dropout=dropout,
+    LoRA(_target_="adapters_lab.adapters.lora.LoRA", name="lora", rank=4, alpha=8.0, dropout=dropout, use_dora=dora,
          placement=Placement(modules=["q", "k", "v", "up", "down"])).inject(model)
     with torch.no_grad():
         for name, param in model.named_parameters():
