@@ -76,13 +76,16 @@ def test_uniform_token_weights_would_not_match_the_padded_loss():
     assert abs(token_mean.item() - paper.item()) > 1e-3
 
 
-def test_virtual_token_adapters_refuse_paper_packed(make_cfg):
+def test_prompt_tuning_refuses_paper_packed_and_prefix_tuning_takes_it(make_cfg):
+    """Prompt tuning's virtual tokens are input positions; prefix tuning's are cache slots a packed row's
+    mask shows to every example (tests/test_prefix_packed.py: the padded recipe's loss and weights)."""
     from adapters_lab.adapters import build_adapter
     from adapters_lab.adapters.base import AdapterConfigError
 
-    adapter = build_adapter(make_cfg("adapter=prefix").adapter)
-    with pytest.raises(AdapterConfigError, match="trainer.batching=paper_packed: prefix"):
+    adapter = build_adapter(make_cfg("adapter=prompt").adapter)
+    with pytest.raises(AdapterConfigError, match="trainer.batching=paper_packed: prompt"):
         adapter.check_training(trainer_cfg(batching=Batching.paper_packed))
+    build_adapter(make_cfg("adapter=prefix").adapter).check_training(trainer_cfg(batching=Batching.paper_packed))
 
 
 def test_paper_packed_under_a_multi_process_launcher_fails_in_one_line_naming_the_key(monkeypatch):

@@ -22,6 +22,10 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 from adapters_lab.config import Batching, Distributed
 
 
+# the attention a prefix on packed rows trains under (the 4D mask: training/speed/packed_mask.py)
+PREFIX_PACKED_ATTENTION = ("sdpa", "eager", "flex_attention")
+
+
 class AdapterConfigError(ValueError):
     """A bad adapter option, raised before any training; the message names the key."""
 
@@ -110,19 +114,41 @@ class Adapter:
     def check_training(self, trainer: Any) -> None:
         """Refuse trainer options (the typed ``TrainerConfig``) this method cannot train with (before any
         weight loads)."""
-        if self.virtual_tokens and trainer.batching in (Batching.packed, Batching.paper_packed):
-            raise AdapterConfigError(
-                f"trainer.batching={trainer.batching.value}: {self.name} puts virtual tokens before each sequence "
-                "and a packed row holds several; use trainer.batching=padded"
-            )
-        if self.virtual_tokens and trainer.fused_loss:
-            raise AdapterConfigError(
-                f"trainer.fused_loss=true: {self.name} adds its virtual tokens in the model's own forward, which the "
-                "chunked loss bypasses (it calls the decoder alone); use trainer.fused_loss=false"
-            )
+        if self.virtual_tokens:
+            self.check_virtual_token_training(trainer)
         if trainer.distributed == Distributed.fsdp and not self.can_shard():
             raise AdapterConfigError(f"trainer.distributed=fsdp: adapter={self.name} ({type(self).__name__}) does not "
                                      "train on a sharded model; use trainer.distributed=ddp")
+
+    @property
+    def virtual_tokens_in_cache(self) -> bool:
+        """Whether the virtual tokens are keys and values in the cache only (prefix tuning), which a packed
+        row's mask can show to each of its sequences (``trainer.batching=paper_packed``), rather than
+        input positions (prompt tuning)."""
+        return False
+
+    def check_virtual_token_training(self, trainer: Any) -> None:
+        """check_training's refusals for a method with virtual tokens."""
+        batching = Batching(trainer.batching)
+        in_cache = self.virtual_tokens_in_cache
+        if batching == Batching.packed or (batching == Batching.paper_packed and not in_cache):
+            also = " or trainer.batching=paper_packed" if in_cache else ""
+            raise AdapterConfigError(
+                f"trainer.batching={batching.value}: {self.name} puts virtual tokens before each sequence "
+                f"and a packed row holds several; use trainer.batching=padded{also}"
+            )
+        attention = trainer.attn_implementation
+        if batching == Batching.paper_packed and attention not in (None, *PREFIX_PACKED_ATTENTION):
+            raise AdapterConfigError(
+                f"trainer.attn_implementation={attention}: {self.name} on packed rows needs an explicit 4D mask over "
+                f"its prefix slots; use one of {', '.join(PREFIX_PACKED_ATTENTION)}"
+            )
+        if trainer.fused_loss:
+            preset = " (trainer=paper_packed sets it true)" if batching == Batching.paper_packed else ""
+            raise AdapterConfigError(
+                f"trainer.fused_loss=true: {self.name} adds its virtual tokens in the model's own forward, which the "
+                f"chunked loss bypasses (it calls the decoder alone); use trainer.fused_loss=false{preset}"
+            )
 
     def inject(self, model: nn.Module, tokenizer: Any = None) -> InjectionReport:
         """Add the method's modules to ``model`` in place; ``tokenizer`` only for text-initialised prompts."""

@@ -73,6 +73,10 @@ class PrefixTuning(Adapter):
     def virtual_tokens(self) -> int:
         return self.num_virtual_tokens
 
+    @property
+    def virtual_tokens_in_cache(self) -> bool:
+        return True  # trains under trainer.batching=paper_packed (training/speed/packed_mask.py)
+
     def inject(self, model: nn.Module, tokenizer: Any = None) -> InjectionReport:
         num_layers, kv_heads, head_dim = kv_shape(model)
         prefix_layers = len(decoder_layers(model)[1])

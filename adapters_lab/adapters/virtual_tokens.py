@@ -9,6 +9,15 @@ virtual tokens too. Position ids are rebuilt from that mask (``cumsum - 1``), so
 prompt gets the same positions as the unpadded one, in training and in every generation step.
 With an all-ones mask this is exactly HF PEFT's layout (virtual tokens at 0..n-1).
 
+Packed rows (several sequences a row, position ids restarting per sequence) are refused, except
+where the caller says explicitly how the row is laid out: ``PACKED_ROWS=True`` among the call's
+keywords (the trainer's ``trainer.batching=paper_packed`` path for prefix tuning) with a 4D
+attention mask over the ``n`` prefix slots and then the row's tokens (every query sees all the
+prefix slots and its own sequence's earlier tokens: ``training/speed/packed_mask.py``) and each
+sequence's own position ids from 0. The hook then adds ``n`` to the position ids (each sequence's
+tokens at n..n+L-1, as in a padded batch) and pre-fills the cache. Prompt tuning's virtual tokens
+are input positions, one set per sequence, which a packed row cannot hold: refused there too.
+
 A caller that lays out the virtual tokens itself (our decoder writes the prefix into its own cache
 and passes 4D masks) runs the model inside ``hooks_suspended(model)``, where the hooks do nothing.
 """
@@ -39,6 +48,7 @@ def count(model: nn.Module) -> int:
     return sum(m.num_virtual_tokens for m in model.children() if isinstance(m, VirtualTokenModule))
 
 
+PACKED_ROWS = "virtual_tokens_packed_rows"  # a call keyword, removed by the hook: see the module docstring
 SUSPENDED = "_virtual_tokens_suspended"  # a model attribute: True inside ``hooks_suspended``
 
 
@@ -58,6 +68,21 @@ def is_first_step(kwargs: dict) -> bool:
     """No cache yet, or an empty one (``generate`` passes an empty cache to its first call)."""
     cache = call_cache(kwargs)
     return cache is None or cache.get_seq_length() == 0
+
+
+def check_packed_rows(kwargs: dict, n: int, length: int, inserts_tokens: bool, takes_positions: bool) -> None:
+    """One line for a ``PACKED_ROWS`` call the hook cannot lay out."""
+    if inserts_tokens:
+        raise ValueError("prompt tuning's virtual tokens are input positions before each sequence, and a packed row "
+                         "holds several: use trainer.batching=padded")
+    mask, positions = kwargs.get("attention_mask"), kwargs.get("position_ids")
+    if not takes_positions or positions is None:
+        raise ValueError("packed rows behind a prefix need position ids (each sequence's own, from 0)")
+    if mask is None or len(mask.shape) != 4 or mask.shape[-1] != n + length:
+        raise ValueError(f"packed rows behind a prefix need a 4D attention mask over {n} prefix slots + {length} "
+                         f"tokens, not {None if mask is None else tuple(mask.shape)}")
+    if not is_first_step(kwargs):
+        raise ValueError("packed rows behind a prefix are training calls: no cache may be given")
 
 
 def install(model: nn.Module, num_virtual_tokens: int, first_step: Callable[[dict, int], None],
@@ -80,10 +105,15 @@ def install(model: nn.Module, num_virtual_tokens: int, first_step: Callable[[dic
             kwargs = {"input_ids": args[0], **kwargs}
         tokens = kwargs.get("input_ids") if kwargs.get("input_ids") is not None else kwargs["inputs_embeds"]
         batch, length = tokens.shape[:2]
+        packed = kwargs.pop(PACKED_ROWS, False)
+        if packed:
+            check_packed_rows(kwargs, n, length, inserts_tokens, takes_positions)
         first = is_first_step(kwargs)
         kwargs.pop("cache_position", None)
         mask = kwargs.get("attention_mask")
-        if mask is not None:
+        if packed:  # the caller's 4D mask covers the prefix slots already
+            kwargs["position_ids"] = kwargs["position_ids"] + n
+        elif mask is not None:
             mask = torch.cat([mask.new_ones(batch, n), mask], dim=1)
             kwargs["attention_mask"] = mask
             if takes_positions:

@@ -14,6 +14,7 @@ import logging
 import torch
 import torch.nn as nn
 
+from adapters_lab.adapters import virtual_tokens
 from adapters_lab.config import BasePrecision, TrainerConfig, TrainerConfigError
 from adapters_lab.data.paper_packing import LOSS_WEIGHTS
 from adapters_lab.training.settings import typed_trainer_config
@@ -24,7 +25,7 @@ from adapters_lab.training.speed.layers import (
     uncompile_decoder_layers,
 )
 from adapters_lab.training.speed.loss import check_fused_loss_supported, chunked_causal_lm_loss, weighted_causal_lm_loss
-from adapters_lab.training.speed.packed_mask import with_packed_block_mask
+from adapters_lab.training.speed.packed_mask import packed_prefix_mask, with_packed_block_mask
 from adapters_lab.training.speed.varlen import (
     VARLEN,
     check_varlen_supported,
@@ -45,9 +46,12 @@ def forward_loss(model: nn.Module, batch: dict, fused: bool) -> torch.Tensor:
     """Mean next-token loss of a batch (padded: attention_mask; packed: position_ids; varlen
     attention: also varlen_cu_seqlens and varlen_max_seqlen); a paper_packed batch's weighted sum
     (its ``loss_weights``: the padded step's loss). Packed rows under flex attention get their block
-    mask here (``packed_mask``: built without a host read)."""
-    inputs = with_packed_block_mask(model, {k: v for k, v in batch.items() if k not in ("labels", LOSS_WEIGHTS)})
+    mask here (``packed_mask``: built without a host read); a paper_packed batch on a model with a
+    prefix gets its 4D mask over the prefix slots for any attention (``with_prefix_packed_mask``)."""
+    inputs = {k: v for k, v in batch.items() if k not in ("labels", LOSS_WEIGHTS)}
     weights = batch.get(LOSS_WEIGHTS)
+    prefix = virtual_tokens.count(model) if weights is not None else 0
+    inputs = with_prefix_packed_mask(model, inputs, prefix) if prefix else with_packed_block_mask(model, inputs)
     mark_dynamic_segments(inputs)
     if not fused and weights is None:
         return model(**inputs, labels=batch["labels"], use_cache=False).loss
@@ -55,6 +59,14 @@ def forward_loss(model: nn.Module, batch: dict, fused: bool) -> torch.Tensor:
         return weighted_causal_lm_loss(model(**inputs, use_cache=False).logits, batch["labels"], weights)
     hidden = model.get_decoder()(**inputs, use_cache=False).last_hidden_state
     return chunked_causal_lm_loss(hidden, model.get_output_embeddings(), batch["labels"], weights=weights)
+
+
+def with_prefix_packed_mask(model: nn.Module, inputs: dict, prefix: int) -> dict:
+    """A paper_packed batch's inputs for a model with ``prefix`` virtual tokens: the 4D mask over the
+    prefix slots and the rows' examples, said explicitly to the virtual-token hook, which adds the
+    prefix to the position ids and the cache (``adapters/virtual_tokens.py``; prompt tuning refuses there)."""
+    mask = packed_prefix_mask(model, inputs["position_ids"], prefix)
+    return {**inputs, "attention_mask": mask, virtual_tokens.PACKED_ROWS: True}
 
 
 class SpeedPaths:
