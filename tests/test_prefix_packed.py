@@ -85,7 +85,8 @@ def test_one_packed_step_is_the_padded_step_and_the_prefix_columns_matter(attent
     with torch.no_grad():
         packed, padded = forward_loss(model, batch, fused=False), padded_step_loss(model, micro_batches)
         torch.testing.assert_close(packed, padded, rtol=1e-5, atol=1e-6)
-        inputs = with_prefix_packed_mask(model, {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"]}, N)
+        inputs = {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"]}
+        inputs = with_prefix_packed_mask(model, inputs, N)
         assert torch.isfinite(model(**inputs, use_cache=False).logits).all()  # filler segments too
         mask = inputs["attention_mask"]
         hidden = mask.clone()
@@ -178,3 +179,16 @@ def test_the_forward_refuses_prompt_tuning_and_packed_rows_without_the_paper_pac
     wrong = packed_dense_mask(batch["position_ids"], prefix=N - 1)  # a mask that misses a prefix slot
     with pytest.raises(ValueError, match=rf"4D attention mask over {N} prefix slots"):
         prefix(**inputs, attention_mask=wrong, use_cache=False, **{virtual_tokens.PACKED_ROWS: True})
+
+
+def test_run_py_trains_prefix_under_trainer_paper_packed(make_cfg, tmp_path):
+    import json
+
+    from adapters_lab.pipeline import run as run_py
+
+    cfg = make_cfg("model=tiny_llama", "adapter=prefix", "trainer=paper_packed", "trainer.fused_loss=false",
+                   "trainer.attn_implementation=sdpa", "trainer.compile=false", "trainer.max_steps=3", "eval.limit=2")
+    assert cfg.trainer.batching == Batching.paper_packed
+    run_py(cfg)
+    train = json.loads((tmp_path / "run" / "metrics.json").read_text())["train"]
+    assert train["steps"] == 3 and torch.isfinite(torch.tensor([train["loss_final"], train["val_loss"]])).all()

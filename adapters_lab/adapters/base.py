@@ -21,7 +21,6 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 
 from adapters_lab.config import Batching, Distributed
 
-
 # the attention a prefix on packed rows trains under (the 4D mask: training/speed/packed_mask.py)
 PREFIX_PACKED_ATTENTION = ("sdpa", "eager", "flex_attention")
 

@@ -100,7 +100,8 @@ class SpeedPaths:
         self.check(model)
         self.evaluation_attention = model.config._attn_implementation
         if cfg.gradient_checkpointing:
-            log.info("gradient checkpointing on %d decoder layers", enable_gradient_checkpointing(model, cfg.checkpoint_layers))
+            layers = enable_gradient_checkpointing(model, cfg.checkpoint_layers)
+            log.info("gradient checkpointing on %d decoder layers", layers)
         if self.varlen:
             model.set_attn_implementation(register_varlen_attention())
         elif cfg.attn_implementation:

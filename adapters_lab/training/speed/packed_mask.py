@@ -73,8 +73,9 @@ def packed_prefix_mask(model, position_ids: torch.Tensor, prefix: int):
     takes: a ``BlockMask`` (flex attention), boolean (SDPA) or additive (eager, the model's dtype)."""
     implementation = getattr(model.config, "_attn_implementation", None)
     if implementation not in PREFIX_PACKED_ATTENTION:
-        raise ValueError(f"trainer.attn_implementation={implementation}: packed rows behind a prefix need an explicit "
-                         f"4D mask, which this attention does not take; use one of {', '.join(PREFIX_PACKED_ATTENTION)}")
+        raise ValueError(f"trainer.attn_implementation={implementation}: packed rows behind a prefix need an "
+                         f"explicit 4D mask, which this attention does not take; use one of "
+                         f"{', '.join(PREFIX_PACKED_ATTENTION)}")
     if implementation == FLEX:
         return packed_block_mask(position_ids, prefix)
     dense = packed_dense_mask(position_ids, prefix)
