@@ -16,12 +16,16 @@ somewhat longer than LLaMA's, and a random model never emits EOS, so every answe
 tokens (an upper bound for a trained model).
 
 Stages per cell, wall seconds: ``load`` (build, freeze, inject, on the device), ``compile`` (the
-first optimiser steps' time beyond the steady rate: compilation and warm-up), ``train`` (the rest
-of training: steps, validation, checkpoints), ``eval``. ``--max-steps`` / ``--eval-limit`` time a
-sample and extrapolate that stage to the full run (marked ``extrapolated``): train by its remaining
-steps at the steady rate, what the sample spent beyond its steps (closing validation, checkpoint) once;
-eval linearly by questions, an upper bound, since a sample of one batch pays for building a decoder
-and capturing its CUDA graphs, which the whole suite pays a few times over its 34 batches. Each finished
+run's time beyond its steps at the steady rate and its validations and checkpoints at their
+recurring cost: compilation, warm-up, the first validation's and checkpoint's excess), ``train``
+(the steps at the steady rate, the validations and the checkpoints), ``eval``. The trainer's steady
+rate leaves validations and checkpoints out and times each of them (``TrainResult``), so a sample
+(``--max-steps N``, which validates and checkpoints at its half and its end) extrapolates to the
+full schedule (marked ``extrapolated``): its steps at the steady rate, its validations and checkpoints
+as many as the loop schedules (every ``trainer.eval_every`` / ``checkpoint_every`` steps and at the
+end), each at the cost of the sample's later ones. ``--eval-limit N`` extrapolates eval linearly by
+questions, an upper bound, since a sample of one batch pays for building a decoder and capturing its
+CUDA graphs, which the whole suite pays a few times over its 34 batches. Each finished
 cell is written to ``--out`` at once and skipped when the script runs again (``--overwrite``
 redoes it), so the table can be timed one cell per command; the printed table sums every cell in
 the file.
@@ -125,9 +129,9 @@ def free(device: torch.device) -> None:
     torch._dynamo.reset()
 
 
-def train_stage(cfg, model, tokenizer, adapter, examples: list[dict], device) -> tuple[dict, object]:
+def train_stage(cfg, model, tokenizer, adapter, examples: list[dict], device) -> tuple[float, object]:
     """Train on ``examples`` (the first dataset.val_set_size held out, as a real run holds out a split) with the
-    cell's recipe; returns the compile and train seconds and the TrainResult."""
+    cell's recipe; returns the wall seconds and the TrainResult."""
     from adapters_lab.tracking import NullTracker
     from adapters_lab.training.loop import train
     from adapters_lab.training.settings import check_trainer_config, make_accelerator
@@ -140,19 +144,44 @@ def train_stage(cfg, model, tokenizer, adapter, examples: list[dict], device) ->
     with tempfile.TemporaryDirectory() as checkpoints:
         result, seconds = timed(lambda: train(model, rest, val, tokenizer.pad_token_id, settings, accelerator,
                                               NullTracker(), cfg.seed, checkpoint_dir=Path(checkpoints)), device)
+    return seconds, result
+
+
+def scheduled_events(updates: int, eval_every: int, checkpoint_every: int, validates: bool) -> tuple[int, int]:
+    """(validations, checkpoints) of a run of ``updates`` steps, as the training loop schedules them:
+    a validation every ``eval_every`` steps before the last and one at the end (when there is a
+    validation split); a checkpoint every ``checkpoint_every`` steps and one at the end."""
+    validations = (((updates - 1) // eval_every if eval_every > 0 else 0) + 1) if validates else 0
+    every = (updates // checkpoint_every) if checkpoint_every > 0 else 0
+    last = 0 if checkpoint_every > 0 and updates % checkpoint_every == 0 else 1
+    return validations, every + last
+
+
+def recurring(times: list[float]) -> tuple[float, float]:
+    """(the cost of one more such event, the first one's excess): the mean after the first when there are
+    several (the first validation also compiles its shapes), else the one measured."""
+    if not times:
+        return 0.0, 0.0
+    later = times[1:] or times
+    cost = sum(later) / len(later)
+    return cost, times[0] - cost
+
+
+def split_train(seconds: float, result, full_steps: int, full_validations: int, full_checkpoints: int
+                ) -> tuple[float, float]:
+    """(compile, train) seconds of the full schedule from a run that took ``seconds``: train is the full
+    schedule's steps at the steady rate (with the run's mean tokens per step) plus its validations and
+    checkpoints at their measured recurring cost; compile is the rest of the run's wall time (the first
+    steps' compilation and warm-up, the first validation's and checkpoint's excess, selecting weights),
+    counted once. A run of the full schedule gives back its own wall time."""
     steady = result.steady_tokens_per_second
-    compile_seconds = min(seconds, max(0.0, result.seconds - result.tokens / steady)) if steady > 0 else 0.0
-    return {"compile": compile_seconds, "train": seconds - compile_seconds, "train_examples": rest}, result
-
-
-def extrapolated_train(seconds: float, steps: int, full_steps: int, tokens: int, steady: float) -> float:
-    """The full schedule's train stage from a sample of ``steps`` steps that took ``seconds`` (after the
-    compile stage) and trained ``tokens``: the remaining steps at the steady rate, each with the sample's
-    mean tokens per step; what the sample spent beyond its steps (the closing validation, the checkpoint,
-    restoring the selected weights) is counted once, as the full run spends it once."""
-    if steady <= 0:
-        return seconds * full_steps / steps
-    return seconds + (full_steps - steps) * (tokens / steps) / steady
+    steps_time = result.tokens / steady if steady > 0 else seconds
+    validation, validation_first = recurring(result.validation_seconds)
+    checkpoint, checkpoint_first = recurring(result.checkpoint_seconds)
+    other = seconds - steps_time - sum(result.validation_seconds) - sum(result.checkpoint_seconds)
+    compile_seconds = max(0.0, other) + validation_first + checkpoint_first
+    train = full_steps * (result.tokens / max(result.steps, 1)) / steady if steady > 0 else seconds * full_steps / max(result.steps, 1)
+    return compile_seconds, train + full_validations * validation + full_checkpoints * checkpoint
 
 
 def run_cell(cell: str, args, device: torch.device) -> dict:
@@ -162,7 +191,9 @@ def run_cell(cell: str, args, device: torch.device) -> dict:
     from adapters_lab.data.sources import load_task_data
     from adapters_lab.evaluate import evaluate_sets
 
-    sample = [*([f"trainer.max_steps={args.max_steps}"] if args.max_steps else []),
+    half = max(1, (args.max_steps or 0) // 2)  # a sample validates and checkpoints at its half and its end
+    sample = [*([f"trainer.max_steps={args.max_steps}", f"trainer.eval_every={half}", f"trainer.checkpoint_every={half}"]
+                if args.max_steps else []),
               *([f"eval.limit={args.eval_limit}"] if args.eval_limit else [])]
     full_cfg = compose_cell(cell, args.tiny, args.overrides)
     cfg = compose_cell(cell, args.tiny, [*args.overrides, *sample])
@@ -173,13 +204,14 @@ def run_cell(cell: str, args, device: torch.device) -> dict:
     (adapter, model, tokenizer, params), load_seconds = timed(lambda: build(cfg, device), device)
     examples = synthetic_examples(args.examples, model.config.vocab_size, tokenizer.bos_token_id,
                                   cfg.dataset.cutoff_len, cfg.seed)
-    stages, result = train_stage(cfg, model, tokenizer, adapter, examples, device)
-    full_steps = full_updates(full_cfg.trainer, stages.pop("train_examples"), tokenizer.pad_token_id, cfg.seed)
-    extrapolated = []
-    if result.steps < full_steps:
-        stages["train"] = extrapolated_train(stages["train"], result.steps, full_steps, result.tokens,
-                                             result.steady_tokens_per_second)
-        extrapolated.append("train")
+    train_seconds, result = train_stage(cfg, model, tokenizer, adapter, examples, device)
+    train_examples = examples[cfg.dataset.val_set_size:]
+    full_steps = full_updates(full_cfg.trainer, train_examples, tokenizer.pad_token_id, cfg.seed)
+    events = scheduled_events(full_steps, full_cfg.trainer.eval_every, full_cfg.trainer.checkpoint_every,
+                              cfg.dataset.val_set_size > 0)
+    compile_seconds, train = split_train(train_seconds, result, full_steps, *events)
+    stages = {"compile": compile_seconds, "train": train}
+    extrapolated = ["train"] if result.steps < full_steps else []
     metrics, eval_seconds = timed(lambda: evaluate_sets(model, tokenizer, data.eval_sets, cfg.eval, device, None),
                                   device)
     questions = sum(len(v) for v in data.eval_sets.values())
@@ -189,7 +221,9 @@ def run_cell(cell: str, args, device: torch.device) -> dict:
         extrapolated.append("eval")
     row["total"] = sum(row["stages"].values())
     row["measured"] = {"steps": result.steps, "full_steps": full_steps,
-                       "train_examples": len(examples) - cfg.dataset.val_set_size,
+                       "train_examples": len(train_examples), "train_seconds": train_seconds,
+                       "validation_seconds": result.validation_seconds, "checkpoint_seconds": result.checkpoint_seconds,
+                       "full_validations": events[0], "full_checkpoints": events[1],
                        "questions": questions, "full_questions": full_questions, "eval_seconds": eval_seconds,
                        "tokens": result.tokens, "tokens_per_second": result.tokens_per_second,
                        "steady_tokens_per_second": result.steady_tokens_per_second,

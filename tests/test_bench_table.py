@@ -51,12 +51,39 @@ def test_full_schedule_steps_are_the_trainers():
     assert bench.full_updates(TrainerConfig(max_steps=7), examples, 0, 0) == 7
 
 
-def test_a_sampled_train_stage_extrapolates_its_steps_not_its_closing_costs():
-    # 12 steps of 2,739 tokens took 40 s, of which 12 x 2,739 / 9,869 = 3.3 s were steps at the steady rate.
-    got = bench.extrapolated_train(40.0, 12, 1854, 12 * 2739, 9869.0)
-    assert got == pytest.approx(40.0 + 1842 * 2739 / 9869.0)
-    assert got < 40.0 * 1854 / 12 / 10  # linear scaling would also repeat the 36.7 s spent once, 1854 / 12 times
-    assert bench.extrapolated_train(6.0, 2, 6, 100, 0.0) == pytest.approx(18.0)  # no steady rate: linear
+def test_events_are_counted_as_the_training_loop_schedules_them(tmp_path):
+    from tests.train_helpers import run, token_examples, trainer_cfg
+
+    assert bench.scheduled_events(1854, 200, 200, True) == (10, 10)  # 9 during, 1 at the end; 200..1800 and 1854
+    assert bench.scheduled_events(1800, 200, 200, True) == (9, 9)  # step 1800: the closing ones only
+    assert bench.scheduled_events(7, 0, 0, False) == (0, 1)
+    for steps, every in ((6, 2), (7, 3), (5, 0)):  # against what the loop does
+        cfg = trainer_cfg(max_steps=steps, eval_every=every, checkpoint_every=every)
+        _, result = run(cfg, token_examples(40, seed=1), checkpoint_dir=tmp_path / f"{steps}_{every}",
+                        val=token_examples(4, seed=2))
+        counted = (len(result.validation_seconds), len(result.checkpoint_seconds))
+        assert bench.scheduled_events(steps, every, every, True) == counted
+
+
+def sample(seconds_per_val, seconds_per_ckpt, steps=12, tokens_per_step=2739, steady=15000.0):
+    from types import SimpleNamespace
+
+    return SimpleNamespace(steps=steps, tokens=steps * tokens_per_step, steady_tokens_per_second=steady,
+                           validation_seconds=seconds_per_val, checkpoint_seconds=seconds_per_ckpt)
+
+
+def test_a_sampled_train_stage_extrapolates_steps_and_recurring_events_and_counts_compilation_once():
+    # 12 steps (2.19 s at the steady rate), validations of 30 s (compiling) then 4 s, checkpoints of 6 s then 5 s;
+    # the run took 60 s, so 60 - 2.19 - 34 - 11 = 12.8 s were the first steps' compilation.
+    result = sample([30.0, 4.0], [6.0, 5.0])
+    steps_time = 12 * 2739 / 15000.0
+    compile_seconds, train = bench.split_train(60.0, result, 1854, 10, 10)
+    assert compile_seconds == pytest.approx(60.0 - steps_time - 45.0 + 26.0 + 1.0)
+    assert train == pytest.approx(1854 * 2739 / 15000.0 + 10 * 4.0 + 10 * 5.0)
+    # a run of the whole schedule gives its own wall time back, split
+    compile_seconds, train = bench.split_train(60.0, result, 12, 2, 2)
+    assert compile_seconds + train == pytest.approx(60.0)
+    assert bench.recurring([7.0]) == (7.0, 0.0) and bench.recurring([]) == (0.0, 0.0)
 
 
 @pytest.mark.skipif(not (SUITE / "gsm8k" / "test.json").is_file(), reason="math test sets not present")

@@ -12,6 +12,7 @@ NaN policy, the log and the loss history.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import signal
@@ -212,13 +213,14 @@ class Recipe:
             log.info("%s", log_line(loop.step, self.updates, stats, self.throughput.eta(loop, self.updates)))
 
     def validate(self) -> None:
-        self.loop.val_loss = validation_loss(self.model, self.val_examples, self.val_collate,
-                                             self.cfg.micro_batch_size, self.accelerator, self.speed)
-        self.tracker.log({"val/loss": self.loop.val_loss}, self.loop.step)
         loop = self.loop
-        if self.cfg.select == Select.best_val and (loop.best_val_loss is None or loop.val_loss < loop.best_val_loss):
-            loop.best_val_loss, loop.best_step = loop.val_loss, loop.step
-            self.best = sharding.full_adapter_state(self.model)
+        with self.throughput.paused("validation"):
+            loop.val_loss = validation_loss(self.model, self.val_examples, self.val_collate,
+                                            self.cfg.micro_batch_size, self.accelerator, self.speed)
+            if self.cfg.select == Select.best_val and (loop.best_val_loss is None or loop.val_loss < loop.best_val_loss):
+                loop.best_val_loss, loop.best_step = loop.val_loss, loop.step
+                self.best = sharding.full_adapter_state(self.model)
+        self.tracker.log({"val/loss": loop.val_loss}, loop.step)
 
     def select_weights(self) -> None:
         """trainer.select=best_val: end with the weights of the lowest validation loss (upstream's
@@ -249,7 +251,8 @@ class Recipe:
         if not (every > 0 and step % every == 0 or step == self.updates or stop):
             return
         self.throughput.bank(self.loop)
-        saved = self.save()
+        with self.throughput.paused("checkpoint") if self.checkpoint_dir is not None else contextlib.nullcontext():
+            saved = self.save()
         if stop:
             self.bar.close()
             log.warning("%s: checkpoint saved in %s at step %d; exiting", signal.Signals(signum).name, saved, step)

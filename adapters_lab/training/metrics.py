@@ -4,6 +4,7 @@ first steps), model FLOPs utilisation, peak memory, the logged figures and the r
 from __future__ import annotations
 
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -24,13 +25,15 @@ class TrainResult:
     seconds: float
     tokens_per_second: float  # real tokens over the whole run (resumed segments included)
     padded_tokens_per_second: float  # the same with padding counted: what the model processed
-    steady_tokens_per_second: float  # real tokens after the first steps (compilation, warm-up)
+    steady_tokens_per_second: float  # real tokens over the steps after the first ones (compilation, warm-up)
     mfu: float | None  # model FLOPs utilisation of the steady part, against trainer.peak_tflops
     peak_memory_gib: float | None
     skipped_steps: int = 0
     resumed_from_step: int | None = None
     loss_history: list[float] = field(default_factory=list)  # one mean loss per optimiser step
     selected_step: int | None = None  # the step whose adapter weights training ended with (trainer.select)
+    validation_seconds: list[float] = field(default_factory=list)  # wall time of each validation (this process)
+    checkpoint_seconds: list[float] = field(default_factory=list)  # wall time of each checkpoint saved (this process)
 
 
 def matmul_weights(model: nn.Module) -> tuple[int, int]:
@@ -99,23 +102,43 @@ def log_line(step: int, updates: int, stats: dict, eta_seconds: float) -> str:
 
 class Throughput:
     """Wall time of the run (``loop.seconds`` banks it at each checkpoint, so a resumed run adds
-    its segments) and the steady rate after the first steps (compilation, warm-up)."""
+    its segments) and the steady rate: real tokens over the optimiser steps after the first ones
+    (compilation, warm-up), the time of validations and checkpoints (``paused``) left out."""
 
     def __init__(self, loop: LoopState, updates: int, resumed_from: int | None, flops: int,
                  peak_tflops: float | None, world: int, device: torch.device):
         self.steady_from = min(2, max(updates - 1, 0)) + (resumed_from or 0)  # steps excluded from the steady rate
-        self.steady_start: float | None = None
-        self.steady_tokens = 0
+        self.mark: float | None = None  # the end of the last counted step, moved on by each pause after it
+        self.steady_seconds, self.steady_tokens = 0.0, 0
+        self.pauses: dict[str, list[float]] = {"validation": [], "checkpoint": []}
         self.flops, self.peak_tflops, self.world, self.device = flops, peak_tflops, world, device
         self.segment_start = self.started = time.perf_counter()
         self.start_step = loop.step
 
     def step(self, loop: LoopState, tokens: int) -> None:
         """After an optimiser step that saw ``tokens`` real tokens."""
+        now = time.perf_counter()
         if loop.step == self.steady_from:
-            self.steady_start = time.perf_counter()
-        elif self.steady_start is not None:
+            self.mark = now
+        elif self.mark is not None:
+            self.steady_seconds += now - self.mark
             self.steady_tokens += tokens
+            self.mark = now
+
+    @contextmanager
+    def paused(self, kind: str):
+        """Time a validation or a checkpoint (``kind``) and leave it out of the steady rate; the step
+        before it finishes on the device first (its time stays the step's)."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            seconds = time.perf_counter() - start
+            self.pauses[kind].append(seconds)
+            if self.mark is not None:
+                self.mark += seconds
 
     def bank(self, loop: LoopState) -> None:
         """Add the time since the last bank to ``loop.seconds`` (before a checkpoint saves it)."""
@@ -143,8 +166,9 @@ class Throughput:
         return (time.perf_counter() - self.started) / done * (updates - loop.step) if done > 0 else float("nan")
 
     def steady_rate(self, loop: LoopState) -> float:
-        seconds = time.perf_counter() - self.steady_start if self.steady_start is not None else 0.0
-        return self.steady_tokens / seconds if seconds > 0 else loop.tokens / max(loop.seconds, 1e-9)
+        if self.steady_seconds > 0:
+            return self.steady_tokens / self.steady_seconds
+        return loop.tokens / max(loop.seconds, 1e-9)
 
 
 def train_result(loop: LoopState, throughput: Throughput, steady: float, loss_final: float, epochs_completed: float,
@@ -156,4 +180,5 @@ def train_result(loop: LoopState, throughput: Throughput, steady: float, loss_fi
         tokens_per_second=rate(loop.tokens), padded_tokens_per_second=rate(loop.padded_tokens),
         steady_tokens_per_second=steady, mfu=throughput.mfu(steady), peak_memory_gib=peak_memory_gib(throughput.device),
         skipped_steps=loop.skipped_steps, resumed_from_step=resumed_from, loss_history=list(loop.loss_history),
-        selected_step=loop.best_step if loop.best_step is not None else loop.step)
+        selected_step=loop.best_step if loop.best_step is not None else loop.step,
+        validation_seconds=list(throughput.pauses["validation"]), checkpoint_seconds=list(throughput.pauses["checkpoint"]))
