@@ -143,7 +143,8 @@ def train_stage(cfg, model, tokenizer, adapter, examples: list[dict], device) ->
     accelerator = make_accelerator(cfg.trainer)
     with tempfile.TemporaryDirectory() as checkpoints:
         result, seconds = timed(lambda: train(model, rest, val, tokenizer.pad_token_id, settings, accelerator,
-                                              NullTracker(), cfg.seed, checkpoint_dir=Path(checkpoints)), device)
+                                              NullTracker(), cfg.seed, checkpoint_dir=Path(checkpoints),
+                                              base_precision=cfg.model.base_precision), device)
     return seconds, result
 
 
@@ -231,6 +232,7 @@ def run_cell(cell: str, args, device: torch.device) -> dict:
     row["recipe"] = {"adapter": adapter.name, "params": params, "lr": cfg.trainer.lr, "epochs": cfg.trainer.epochs,
                      "batch_size": cfg.trainer.batch_size, "micro_batch_size": cfg.trainer.micro_batch_size,
                      "batching": str(cfg.trainer.batching.value), "num_beams": cfg.eval.num_beams,
+                     "base_precision": str(cfg.model.base_precision.value),
                      "eval_accuracy": metrics.get("average")}
     model = None  # freed before the next cell is built
     free(device)

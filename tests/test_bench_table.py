@@ -110,3 +110,25 @@ def test_tiny_run_times_every_stage_keeps_cells_and_refuses_other_settings(tmp_p
     row = sampled["cells"]["lora"]
     assert row["extrapolated"] == ["train", "eval"]
     assert (row["measured"]["steps"], row["measured"]["full_steps"]) == (2, 6)
+
+
+def test_a_cell_trains_at_its_configured_base_precision(monkeypatch):
+    from types import SimpleNamespace
+
+    import torch
+
+    from adapters_lab.config import BasePrecision
+    from adapters_lab.training import loop as loop_module
+
+    cfg = bench.compose_cell("lora", tiny=True, overrides=["model.base_precision=fp8"])
+    seen = {}
+
+    def fake_train(*args, **kwargs):
+        seen.update(kwargs)
+        raise StopIteration
+
+    monkeypatch.setattr(loop_module, "train", fake_train)
+    with pytest.raises(StopIteration):
+        bench.train_stage(cfg, None, SimpleNamespace(pad_token_id=0), SimpleNamespace(check_training=lambda c: None),
+                          bench.synthetic_examples(24, vocab=100, bos=1, cutoff=64, seed=0), torch.device("cpu"))
+    assert BasePrecision(seen["base_precision"]) == BasePrecision.fp8
