@@ -113,8 +113,7 @@ class SpeedPaths:
             log.info("FP8 frozen base: %d linear layers", len(self.fp8_swap.swapped))
         if cfg.compile:
             mode = cfg.compile_mode.value
-            own = virtual_tokens.count(model) > 0  # prefix tuning's cache: a graph per layer (layers.py)
-            log.info("compiled %d decoder layers (mode %s)", compile_decoder_layers(model, mode, own), mode)
+            log.info("compiled %d decoder layers (mode %s)", compile_decoder_layers(model, mode), mode)
         return self
 
     def restore(self, model: nn.Module) -> None:
