@@ -181,7 +181,8 @@ def split_train(seconds: float, result, full_steps: int, full_validations: int, 
     checkpoint, checkpoint_first = recurring(result.checkpoint_seconds)
     other = seconds - steps_time - sum(result.validation_seconds) - sum(result.checkpoint_seconds)
     compile_seconds = max(0.0, other) + validation_first + checkpoint_first
-    train = full_steps * (result.tokens / max(result.steps, 1)) / steady if steady > 0 else seconds * full_steps / max(result.steps, 1)
+    per_step = result.tokens / max(result.steps, 1)
+    train = full_steps * per_step / steady if steady > 0 else seconds * full_steps / max(result.steps, 1)
     return compile_seconds, train + full_validations * validation + full_checkpoints * checkpoint
 
 
@@ -193,8 +194,8 @@ def run_cell(cell: str, args, device: torch.device) -> dict:
     from adapters_lab.evaluate import evaluate_sets
 
     half = max(1, (args.max_steps or 0) // 2)  # a sample validates and checkpoints at its half and its end
-    sample = [*([f"trainer.max_steps={args.max_steps}", f"trainer.eval_every={half}", f"trainer.checkpoint_every={half}"]
-                if args.max_steps else []),
+    steps = [f"trainer.max_steps={args.max_steps}", f"trainer.eval_every={half}", f"trainer.checkpoint_every={half}"]
+    sample = [*(steps if args.max_steps else []),
               *([f"eval.limit={args.eval_limit}"] if args.eval_limit else [])]
     full_cfg = compose_cell(cell, args.tiny, args.overrides)
     cfg = compose_cell(cell, args.tiny, [*args.overrides, *sample])

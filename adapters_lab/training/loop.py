@@ -217,7 +217,8 @@ class Recipe:
         with self.throughput.paused("validation"):
             loop.val_loss = validation_loss(self.model, self.val_examples, self.val_collate,
                                             self.cfg.micro_batch_size, self.accelerator, self.speed)
-            if self.cfg.select == Select.best_val and (loop.best_val_loss is None or loop.val_loss < loop.best_val_loss):
+            better = loop.best_val_loss is None or loop.val_loss < loop.best_val_loss
+            if self.cfg.select == Select.best_val and better:
                 loop.best_val_loss, loop.best_step = loop.val_loss, loop.step
                 self.best = sharding.full_adapter_state(self.model)
         self.tracker.log({"val/loss": loop.val_loss}, loop.step)

@@ -181,4 +181,5 @@ def train_result(loop: LoopState, throughput: Throughput, steady: float, loss_fi
         steady_tokens_per_second=steady, mfu=throughput.mfu(steady), peak_memory_gib=peak_memory_gib(throughput.device),
         skipped_steps=loop.skipped_steps, resumed_from_step=resumed_from, loss_history=list(loop.loss_history),
         selected_step=loop.best_step if loop.best_step is not None else loop.step,
-        validation_seconds=list(throughput.pauses["validation"]), checkpoint_seconds=list(throughput.pauses["checkpoint"]))
+        validation_seconds=list(throughput.pauses["validation"]),
+        checkpoint_seconds=list(throughput.pauses["checkpoint"]))
