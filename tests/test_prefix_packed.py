@@ -1,8 +1,12 @@
 """Prefix tuning under trainer.batching=paper_packed: each packed example attends to the n prefix
 slots and its own earlier tokens at positions n..n+L-1, as in a padded batch, so the packed steps
-train what the padded recipe trains. Prompt tuning and trainer.batching=packed stay refused."""
+train what the padded recipe trains. The trainer gives the packed rows' layers their prefixes without
+the cache (the prefix attention), so compiled layers share one graph. Prompt tuning and
+trainer.batching=packed stay refused."""
 
 from __future__ import annotations
+
+import contextlib
 
 import pytest
 import torch
@@ -11,13 +15,14 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from adapters_lab.adapters import virtual_tokens
 from adapters_lab.adapters.base import AdapterConfigError, freeze
-from adapters_lab.adapters.prefix import PrefixTuning
+from adapters_lab.adapters.prefix import PREFIX_KEY, PREFIX_VALUE, PrefixTuning, attention_modules, prefix_attention
 from adapters_lab.adapters.prompt import PromptInit, PromptTuning
 from adapters_lab.config import Batching
 from adapters_lab.data.batching import BatchPlan
 from adapters_lab.data.paper_packing import LOSS_WEIGHTS
 from adapters_lab.data.tokenize import PaddedCollator
-from adapters_lab.training.speed import forward_loss, with_prefix_packed_mask
+from adapters_lab.models import call_cache
+from adapters_lab.training.speed import forward_loss, prepare_model, with_prefix_packed_mask
 from adapters_lab.training.speed.packed_mask import packed_block_mask, packed_dense_mask, packed_prefix_mask
 from tests.train_helpers import PAD, VOCAB, run, token_examples, trainable, trainer_cfg
 
@@ -25,9 +30,10 @@ RECIPE = dict(max_steps=20, batch_size=16, micro_batch_size=4, lr=1e-2, warmup_s
 N = 5  # prefix slots
 
 
-def tiny_virtual_token_model(method: str = "prefix", projection: bool = False, attention: str = "sdpa"):
+def tiny_virtual_token_model(method: str = "prefix", projection: bool = False, attention: str = "sdpa",
+                             layers: int = 2):
     """A float32 random LLaMA (odd sizes) with prefix (or prompt) tuning, its prefix off its init."""
-    config = LlamaConfig(hidden_size=48, intermediate_size=76, num_hidden_layers=2, num_attention_heads=3,
+    config = LlamaConfig(hidden_size=48, intermediate_size=76, num_hidden_layers=layers, num_attention_heads=3,
                          num_key_value_heads=1, vocab_size=VOCAB, max_position_embeddings=256,
                          bos_token_id=1, eos_token_id=2, pad_token_id=PAD, tie_word_embeddings=False)
     config._attn_implementation = attention
@@ -39,6 +45,26 @@ def tiny_virtual_token_model(method: str = "prefix", projection: bool = False, a
     else:
         PrefixTuning(name="prefix", num_virtual_tokens=N, projection=projection, projection_hidden=7).inject(model)
     return model
+
+
+@contextlib.contextmanager
+def decoder_calls(model):
+    """Within: per call of the decoder, (a cache was passed, how many attention modules hold a prefix)."""
+    attentions = attention_modules(model)
+    calls = []
+
+    def record(module, args, kwargs):
+        calls.append((call_cache(kwargs) is not None, sum(hasattr(a, PREFIX_KEY) for a in attentions)))
+
+    handle = model.get_decoder().register_forward_pre_hook(record, with_kwargs=True)
+    try:
+        yield calls
+    finally:
+        handle.remove()
+
+
+def holds_no_prefix(model) -> bool:
+    return not any(hasattr(m, PREFIX_KEY) or hasattr(m, PREFIX_VALUE) for m in model.modules())
 
 
 def step_batch(pack_length: int, step: int = -1) -> tuple[dict, list[list[dict]]]:
@@ -61,11 +87,16 @@ def padded_step_loss(model, micro_batches: list[list[dict]]) -> torch.Tensor:
 def test_prefix_under_paper_packed_trains_what_padded_trains_over_20_steps(projection, pack_length):
     examples = token_examples(70, seed=3)
     padded_model = tiny_virtual_token_model(projection=projection)
-    _, padded = run(trainer_cfg(**RECIPE), examples, model=padded_model)
+    with decoder_calls(padded_model) as padded_calls:
+        _, padded = run(trainer_cfg(**RECIPE), examples, model=padded_model)
     packed_model = tiny_virtual_token_model(projection=projection)
-    _, packed = run(trainer_cfg(**RECIPE, batching="paper_packed", pack_length=pack_length), examples,
-                    model=packed_model)
+    with decoder_calls(packed_model) as packed_calls:
+        _, packed = run(trainer_cfg(**RECIPE, batching="paper_packed", pack_length=pack_length), examples,
+                        model=packed_model)
     assert packed.steps == padded.steps == 20
+    assert set(padded_calls) == {(True, 0)}  # padded: the prefix in the cache
+    assert set(packed_calls) == {(False, 2)}  # packed: no cache, each layer's attention holds its prefix
+    assert holds_no_prefix(packed_model) and packed_model.config._attn_implementation == "sdpa"  # restored
     torch.testing.assert_close(torch.tensor(packed.loss_history), torch.tensor(padded.loss_history),
                                rtol=1e-5, atol=1e-6)
     padded_weights, packed_weights = trainable(padded_model), trainable(packed_model)
@@ -77,13 +108,19 @@ def test_prefix_under_paper_packed_trains_what_padded_trains_over_20_steps(proje
     assert packed.tokens == padded.tokens and packed.padded_tokens < padded.padded_tokens
 
 
+@pytest.mark.parametrize("without_cache", [False, True])
 @pytest.mark.parametrize("attention", ["sdpa", "eager"])
 @pytest.mark.parametrize("pack_length", [0, 24])
-def test_one_packed_step_is_the_padded_step_and_the_prefix_columns_matter(attention, pack_length):
+def test_one_packed_step_is_the_padded_step_and_the_prefix_columns_matter(attention, pack_length, without_cache):
     model = tiny_virtual_token_model(attention=attention)
+    if without_cache:
+        model.set_attn_implementation(prefix_attention(model))
     batch, micro_batches = step_batch(pack_length)
-    with torch.no_grad():
-        packed, padded = forward_loss(model, batch, fused=False), padded_step_loss(model, micro_batches)
+    with torch.no_grad(), decoder_calls(model) as calls:
+        packed = forward_loss(model, batch, fused=False)
+        assert calls == [(False, 2) if without_cache else (True, 0)]
+        padded = padded_step_loss(model, micro_batches)
+        assert set(calls[1:]) == {(True, 0)}
         torch.testing.assert_close(packed, padded, rtol=1e-5, atol=1e-6)
         inputs = {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"]}
         inputs = with_prefix_packed_mask(model, inputs, N)

@@ -75,7 +75,7 @@ class PromptTuning(Adapter):
                     nn.init.normal_(prompt.embedding.weight, std=words.weight.float().std().item())
         model.add_module(MODULE_NAME, prompt)
 
-        def first_step(kwargs: dict, batch: int) -> None:
+        def first_step(kwargs: dict, batch: int, packed: bool) -> None:
             embeds = kwargs.pop("inputs_embeds", None)
             if embeds is None:
                 embeds = words(kwargs["input_ids"])

@@ -2,7 +2,10 @@
 attention (``trainer.attn_implementation``, varlen segments), compiled decoder layers
 (``trainer.compile``), the chunked loss (``trainer.fused_loss``), the fused LoRA op
 (``trainer.fused_lora``), activation recomputation (``trainer.gradient_checkpointing``) and the FP8
-frozen base (``model.base_precision=fp8``: ``fp8.py``, checked against bf16 within FP8's error, not equal).
+frozen base (``model.base_precision=fp8``: ``fp8.py``, checked against bf16 within FP8's error, not equal)
+and, for prefix tuning under ``trainer.batching=paper_packed``, the prefix attention, which gives the
+packed rows' layers their prefixes without the cache, so that compiled layers share one graph
+(``adapters/prefix.py``).
 Each changes how, never what, is computed (tests/test_train_fast.py checks each against the plain
 path). The loop calls ``apply`` before training and ``restore`` after it, ``batch_extras`` when a
 batch is collated, ``loss`` for a training forward and ``logits`` for a validation one."""
@@ -15,7 +18,8 @@ import torch
 import torch.nn as nn
 
 from adapters_lab.adapters import virtual_tokens
-from adapters_lab.config import BasePrecision, TrainerConfig, TrainerConfigError
+from adapters_lab.adapters.prefix import prefix_attention
+from adapters_lab.config import BasePrecision, Batching, TrainerConfig, TrainerConfigError
 from adapters_lab.data.paper_packing import LOSS_WEIGHTS
 from adapters_lab.training.settings import typed_trainer_config
 from adapters_lab.training.speed.fp8 import FP8Swap, apply_fp8_base, restore_fp8_base
@@ -29,6 +33,7 @@ from adapters_lab.training.speed.packed_mask import packed_prefix_mask, with_pac
 from adapters_lab.training.speed.varlen import (
     VARLEN,
     check_varlen_supported,
+    padded_position_ids,
     register_varlen_attention,
     varlen_batch_kwargs,
 )
@@ -69,6 +74,15 @@ def with_prefix_packed_mask(model: nn.Module, inputs: dict, prefix: int) -> dict
     return {**inputs, "attention_mask": mask, virtual_tokens.PACKED_ROWS: True}
 
 
+def padded_as_packed_rows(model: nn.Module, inputs: dict, prefix: int) -> dict:
+    """A right-padded batch's inputs as packed rows (``with_prefix_packed_mask``) of one example each, its
+    padding a segment of its own: the same logits at the example's tokens, without a cache (validation
+    under the prefix attention, whose compiled layers then share their graph as in training)."""
+    inputs = dict(inputs)
+    positions = padded_position_ids(inputs.pop("attention_mask"))
+    return with_prefix_packed_mask(model, {**inputs, "position_ids": positions}, prefix)
+
+
 class SpeedPaths:
     """The configured speed paths for one training run on ``device``; ``cfg`` is typed (its choices enum
     members: ``check_trainer_config``'s, or ``prepare_model``'s conversion); ``base_precision``: the run's
@@ -80,6 +94,7 @@ class SpeedPaths:
         self.evaluation_attention: str | None = None
         self.fp8 = BasePrecision(base_precision) == BasePrecision.fp8
         self.fp8_swap: FP8Swap | None = None
+        self.packed_prefix = False  # the prefix attention is on (paper_packed prefix tuning)
 
     def check(self, model: nn.Module) -> None:
         """A one-line error for a path this model or device cannot take."""
@@ -106,6 +121,10 @@ class SpeedPaths:
             model.set_attn_implementation(register_varlen_attention())
         elif cfg.attn_implementation:
             model.set_attn_implementation(cfg.attn_implementation)
+        packed_prefix = prefix_attention(model) if Batching(cfg.batching) == Batching.paper_packed else None
+        if packed_prefix:
+            model.set_attn_implementation(packed_prefix)
+            self.packed_prefix = True
         if cfg.fused_lora:
             log.info("fused LoRA op on %d layers", enable_fused_lora(model))
         if self.fp8:  # a fused LoRA layer then calls its FP8 base and adds its update (fused_lora.py)
@@ -123,8 +142,9 @@ class SpeedPaths:
         if self.fp8_swap is not None:  # the original bf16 layers, never written
             restore_fp8_base(self.fp8_swap)
             self.fp8_swap = None
-        if self.cfg.attn_implementation and self.evaluation_attention is not None:
+        if self.evaluation_attention not in (None, model.config._attn_implementation):
             model.set_attn_implementation(self.evaluation_attention)
+        self.packed_prefix = False
 
     def batch_extras(self, batch: dict, max_segment: int) -> dict:
         """Entries a path needs beside a collated (CPU) batch: varlen's segment boundaries."""
@@ -134,9 +154,12 @@ class SpeedPaths:
         return forward_loss(model, batch, self.cfg.fused_loss)
 
     def logits(self, model: nn.Module, batch: dict) -> torch.Tensor:
-        """Logits of a padded validation batch (with its extras when varlen attention is on)."""
+        """Logits of a padded validation batch (with its extras when varlen attention is on; as packed rows
+        under the prefix attention)."""
         mark_dynamic_segments(batch)
         inputs = {k: v for k, v in batch.items() if k != "labels"}  # image-text batches carry pixel_values too
+        if self.packed_prefix:
+            inputs = padded_as_packed_rows(model, inputs, virtual_tokens.count(model))
         return model(**inputs, use_cache=False).logits
 
 

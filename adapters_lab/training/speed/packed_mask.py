@@ -13,7 +13,8 @@ With a prefix (prefix tuning's ``n`` keys and values pre-filled into the cache) 
 ``n`` prefix slots, then the row's tokens: every query also sees all ``n`` prefix slots, as each
 padded sequence does (``prefix``: the key offset). transformers takes a 4D mask as given, also with
 a cache (``masking_utils._preprocess_mask_arguments`` returns it before reading the cache's sizes),
-so the same layout goes to SDPA (boolean), eager (additive) and flex attention (``BlockMask``).
+so the same layout goes to SDPA (boolean), eager (additive) and flex attention (``BlockMask``), and
+under the prefix attention (``adapters/prefix.py``) to the attention it wraps, in that one's form.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from functools import cache
 import torch
 
 from adapters_lab.adapters.base import PREFIX_PACKED_ATTENTION
+from adapters_lab.adapters.prefix import base_attention
 
 FLEX = "flex_attention"
 
@@ -71,7 +73,7 @@ def packed_dense_mask(position_ids: torch.Tensor, prefix: int = 0) -> torch.Tens
 def packed_prefix_mask(model, position_ids: torch.Tensor, prefix: int):
     """The 4D mask of packed rows behind ``prefix`` cache slots, in the form ``model``'s attention
     takes: a ``BlockMask`` (flex attention), boolean (SDPA) or additive (eager, the model's dtype)."""
-    implementation = getattr(model.config, "_attn_implementation", None)
+    implementation = base_attention(getattr(model.config, "_attn_implementation", None))
     if implementation not in PREFIX_PACKED_ATTENTION:
         raise ValueError(f"trainer.attn_implementation={implementation}: packed rows behind a prefix need an "
                          f"explicit 4D mask, which this attention does not take; use one of "
