@@ -155,7 +155,8 @@ def test_block_mask_is_the_dense_mask_with_a_key_offset(prefix):
         assert torch.equal(block.mask_mod(torch.tensor(row), torch.tensor(0), q, kv), dense[row])
 
 
-def test_flex_attention_with_the_prefix_block_mask_matches_sdpa(monkeypatch):
+@pytest.mark.parametrize("without_cache", [False, True])
+def test_flex_attention_with_the_prefix_block_mask_matches_sdpa(monkeypatch, without_cache):
     from tests.test_packed_mask import eager_flex
 
     batch, _ = step_batch(0)
@@ -165,9 +166,53 @@ def test_flex_attention_with_the_prefix_block_mask_matches_sdpa(monkeypatch):
         reference = model(**with_prefix_packed_mask(model, inputs, N), use_cache=False).logits
         monkeypatch.setattr(hf_flex, "compile_friendly_flex_attention", eager_flex)
         model.set_attn_implementation("flex_attention")
+        if without_cache:
+            model.set_attn_implementation(prefix_attention(model))
         assert not isinstance(packed_prefix_mask(model, inputs["position_ids"], N), torch.Tensor)  # a BlockMask
-        flex = model(**with_prefix_packed_mask(model, inputs, N), use_cache=False).logits
+        with decoder_calls(model) as calls:
+            flex = model(**with_prefix_packed_mask(model, inputs, N), use_cache=False).logits
+    assert calls == [(False, 2) if without_cache else (True, 0)]
     torch.testing.assert_close(flex, reference, rtol=1e-4, atol=1e-5)
+
+
+def test_the_prefix_attributes_are_gone_after_the_call_also_after_an_error():
+    batch, _ = step_batch(24)
+    model = tiny_virtual_token_model()
+    model.set_attn_implementation(prefix_attention(model))
+    inputs = with_prefix_packed_mask(model, {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"]}, N)
+    seen = []
+    last = attention_modules(model)[-1]
+    last.register_forward_pre_hook(lambda module, args: seen.append(getattr(module, PREFIX_KEY).shape))
+    loss = model(**inputs, use_cache=False).logits.sum()
+    assert seen == [(batch["input_ids"].shape[0], 1, N, 16)] and holds_no_prefix(model)  # batch, kv heads, n, dim
+    loss.backward()  # the autograd graph keeps the prefixes
+    assert model.prefix_tuning.embedding.weight.grad.abs().sum() > 0
+
+    def fail(module, args):
+        assert hasattr(module, PREFIX_KEY)
+        raise RuntimeError("in the layer")
+
+    last.register_forward_pre_hook(fail)
+    with pytest.raises(RuntimeError, match="in the layer"):
+        model(**inputs, use_cache=False)
+    assert len(seen) == 2 and holds_no_prefix(model)
+
+
+def test_validation_under_the_prefix_attention_gives_the_cache_paths_logits():
+    model = tiny_virtual_token_model(projection=True).eval()
+    batch = PaddedCollator(PAD)(token_examples(6, seed=7))
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    with torch.no_grad():
+        reference = model(**inputs, use_cache=False).logits
+        speed = prepare_model(model, trainer_cfg(batching="paper_packed"))
+        assert model.config._attn_implementation == "adapters_lab_prefix_sdpa"
+        with decoder_calls(model) as calls:
+            logits = speed.logits(model, batch)
+    assert calls == [(False, 2)]
+    real = batch["attention_mask"].bool()
+    torch.testing.assert_close(logits[real], reference[real], rtol=1e-5, atol=1e-5)
+    speed.restore(model)
+    assert model.config._attn_implementation == "sdpa" and not speed.packed_prefix
 
 
 def test_compiled_layers_train_the_same_prefix_steps():
@@ -184,6 +229,25 @@ def test_compiled_layers_train_the_same_prefix_steps():
                                rtol=1e-4, atol=1e-5)
     for name, weight in trainable(eager_model).items():
         torch.testing.assert_close(trainable(compiled_model)[name], weight, rtol=1e-3, atol=1e-5, msg=name)
+
+
+def test_compiled_layers_share_one_graph_over_ten_prefix_layers_with_validation():
+    from torch._dynamo.utils import counters
+
+    examples, val = token_examples(40, seed=4), token_examples(12, seed=5)
+    recipe = dict(RECIPE, max_steps=3, warmup_steps=1, batching="paper_packed", pack_length=0)
+    eager_model, compiled_model = tiny_virtual_token_model(layers=10), tiny_virtual_token_model(layers=10)
+    _, eager = run(trainer_cfg(**recipe), examples, model=eager_model, val=val)
+    counters.clear()
+    with decoder_calls(compiled_model) as calls:
+        _, compiled = run(trainer_cfg(**recipe, compile=True), examples, model=compiled_model, val=val)
+    assert set(calls) == {(False, 10)}  # training and validation calls: no cache
+    assert 0 < counters["stats"]["unique_graphs"] <= 3  # train + validation shapes, not one graph per layer
+    assert not any("recompile limit" in reason for reason in counters["unimplemented"])
+    assert not counters["graph_break"]
+    torch.testing.assert_close(torch.tensor(compiled.loss_history), torch.tensor(eager.loss_history),
+                               rtol=1e-4, atol=1e-5)
+    assert compiled.val_loss == pytest.approx(eager.val_loss, rel=1e-4)
 
 
 def test_prompt_tuning_and_packed_batching_are_still_refused(make_cfg):
