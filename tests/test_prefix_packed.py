@@ -231,12 +231,13 @@ def test_compiled_layers_train_the_same_prefix_steps():
         torch.testing.assert_close(trainable(compiled_model)[name], weight, rtol=1e-3, atol=1e-5, msg=name)
 
 
-def test_compiled_layers_share_one_graph_over_ten_prefix_layers_with_validation():
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])  # flex attention has no CPU backward
+def test_compiled_layers_share_one_graph_over_ten_prefix_layers_with_validation(attention):
     from torch._dynamo.utils import counters
 
     examples, val = token_examples(40, seed=4), token_examples(12, seed=5)
     recipe = dict(RECIPE, max_steps=3, warmup_steps=1, batching="paper_packed", pack_length=0)
-    eager_model, compiled_model = tiny_virtual_token_model(layers=10), tiny_virtual_token_model(layers=10)
+    eager_model, compiled_model = (tiny_virtual_token_model(attention=attention, layers=10) for _ in range(2))
     _, eager = run(trainer_cfg(**recipe), examples, model=eager_model, val=val)
     counters.clear()
     with decoder_calls(compiled_model) as calls:

@@ -19,16 +19,18 @@ function registered with transformers' ``AttentionInterface`` as ``adapters_lab_
 puts them in front of the layer's keys and values (after RoPE on the new keys; the prefix keys are
 not rotated, as in the cache) and calls the base attention (sdpa, eager or flex_attention) with
 the caller's 4D mask over the n + L keys. Every layer reads the same attribute names, so all
-layers share one graph. Without those attributes (generation, padded batches, validation, our
-decoder) the prefix attention is its base attention and the prefixes come from the cache.
+layers share one graph. The trainer's validation under it runs its padded rows as packed ones
+(``training/speed/__init__.py``), so it too passes no cache. Without those attributes (generation,
+padded training, our decoder) the prefix attention is its base attention and the prefixes come
+from the cache.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any
-
 import sys
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -97,8 +99,10 @@ def prefix_attention_forward(module: nn.Module, query: torch.Tensor, key: torch.
     if prefix_key is not None:
         key = torch.cat([prefix_key, key], dim=2)
         value = torch.cat([getattr(module, PREFIX_VALUE), value], dim=2)
-    eager = sys.modules[type(module).__module__].eager_attention_forward  # what the module itself falls back to
-    forward = ALL_ATTENTION_FUNCTIONS.get_interface(base, eager)
+    if base == "eager":  # transformers registers no eager function: each model's module defines its own
+        forward = sys.modules[type(module).__module__].eager_attention_forward
+    else:
+        forward = ALL_ATTENTION_FUNCTIONS[base]
     return forward(module, query, key, value, attention_mask, **kwargs)
 
 
@@ -112,11 +116,7 @@ def prefix_attention(model: nn.Module) -> str | None:
         raise AdapterConfigError(f"attention {base!r}: prefix tuning on packed rows needs one of "
                                  f"{', '.join(PREFIX_PACKED_ATTENTION)}")
     name = PREFIX_ATTENTION + base
-
-    def forward(*args, **kwargs):
-        return prefix_attention_forward(*args, base=base, **kwargs)
-
-    AttentionInterface.register(name, forward)
+    AttentionInterface.register(name, partial(prefix_attention_forward, base=base))
     AttentionMaskInterface.register(name, ALL_MASK_ATTENTION_FUNCTIONS[base])
     return name
 
