@@ -196,7 +196,7 @@ class PrefixTuning(Adapter):
             for layer, (key, value) in enumerate(layers):
                 cache.update(key, value, layer)
 
-        virtual_tokens.install(model, self.num_virtual_tokens, first_step, inserts_tokens=False,
-                               after_call=lambda: release(held))
+        virtual_tokens.install(model, self.num_virtual_tokens, first_step, inserts_tokens=False)
+        model.register_forward_hook(lambda *_: release(held), always_call=True)  # also after an error
         return InjectionReport(method=self.name, adapted=[f"{MODULE_NAME} ({self.num_virtual_tokens} tokens)"],
                                layers=list(range(num_layers)))

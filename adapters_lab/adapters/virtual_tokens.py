@@ -15,11 +15,10 @@ keywords (the trainer's ``trainer.batching=paper_packed`` path for prefix tuning
 attention mask over the ``n`` prefix slots and then the row's tokens (every query sees all the
 prefix slots and its own sequence's earlier tokens: ``training/speed/packed_mask.py``) and each
 sequence's own position ids from 0. The hook then adds ``n`` to the position ids (each sequence's
-tokens at n..n+L-1, as in a padded batch) and hands the prefix to the layers: through the cache, or
-without it under the prefix attention (``prefix.py``'s docstring), where the method's ``after_call``
-takes the prefixes off the layers once the call returns or raises (a forward hook with
-``always_call``). Prompt tuning's virtual tokens are input positions, one set per sequence, which a
-packed row cannot hold: refused there too.
+tokens at n..n+L-1, as in a padded batch) and the method hands the prefix to the layers: through
+the cache, or without it under the prefix attention (``prefix.py``'s docstring). Prompt tuning's
+virtual tokens are input positions, one set per sequence, which a packed row cannot hold: refused
+there too.
 
 A caller that lays out the virtual tokens itself (our decoder writes the prefix into its own cache
 and passes 4D masks) runs the model inside ``hooks_suspended(model)``, where the hooks do nothing.
@@ -89,12 +88,11 @@ def check_packed_rows(kwargs: dict, n: int, length: int, inserts_tokens: bool, t
 
 
 def install(model: nn.Module, num_virtual_tokens: int, first_step: Callable[[dict, int, bool], None],
-            inserts_tokens: bool, after_call: Callable[[], None] | None = None) -> None:
+            inserts_tokens: bool) -> None:
     """Hook ``model`` so that ``first_step(kwargs, batch_size, packed)`` adds the virtual tokens on the first
     call of a sequence (``packed``: a ``PACKED_ROWS`` call). ``inserts_tokens``: they enter as input
     positions (prompt tuning), so the logits returned are cut back to the caller's length; otherwise
-    they live only in the keys and values (prefix). ``after_call()`` runs after every call, also one
-    that raised."""
+    they live only in the keys and values (prefix)."""
     n = num_virtual_tokens
     takes_positions = "position_ids" in inspect.signature(model.forward).parameters
     call = {"length": 0}  # the caller's sequence length of the call in flight
@@ -136,9 +134,7 @@ def install(model: nn.Module, num_virtual_tokens: int, first_step: Callable[[dic
         call["length"] = length
         return (), kwargs
 
-    def post_hook(module: nn.Module, args: tuple, kwargs: dict, output):  # output: None after an error
-        if after_call is not None:
-            after_call()
+    def post_hook(module: nn.Module, args: tuple, kwargs: dict, output):
         if getattr(module, SUSPENDED, False):
             return output
         length = call["length"]
@@ -148,4 +144,4 @@ def install(model: nn.Module, num_virtual_tokens: int, first_step: Callable[[dic
         return output
 
     model.register_forward_pre_hook(pre_hook, with_kwargs=True)
-    model.register_forward_hook(post_hook, with_kwargs=True, always_call=True)
+    model.register_forward_hook(post_hook, with_kwargs=True)
