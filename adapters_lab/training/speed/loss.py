@@ -72,10 +72,13 @@ def chunked_causal_lm_loss(hidden: torch.Tensor, head: nn.Linear, labels: torch.
 
 def weighted_causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     """The sum of next-token cross-entropies weighted per label position (``weights``, 0 where
-    unlabelled): transformers' causal-LM loss with per-token weights in place of the mean."""
-    token_losses = nn.functional.cross_entropy(logits[:, :-1].float().transpose(1, 2), labels[:, 1:].clamp(min=0),
-                                               reduction="none")
-    return (token_losses * weights[:, 1:]).sum()
+    unlabelled): transformers' causal-LM loss with per-token weights in place of the mean. The logits go
+    in as ``(tokens, vocab)``: given ``(rows, vocab, tokens)`` CUDA runs its strided softmax kernel, which
+    took 55 of a 140 ms prefix-tuning step on the LLaMA-7B shape (H200, 2026-12-03)."""
+    vocab = logits.shape[-1]
+    token_losses = nn.functional.cross_entropy(logits[:, :-1].float().reshape(-1, vocab),
+                                               labels[:, 1:].clamp(min=0).reshape(-1), reduction="none")
+    return (token_losses * weights[:, 1:].reshape(-1)).sum()
 
 
 def check_fused_loss_supported(model: nn.Module) -> str | None:
