@@ -268,6 +268,22 @@ def test_prompt_tuning_and_packed_batching_are_still_refused(make_cfg):
         prefix.check_training(trainer_cfg(batching=Batching.paper_packed, attn_implementation="varlen"))
 
 
+def test_prefix_tuning_refuses_gradient_checkpointing_before_weights_load(make_cfg, tmp_path, monkeypatch):
+    from adapters_lab import pipeline
+    from adapters_lab.adapters import build_adapter
+    from adapters_lab.training.settings import check_trainer_config
+
+    monkeypatch.setattr(pipeline, "build_model", lambda *_: pytest.fail("model weights loaded before the check"))
+    for trainer in ("default", "paper_packed"):
+        cfg = make_cfg("adapter=prefix", f"trainer={trainer}", "trainer.fused_loss=false",
+                       "trainer.gradient_checkpointing=true", f"paths.output_dir={tmp_path / trainer}")
+        with pytest.raises(AdapterConfigError, match=r"^trainer.gradient_checkpointing=true: prefix tuning.*"
+                                                     r"use trainer.gradient_checkpointing=false$"):
+            pipeline.run(cfg)
+    prompt = make_cfg("adapter=prompt", "trainer.gradient_checkpointing=true")
+    build_adapter(prompt.adapter).check_training(check_trainer_config(prompt.trainer).cfg)  # prompt tuning recomputes
+
+
 def test_the_forward_refuses_prompt_tuning_and_packed_rows_without_the_paper_packed_layout():
     batch, _ = step_batch(24)
     prompt = tiny_virtual_token_model("prompt")

@@ -161,6 +161,15 @@ class PrefixTuning(Adapter):
     def virtual_tokens(self) -> int:
         return self.num_virtual_tokens
 
+    def check_training(self, trainer: Any) -> None:
+        super().check_training(trainer)
+        if trainer.gradient_checkpointing:  # both batchings failed with a shape error in the first backward
+            raise AdapterConfigError(
+                "trainer.gradient_checkpointing=true: prefix tuning's keys and values exist for the forward call "
+                "only (the cache grows by a recomputed layer's keys; packed rows' prefixes are released after the "
+                "call), so a layer recomputed in backward would not see them; use trainer.gradient_checkpointing=false"
+            )
+
     @property
     def virtual_tokens_in_cache(self) -> bool:
         return True  # trains under trainer.batching=paper_packed (training/speed/packed_mask.py)
