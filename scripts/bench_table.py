@@ -34,6 +34,7 @@ the file.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import random
@@ -186,6 +187,18 @@ def split_train(seconds: float, result, full_steps: int, full_validations: int, 
     return compile_seconds, train + full_validations * validation + full_checkpoints * checkpoint
 
 
+def profiled_steps(after: int | None, device: torch.device):
+    """torch.profiler over four optimiser steps after the first ``after`` + 1 (bench_train's summary: top
+    kernels, kernel time per step by kind); no profiler when ``after`` is None."""
+    if after is None:
+        return contextlib.nullcontext()
+    if str(ROOT / "scripts") not in sys.path:
+        sys.path.insert(0, str(ROOT / "scripts"))
+    from bench_train import profiled
+
+    return profiled(device, warmup=after, steps=5)
+
+
 def run_cell(cell: str, args, device: torch.device) -> dict:
     """One cell: its stages' seconds (extrapolated where a sample ran) and what was measured."""
     from transformers import set_seed
@@ -206,7 +219,8 @@ def run_cell(cell: str, args, device: torch.device) -> dict:
     (adapter, model, tokenizer, params), load_seconds = timed(lambda: build(cfg, device), device)
     examples = synthetic_examples(args.examples, model.config.vocab_size, tokenizer.bos_token_id,
                                   cfg.dataset.cutoff_len, cfg.seed)
-    train_seconds, result = train_stage(cfg, model, tokenizer, adapter, examples, device)
+    with profiled_steps(args.profile, device):
+        train_seconds, result = train_stage(cfg, model, tokenizer, adapter, examples, device)
     train_examples = examples[cfg.dataset.val_set_size:]
     full_steps = full_updates(full_cfg.trainer, train_examples, tokenizer.pad_token_id, cfg.seed)
     events = scheduled_events(full_steps, full_cfg.trainer.eval_every, full_cfg.trainer.checkpoint_every,
@@ -284,6 +298,9 @@ def main(argv=None) -> dict:
     parser.add_argument("--max-steps", type=int, help="train this many steps and extrapolate to the full schedule")
     parser.add_argument("--eval-limit", type=int, help="evaluate the first N questions per set and extrapolate "
                                                        "(--tiny: 2)")
+    parser.add_argument("--profile", type=int, metavar="N", help="profile the four training steps after the "
+                        "first N + 1 (diagnostics: it slows them, so use an --out not kept; keep the window clear of "
+                        "the sample's validations at --max-steps / 2 and the end, which CPU builds fail to profile)")
     parser.add_argument("--overwrite", action="store_true", help="time cells already in --out again")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides for every cell, e.g. trainer=fast")
     args = parser.parse_args(argv)

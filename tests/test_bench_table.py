@@ -132,3 +132,12 @@ def test_a_cell_trains_at_its_configured_base_precision(monkeypatch):
         bench.train_stage(cfg, None, SimpleNamespace(pad_token_id=0), SimpleNamespace(check_training=lambda c: None),
                           bench.synthetic_examples(24, vocab=100, bos=1, cutoff=64, seed=0), torch.device("cpu"))
     assert BasePrecision(seen["base_precision"]) == BasePrecision.fp8
+
+
+def test_profile_covers_four_steps_after_the_first_n_plus_one(tmp_path, capsys):
+    bench.main(["--tiny", "--out", str(tmp_path / "p.json"), "--cells", "lora", "--max-steps", "20", "--profile", "11"])
+    printed = capsys.readouterr().out
+    assert "profile of 4 timed steps" in printed
+    assert printed.index("profile of 4 timed steps") < printed.index("lora: load")  # during the train stage
+    steps = [line.split() for line in printed.splitlines() if line.strip().startswith("ProfilerStep*")]
+    assert steps and steps[0][-1] == "4"  # the profiler's steps, one per optimiser step
