@@ -38,3 +38,6 @@ if __name__ == "__main__":
         print(f"error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
     main()
+    from adapters_lab.training.settings import close_process_group  # noqa: E402
+
+    close_process_group()  # under torchrun, after a run that ended well: the group torn down in every process

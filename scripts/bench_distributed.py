@@ -72,7 +72,7 @@ def child(leg: str, steps: int, tiny: bool, out: Path) -> None:
 
     from adapters_lab.tracking import NullTracker
     from adapters_lab.training.loop import train
-    from adapters_lab.training.settings import check_trainer_config, make_accelerator
+    from adapters_lab.training.settings import check_trainer_config, close_process_group, make_accelerator
 
     cfg = compose(leg, steps, tiny)
     accelerator = make_accelerator(cfg.trainer)
@@ -88,6 +88,7 @@ def child(leg: str, steps: int, tiny: bool, out: Path) -> None:
                "tokens_per_second": result.steady_tokens_per_second, "peak_memory_gib": result.peak_memory_gib,
                "loss_history": result.loss_history, "trainable": params["trainable"], "total": params["total"]}
     Path(f"{out}.rank{accelerator.process_index}.json").write_text(json.dumps(figures))
+    close_process_group()
 
 
 def run_leg(leg: str, steps: int, tiny: bool, folder: Path) -> dict:

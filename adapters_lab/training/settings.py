@@ -158,3 +158,12 @@ def mixed_precision(precision: Precision | str, device: torch.device) -> str:
 def make_accelerator(cfg: TrainerConfig | DictConfig) -> Accelerator:
     device = resolve_device(cfg.device)
     return Accelerator(cpu=device.type == "cpu", mixed_precision=mixed_precision(cfg.precision, device))
+
+
+def close_process_group() -> None:
+    """Tear down torchrun's process group, if any, once every process is there. Left to interpreter
+    shutdown, gloo's threads can abort a process ("terminate called without an active exception")
+    after its work is done, and torchrun then fails the whole job."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
