@@ -10,7 +10,7 @@ from enum import Enum
 from pathlib import Path
 
 import torch
-from accelerate import Accelerator
+from accelerate import Accelerator, PartialState
 from omegaconf import DictConfig
 
 from adapters_lab.config import Batching, Device, Distributed, Precision, ResumeMode, Select, TrainerConfig, \
@@ -161,9 +161,9 @@ def make_accelerator(cfg: TrainerConfig | DictConfig) -> Accelerator:
 
 
 def close_process_group() -> None:
-    """Tear down torchrun's process group, if any, once every process is there. Left to interpreter
-    shutdown, gloo's threads can abort a process ("terminate called without an active exception")
-    after its work is done, and torchrun then fails the whole job."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.barrier()
-        torch.distributed.destroy_process_group()
+    """Tear down torchrun's process group, if any, once every process is there (accelerate's state, which
+    set it up). Left to interpreter shutdown, gloo's threads can abort a process ("terminate called
+    without an active exception") after its work is done, and torchrun then fails the whole job."""
+    state = PartialState()
+    state.wait_for_everyone()
+    state.destroy_process_group()
