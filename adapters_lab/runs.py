@@ -46,7 +46,7 @@ SETUP = {"config.yaml", FINGERPRINT_FILE, "base_model", "wandb"}
 # Keys that say where or how visibly a run works, not what it computes.
 NOT_RESULT = ("hydra", "paths", "logger", "overwrite", "optimized_metric", "trainer.progress_bar", "trainer.log_every",
               "trainer.device", "trainer.distributed", "trainer.resume", "trainer.checkpoint_every", "trainer.keep_checkpoints",
-              "trainer.peak_tflops", "eval.batch_size", "eval.decoder")
+              "trainer.async_checkpoint", "trainer.peak_tflops", "eval.batch_size", "eval.decoder")
 
 
 class RunFolderError(OutputDirError):

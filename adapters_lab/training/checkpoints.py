@@ -2,18 +2,23 @@
 trainer_state.pt}`` hold the adapter weights, the optimiser and scheduler, the RNG states and the
 loop state (step, data position, counters); ``latest.json`` is written last (atomically), so it
 only ever names a complete checkpoint. Older ones are rotated out (``trainer.keep_checkpoints``).
+With ``trainer.async_checkpoint`` the state is copied to the CPU at the step it describes and the
+files are written on a background thread (``CheckpointWriter``) while training goes on.
 A sharded run (``trainer.distributed=fsdp``) gathers the whole adapter and its optimiser state (keyed by
 parameter name) from every process and process 0 writes them: any number of processes resumes it."""
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import logging
 import random
 import shutil
+import threading
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -81,6 +86,49 @@ def written(folder: Path):
             "there or raise trainer.checkpoint_every") from err
 
 
+class CheckpointWriter:
+    """Writes one checkpoint at a time on a background thread: the next ``submit`` and ``wait`` wait
+    for the write before, and raise its error (a ``CheckpointWriteError``) there. The thread is not
+    a daemon: an interpreter that exits mid-write finishes it first."""
+
+    def __init__(self):
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+
+    def submit(self, write: Callable[[], None]) -> None:
+        self.wait()
+        self._thread = threading.Thread(target=self._run, args=(write,), name="checkpoint-writer")
+        self._thread.start()
+
+    def _run(self, write: Callable[[], None]) -> None:
+        try:
+            write()
+        except BaseException as error:  # raised in the training thread by the next submit or wait
+            self._error = error
+
+    def wait(self, raise_error: bool = True) -> None:
+        """Until the pending write is done; then its error, if any (logged instead: ``raise_error=False``)."""
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        error, self._error = self._error, None
+        if error is not None and raise_error:
+            raise error
+        if error is not None:
+            log.error("trainer checkpoint: %s", error)
+
+
+def detached_copy(state):
+    """``state`` with every tensor copied to the CPU: what the next optimiser step cannot change."""
+    if isinstance(state, torch.Tensor):
+        return state.detach().to("cpu", copy=True)
+    if isinstance(state, dict):
+        return {key: detached_copy(value) for key, value in state.items()}
+    if isinstance(state, (list, tuple)):
+        return type(state)(detached_copy(value) for value in state)
+    return copy.deepcopy(state)
+
+
 def trained_state(model: nn.Module, optimizer) -> tuple[dict[str, torch.Tensor], dict]:
     """The adapter weights and the optimiser state to save, whole (gathered from every process when sharded:
     all of them call it); a sharded run's optimiser state is keyed by parameter name."""
@@ -93,17 +141,29 @@ def trained_state(model: nn.Module, optimizer) -> tuple[dict[str, torch.Tensor],
 
 def save_checkpoint(directory: Path, model: nn.Module, optimizer, scheduler, loop: LoopState,
                     fingerprint: dict, keep: int, best: dict[str, torch.Tensor] | None = None,
-                    main: bool = True) -> Path | None:
-    """Write a checkpoint (process 0: ``main``; the others only take part in gathering a sharded model's)."""
+                    main: bool = True, writer: CheckpointWriter | None = None) -> Path | None:
+    """Write a checkpoint (process 0: ``main``; the others only take part in gathering a sharded model's),
+    on ``writer``'s thread if one is given (the state is copied first), else before returning."""
     if not (main or sharding.is_sharded(model)):
         return None
     tensors, optimizer_state = trained_state(model, optimizer)
     if not main:
         return None
     folder = Path(directory) / f"step-{loop.step:07d}"
-    folder.mkdir(parents=True, exist_ok=True)
     state = {"loop": asdict(loop), **optimizer_state, "scheduler": scheduler.state_dict(),
              "rng": rng_state(), "fingerprint": fingerprint}
+    if writer is None:
+        write_checkpoint(folder, tensors, state, best, keep)
+    else:
+        snapshot = detached_copy((tensors, state, best))
+        writer.submit(lambda: write_checkpoint(folder, *snapshot, keep))
+    return folder
+
+
+def write_checkpoint(folder: Path, tensors: dict[str, torch.Tensor], state: dict,
+                     best: dict[str, torch.Tensor] | None, keep: int) -> None:
+    """The files of one checkpoint, then ``latest.json`` naming it, then the rotation of old ones."""
+    folder.mkdir(parents=True, exist_ok=True)
     with written(folder):
         with atomic_path(folder / ADAPTER_FILE) as tmp:
             save_file(tensors, str(tmp))
@@ -112,10 +172,9 @@ def save_checkpoint(directory: Path, model: nn.Module, optimizer, scheduler, loo
         if best is not None:
             with atomic_path(folder / BEST_FILE) as tmp:
                 save_file(best, str(tmp))
-    write_json_atomic(Path(directory) / LATEST, {"step": loop.step, "folder": folder.name})
-    for old in sorted(Path(directory).glob("step-*"))[:-keep]:
+    write_json_atomic(folder.parent / LATEST, {"step": state["loop"]["step"], "folder": folder.name})
+    for old in sorted(folder.parent.glob("step-*"))[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
-    return folder
 
 
 def clear_checkpoints(directory: Path) -> None:

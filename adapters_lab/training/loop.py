@@ -102,6 +102,7 @@ class Recipe:
         self.param_groups = param_groups
         self.cfg, self.accelerator, self.tracker, self.speed = settings.cfg, accelerator, tracker, speed
         self.checkpoint_dir = checkpoint_dir
+        self.writer = checkpoints.CheckpointWriter() if self.cfg.async_checkpoint else None
         self.updates = total_updates(self.cfg, plan.micro_batches_per_epoch(), settings.accumulation)
         self.loop, self.resumed_from, self.consecutive_skips = LoopState(), None, 0
         self.best: dict[str, torch.Tensor] | None = None  # trainer.select=best_val: the best step's weights (CPU)
@@ -118,16 +119,19 @@ class Recipe:
         self.bar = tqdm(total=self.updates, initial=self.loop.step, unit="step",
                         disable=not (self.cfg.progress_bar and self.accelerator.is_main_process))
         self.batches = self.plan.epoch(self.loop.epoch)
-        with StopSignals() as signals, logging_redirect_tqdm():  # log lines above the progress bar
-            while self.loop.step < self.updates:
-                totals = self.train_step(self.next_group(), signals.received)
-                if totals is None:  # a non-finite loss skipped (trainer.nan_policy=skip)
-                    continue
-                self.log(totals)
-                self.maybe_validate()
-                stop = signals.received if self.accelerator.num_processes == 1 else totals.stop
-                self.maybe_checkpoint(stop, signals.signum or signal.SIGTERM)  # SIGTERM: another process's
-        return self.finish()
+        try:
+            with StopSignals() as signals, logging_redirect_tqdm():  # log lines above the progress bar
+                while self.loop.step < self.updates:
+                    totals = self.train_step(self.next_group(), signals.received)
+                    if totals is None:  # a non-finite loss skipped (trainer.nan_policy=skip)
+                        continue
+                    self.log(totals)
+                    self.maybe_validate()
+                    stop = signals.received if self.accelerator.num_processes == 1 else totals.stop
+                    self.maybe_checkpoint(stop, signals.signum or signal.SIGTERM)  # SIGTERM: another process's
+            return self.finish()
+        finally:  # a failed run still completes the checkpoint under way (its error is logged, not raised)
+            self.checkpoint_written(raise_error=False)
 
     def setup_optimizer(self) -> None:
         cfg, accelerator = self.cfg, self.accelerator
@@ -193,7 +197,7 @@ class Recipe:
         """``trainer.nan_policy``: stop with the last finite state saved, or drop the step."""
         self.optimizer.zero_grad(set_to_none=True)
         if self.cfg.nan_policy == NanPolicy.stop or self.consecutive_skips + 1 >= MAX_CONSECUTIVE_SKIPS:
-            raise NonFiniteLossError(nan_message(value, self.loop.step + 1, self.loop, self.cfg, self.save()))
+            raise NonFiniteLossError(nan_message(value, self.loop.step + 1, self.loop, self.cfg, self.save(wait=True)))
         log.warning("loss is %s at step %d: step skipped (trainer.nan_policy=skip)", value, self.loop.step + 1)
         self.loop.skipped_steps += 1
         self.consecutive_skips += 1
@@ -239,12 +243,21 @@ class Recipe:
         if self.val_examples and every > 0 and step % every == 0 and step < self.updates:
             self.validate()
 
-    def save(self) -> Path | None:
+    def save(self, wait: bool = False) -> Path | None:
+        """A checkpoint of this step (``wait``: written before returning, even on the writer's thread)."""
         if self.checkpoint_dir is None:
             return None
-        return checkpoints.save_checkpoint(self.checkpoint_dir, self.model, self.optimizer, self.scheduler, self.loop,
-                                           self.fingerprint, self.cfg.keep_checkpoints, self.best,
-                                           main=self.accelerator.is_main_process)
+        saved = checkpoints.save_checkpoint(self.checkpoint_dir, self.model, self.optimizer, self.scheduler, self.loop,
+                                            self.fingerprint, self.cfg.keep_checkpoints, self.best,
+                                            main=self.accelerator.is_main_process, writer=self.writer)
+        if wait:
+            self.checkpoint_written()
+        return saved
+
+    def checkpoint_written(self, raise_error: bool = True) -> None:
+        """Until the checkpoint being written on the writer's thread (if any) is on disk."""
+        if self.writer is not None:
+            self.writer.wait(raise_error)
 
     def maybe_checkpoint(self, stop: bool, signum: int) -> None:
         """Save every ``trainer.checkpoint_every`` steps, at the end, and when asked to stop (then exit)."""
@@ -253,7 +266,7 @@ class Recipe:
             return
         self.throughput.bank(self.loop)
         with self.throughput.paused("checkpoint") if self.checkpoint_dir is not None else contextlib.nullcontext():
-            saved = self.save()
+            saved = self.save(wait=stop)  # a stopping run exits with its checkpoint on disk
         if stop:
             self.bar.close()
             log.warning("%s: checkpoint saved in %s at step %d; exiting", signal.Signals(signum).name, saved, step)
@@ -266,5 +279,6 @@ class Recipe:
         if self.val_examples:
             self.validate()
         self.select_weights()
+        self.checkpoint_written()  # the last checkpoint, written during the final validation
         loss_final = window_mean(self.loop, self.cfg.log_every) if self.loop.loss_history else float("nan")
         return train_result(self.loop, self.throughput, steady, loss_final, self.epoch_progress(), self.resumed_from)
