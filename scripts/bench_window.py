@@ -45,9 +45,10 @@ def one_window(model, tokenizer, enc, beams: int, max_new: int, window: int, rep
         torch.cuda.synchronize()
     build = time.perf_counter() - start
     tokens = decoder(enc["input_ids"], enc["attention_mask"]).cpu()
-    times = sorted(timed(lambda: decoder(enc["input_ids"], enc["attention_mask"]), device) for _ in range(repeats))
+    times = sorted(timed(lambda: decoder(enc["input_ids"], enc["attention_mask"]), device)
+                   for _ in range(repeats))
     result = {"window": window, "graphs": len(decoder.graphs), "build_s": build, "batch_s": times[len(times) // 2]}
-    del decoder
+    decoder = None  # its cache and graphs go before the next window's decoder is built
     release_memory(device)
     return result, tokens
 
@@ -57,7 +58,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--tiny", action="store_true", help="CPU smoke test: tiny model, a few prompts")
     parser.add_argument("--beams", default="4,1", help="decodings to time, e.g. 4,1")
-    parser.add_argument("--windows", default="32,16,8,64", help="attention windows, in steps; the first is the reference")
+    parser.add_argument("--windows", default="32,16,8,64",
+                        help="attention windows, in steps; the first is the reference")
     parser.add_argument("--batch-size", type=int, default=256, help="prompts per greedy batch at most")
     parser.add_argument("--beam-batch-size", type=int, default=128, help="prompts per 4-beam batch at most")
     parser.add_argument("--repeats", type=int, default=3, help="timed batches per window")
@@ -81,7 +83,8 @@ def main(argv: list[str] | None = None) -> dict:
         if free is not None:
             batch = min(batch, prompts_that_fit(model, prompt_slots(enc["input_ids"].shape[1]), beams, max_new, free))
             enc = tokenizer(prompts[:batch], return_tensors="pt", padding=True)
-        row = {"num_beams": beams, "prompts": batch, "prompt_slots": prompt_slots(enc["input_ids"].shape[1]), "windows": []}
+        row = {"num_beams": beams, "prompts": batch, "prompt_slots": prompt_slots(enc["input_ids"].shape[1]),
+               "windows": []}
         reference = None
         for window in (int(w) for w in args.windows.split(",")):
             timing, tokens = one_window(model, tokenizer, enc, beams, max_new, window, args.repeats, device)

@@ -65,7 +65,8 @@ def test_a_background_write_error_stops_the_run_at_the_next_checkpoint(tmp_path,
 
     monkeypatch.setattr(checkpoints.torch, "save", full_disk)
     with pytest.raises(checkpoints.CheckpointWriteError, match="could not write .*step-0000001"):
-        run(trainer_cfg(max_steps=3, checkpoint_every=1, async_checkpoint=True), token_examples(8), checkpoint_dir=tmp_path)
+        run(trainer_cfg(max_steps=3, checkpoint_every=1, async_checkpoint=True), token_examples(8),
+            checkpoint_dir=tmp_path)
     assert not (tmp_path / checkpoints.LATEST).exists()
 
 
@@ -75,3 +76,15 @@ def test_the_writer_waits_for_one_write_before_the_next():
     writer.submit(lambda: order.append("second"))
     writer.wait()
     assert order == ["first", "second"]
+
+
+def test_snapshots_reuse_their_buffers_and_copy_what_they_are_given():
+    writer = checkpoints.CheckpointWriter()
+    live = {"w": torch.arange(6.0).view(2, 3), "lr": [0.1]}
+    first = writer.snapshot(live)
+    first_pointer = first["w"].data_ptr()
+    live["w"].add_(1)  # the next step changes the live state: the snapshot must not
+    assert torch.equal(first["w"], torch.arange(6.0).view(2, 3)) and first["lr"] == [0.1]
+    second = writer.snapshot(live)
+    assert second["w"].data_ptr() == first_pointer and torch.equal(second["w"], live["w"])
+    assert writer.snapshot({"w": torch.zeros(4)})["w"].data_ptr() != first_pointer  # another shape: a new buffer

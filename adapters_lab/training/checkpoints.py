@@ -87,13 +87,38 @@ def written(folder: Path):
 
 
 class CheckpointWriter:
-    """Writes one checkpoint at a time on a background thread: the next ``submit`` and ``wait`` wait
-    for the write before, and raise its error (a ``CheckpointWriteError``) there. The thread is not
-    a daemon: an interpreter that exits mid-write finishes it first."""
+    """Writes one checkpoint at a time on a background thread: the next ``snapshot`` and ``wait`` wait
+    for the write before, and raise its error (a ``CheckpointWriteError``) there. The state is copied
+    into CPU buffers kept from one checkpoint to the next (pinned beside a GPU): a copy into memory
+    already mapped, not page faults over gigabytes. The thread is not a daemon: an interpreter that
+    exits mid-write finishes it first."""
 
     def __init__(self):
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
+        self._buffers: dict[tuple, torch.Tensor] = {}
+
+    def snapshot(self, state):
+        """``state`` with every tensor copied into this writer's buffers: what the next optimiser
+        step cannot change. Waits for the write under way first (it reads the buffers)."""
+        self.wait()
+        copied = self._copy(state, ())
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()  # the device-to-host copies are asynchronous
+        return copied
+
+    def _copy(self, value, key: tuple):
+        if isinstance(value, torch.Tensor):
+            buffer = self._buffers.get(key)
+            if buffer is None or buffer.shape != value.shape or buffer.dtype != value.dtype:
+                buffer = torch.empty(value.shape, dtype=value.dtype, pin_memory=value.is_cuda)
+                self._buffers[key] = buffer
+            return buffer.copy_(value.detach(), non_blocking=value.is_cuda)
+        if isinstance(value, dict):
+            return {name: self._copy(item, key + (name,)) for name, item in value.items()}
+        if isinstance(value, (list, tuple)):
+            return type(value)(self._copy(item, key + (index,)) for index, item in enumerate(value))
+        return copy.deepcopy(value)
 
     def submit(self, write: Callable[[], None]) -> None:
         self.wait()
@@ -103,7 +128,7 @@ class CheckpointWriter:
     def _run(self, write: Callable[[], None]) -> None:
         try:
             write()
-        except BaseException as error:  # raised in the training thread by the next submit or wait
+        except BaseException as error:  # raised in the training thread by the next snapshot or wait
             self._error = error
 
     def wait(self, raise_error: bool = True) -> None:
@@ -118,24 +143,14 @@ class CheckpointWriter:
             log.error("trainer checkpoint: %s", error)
 
 
-def detached_copy(state):
-    """``state`` with every tensor copied to the CPU: what the next optimiser step cannot change."""
-    if isinstance(state, torch.Tensor):
-        return state.detach().to("cpu", copy=True)
-    if isinstance(state, dict):
-        return {key: detached_copy(value) for key, value in state.items()}
-    if isinstance(state, (list, tuple)):
-        return type(state)(detached_copy(value) for value in state)
-    return copy.deepcopy(state)
-
-
-def trained_state(model: nn.Module, optimizer) -> tuple[dict[str, torch.Tensor], dict]:
+def trained_state(model: nn.Module, optimizer, on_cpu: bool = True) -> tuple[dict[str, torch.Tensor], dict]:
     """The adapter weights and the optimiser state to save, whole (gathered from every process when sharded:
-    all of them call it); a sharded run's optimiser state is keyed by parameter name."""
+    all of them call it); a sharded run's optimiser state is keyed by parameter name. ``on_cpu=False``:
+    an unsharded model's weights where they are (a ``CheckpointWriter`` copies them)."""
     if sharding.is_sharded(model):
         return sharding.full_adapter_state(model), {"optimizer": sharding.optimizer_state_by_name(model, optimizer),
                                                     "optimizer_keys": "names"}
-    tensors = {name: t.contiguous().cpu() for name, t in adapter_state_dict(model).items()}
+    tensors = {name: t.contiguous().cpu() if on_cpu else t for name, t in adapter_state_dict(model).items()}
     return tensors, {"optimizer": optimizer.state_dict()}
 
 
@@ -146,7 +161,7 @@ def save_checkpoint(directory: Path, model: nn.Module, optimizer, scheduler, loo
     on ``writer``'s thread if one is given (the state is copied first), else before returning."""
     if not (main or sharding.is_sharded(model)):
         return None
-    tensors, optimizer_state = trained_state(model, optimizer)
+    tensors, optimizer_state = trained_state(model, optimizer, on_cpu=writer is None)
     if not main:
         return None
     folder = Path(directory) / f"step-{loop.step:07d}"
@@ -155,7 +170,7 @@ def save_checkpoint(directory: Path, model: nn.Module, optimizer, scheduler, loo
     if writer is None:
         write_checkpoint(folder, tensors, state, best, keep)
     else:
-        snapshot = detached_copy((tensors, state, best))
+        snapshot = writer.snapshot((tensors, state, best))
         writer.submit(lambda: write_checkpoint(folder, *snapshot, keep))
     return folder
 
