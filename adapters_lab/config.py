@@ -308,7 +308,7 @@ class TrainerConfig:
     fused_lora: bool = False  # LoRA layers as one autograd op, dropout masks redrawn from a seed (fused_lora.py)
     checkpoint_every: int = 200  # save adapter, optimiser, scheduler, RNG, data position (0: only at the end)
     keep_checkpoints: int = 2
-    async_checkpoint: bool = False  # write checkpoint files on a background thread (the state is copied first)
+    async_checkpoint: bool = True  # write checkpoint files on a background thread (the state is copied first)
     resume: str = "auto"  # auto (the run dir's last checkpoint, if any) | never | a checkpoint folder
     nan_policy: NanPolicy = NanPolicy.stop
     peak_tflops: Optional[float] = None  # for MFU; None: the device's dense bf16 datasheet peak

@@ -161,12 +161,14 @@ def scheduled_events(updates: int, eval_every: int, checkpoint_every: int, valid
 
 def recurring(times: list[float]) -> tuple[float, float]:
     """(the cost of one more such event, the first one's excess): the mean after the first when there are
-    several (the first validation also compiles its shapes), else the one measured."""
+    several (the first validation also compiles its shapes), else the one measured. An excess below zero
+    (a first event cheaper than the later ones, as when a later checkpoint waits for a background write)
+    counts as none."""
     if not times:
         return 0.0, 0.0
     later = times[1:] or times
     cost = sum(later) / len(later)
-    return cost, times[0] - cost
+    return cost, max(0.0, times[0] - cost)
 
 
 def split_train(seconds: float, result, full_steps: int, full_validations: int, full_checkpoints: int

@@ -1,4 +1,4 @@
-"""Checkpoints written on a background thread (``trainer.async_checkpoint=true``) hold the
+"""Checkpoints written on a background thread (``trainer.async_checkpoint``, the default) hold the
 state of the step they name, whatever training did while they were written, and equal the ones
 written in the loop; a write error still stops the run with its one-line message."""
 

@@ -84,6 +84,7 @@ def test_a_sampled_train_stage_extrapolates_steps_and_recurring_events_and_count
     compile_seconds, train = bench.split_train(60.0, result, 12, 2, 2)
     assert compile_seconds + train == pytest.approx(60.0)
     assert bench.recurring([7.0]) == (7.0, 0.0) and bench.recurring([]) == (0.0, 0.0)
+    assert bench.recurring([1.0, 3.0, 5.0]) == (4.0, 0.0)  # a first event cheaper than the later ones: no excess
 
 
 @pytest.mark.skipif(not (SUITE / "gsm8k" / "test.json").is_file(), reason="math test sets not present")
