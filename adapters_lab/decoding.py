@@ -7,16 +7,18 @@ search with length penalty 1 and ``early_stopping=False``, the decoding LLM-Adap
 
 - One KV cache tensor per K and V, ``(layers, prompts, kv_heads, slots, head_dim)``: each prompt
   is stored once, right-aligned to slot ``first_generated`` (``prompt_slots``, after a prefix's
-  slots if any), and the token chosen at step ``s`` by beam ``k`` goes to slot
-  ``first_generated + s * beams + k``. Beams never copy or reorder the cache:
-  each beam keeps its ancestry (which beam row holds its token of step ``s``) and attends through
-  a mask, the ``beams`` queries of one prompt together (``grouped_attention``). A prompt's keys are
+  slots if any), then the generated tokens as ``generated_slots.GeneratedSlots`` lays them out:
+  by step and beam within a period of ``window`` steps, the slots no running beam descends from
+  dropped between periods. Beams never copy or reorder the cache: each beam keeps its ancestry
+  (which beam row holds its token of step ``s``) and attends through a mask, the ``beams``
+  queries of one prompt together (``grouped_attention``). A prompt's keys are
   read once per step for all its beams, not once per beam, and in their own dtype (by SDPA's
   memory-efficient kernel, the query heads of a key/value head folded into its query rows).
 - A decoding step (the model's forward for one token per beam, token selection, bookkeeping) has
-  no host synchronisation; on a GPU it is captured as a CUDA graph per window of attended slots
-  (attention reads only the slots filled so far, rounded up to ``window`` steps) and replayed.
-  The host checks for completion after the first token and every ``check_every`` steps.
+  no host synchronisation; on a GPU it is captured as a CUDA graph per shape of the generated
+  region (the slots carried over and the period's slots; attention reads no further), the first
+  step of a shape run eagerly and then captured, and replayed. The host checks for completion
+  after the first token and every ``check_every`` steps, and compacts the cache between periods.
 - Prefix tuning (``adapters/prefix.py``): its ``n`` keys and values per layer fill the first ``n``
   slots of every prompt's row, written at each batch's prefill; every mask covers them, and position
   ids count real tokens after them, as the virtual-token hook does for ``generate``. The hook itself
@@ -37,6 +39,7 @@ from transformers import AttentionInterface, Cache
 from adapters_lab.adapters import virtual_tokens
 from adapters_lab.adapters.prefix import PrefixEncoder
 from adapters_lab.beam_search import BeamSearch
+from adapters_lab.generated_slots import GeneratedSlots
 from adapters_lab.models import cache_argument
 from adapters_lab.step_attention import (  # noqa: F401
     STEP_BACKENDS,
@@ -154,7 +157,7 @@ class Decoder:
 
     def __init__(self, model: nn.Module, prompts: int, prompt_slots: int, beams: int, max_new_tokens: int,
                  eos_token_id: int, pad_token_id: int, window: int = 32, check_every: int = 8,
-                 cuda_graphs: bool | None = None):
+                 cuda_graphs: bool | None = None, compact: bool = True):
         self.model, self.prompts, self.prompt_slots, self.beams = model, prompts, prompt_slots, beams
         self.steps, self.pad = max_new_tokens, pad_token_id
         self.eos = -1 if eos_token_id is None else eos_token_id  # none: sequences run to the budget
@@ -185,16 +188,12 @@ class Decoder:
             self.beam_search = BeamSearch(prompts, beams, max_new_tokens, self.eos, self.device)
         else:
             self.unfinished = torch.zeros(rows, dtype=torch.bool, device=self.device)
+        self.slots = GeneratedSlots(prompts, beams, max_new_tokens, window, self.first_generated, self.device,
+                                    compact=compact)
         self.step_backend = self._choose_step_backend()
-        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
-        if self.device.type == "cuda" if cuda_graphs is None else cuda_graphs:
-            try:
-                self.graphs = self._capture()
-            except RuntimeError as error:  # e.g. a module that synchronises with the host: run steps eagerly
-                if isinstance(error, torch.OutOfMemoryError):
-                    raise
-                log.warning("eval: decoding steps run without CUDA graphs (capture failed: %s)", str(error)[:200])
-                self.graphs = {}
+        self.graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}  # by the generated region's shape
+        self.graph_pool = None
+        self.use_graphs = self.device.type == "cuda" if cuda_graphs is None else cuda_graphs
 
     # -- one batch --------------------------------------------------------------------------
 
@@ -206,17 +205,29 @@ class Decoder:
         for t in range(1, self.steps):
             if (t == 1 or t % self.check_every == 0) and bool(self.done):
                 break
-            window = self._window(t)
-            if window in self.graphs:
-                self.graphs[window].replay()
-            else:
-                self._step(window)
+            if self.slots.period_over(t - 1):
+                self.slots.next_period(self.cache.keys, self.cache.values, self.ancestry)
+            self._run_step()
         best = self.beam_search.finished[:, 0] if self.beams > 1 else self.sequences[:, 0]
         return best.clone()
 
-    def _window(self, t: int) -> int:
-        """Generated steps visible at step ``t`` (tokens 0..t-1 are in the cache), rounded up."""
-        return min(self.steps, self.window * math.ceil(t / self.window))
+    def _run_step(self) -> None:
+        """One step: the CUDA graph of this shape if captured; else eagerly, then (on a GPU) captured."""
+        graph = self.graphs.get(self.slots.key)
+        if graph is not None:
+            graph.replay()
+            return
+        if not self.use_graphs:
+            self._step()
+            return
+        self._warm_up_step()
+        try:
+            self.graphs[self.slots.key] = self._capture()
+        except RuntimeError as error:  # e.g. a module that synchronises with the host: run steps eagerly
+            if isinstance(error, torch.OutOfMemoryError):
+                raise
+            log.warning("eval: decoding steps run without CUDA graphs (capture failed: %s)", str(error)[:200])
+            self.use_graphs = False
 
     def _reset(self) -> None:
         self.step.zero_()
@@ -224,6 +235,7 @@ class Decoder:
         self.sequences.fill_(self.pad)
         self.ancestry.zero_()
         self.scores.zero_()
+        self.slots.reset()
         if self.beams > 1:
             self.beam_search.reset(self.pad, self.scores)
         else:
@@ -299,18 +311,15 @@ class Decoder:
                  getattr(backend, "name", "default"), prompts, slots, self.beams)
         return backend
 
-    def _step(self, window: int) -> None:
-        """Feed the tokens chosen at step t-1 (slots ``first_generated + (t-1) * beams + k``), choose step t."""
-        beams, first = self.beams, self.first_generated
+    def _step(self) -> None:
+        """Feed the tokens chosen at step t-1 (their slots: ``self.slots``), choose step t."""
+        beams = self.beams
         previous = self.step - 1
-        self.cache.write_slots = first + previous * beams + torch.arange(beams, device=self.device)
-        self.cache.visible = first + window * beams
+        self.cache.write_slots = self.slots.write_slots(previous)
+        self.cache.visible = self.first_generated + self.slots.visible
         self.ancestry.index_copy_(2, previous.view(1), self.own_row.expand(self.prompts, beams, 1))
-        # Beam k sees generated slot (s, r) iff r holds its step s; steps > t-1 are not written yet.
-        seen = (torch.arange(window, device=self.device) <= previous).view(1, 1, window, 1)
-        own = (self.ancestry[:, :, :window, None] == torch.arange(beams, device=self.device)) & seen
-        mask = torch.cat([self.prompt_mask[:, None, :].expand(-1, beams, -1),
-                          own.reshape(self.prompts, beams, window * beams)], dim=-1)
+        own = self.slots.mask(self.ancestry, previous)  # beam k sees its ancestors' written slots
+        mask = torch.cat([self.prompt_mask[:, None, :].expand(-1, beams, -1), own], dim=-1)
         positions = (self.next_position + previous).view(-1, 1)
         with attention_backend(self.step_backend):  # the kernel chosen at build time (GPU only)
             logits = self._forward(self.tokens.view(-1, 1), positions, mask[:, None])
@@ -333,26 +342,23 @@ class Decoder:
     def _select_beams(self, logits: torch.Tensor) -> None:
         self.beam_search.select(logits, self.step, self.sequences, self.scores, self.ancestry, self.done, self.tokens)
 
-    def _capture(self) -> dict[int, torch.cuda.CUDAGraph]:
-        """One CUDA graph per attention window, sharing a memory pool (replayed one at a time)."""
-        graphs, pool = {}, None
-        windows = sorted({self._window(t) for t in range(1, self.steps)})
+    def _warm_up_step(self) -> None:
+        """This step for real, on a side stream on a GPU: the capture's warm-up (allocator, lazy init)."""
+        if self.device.type != "cuda":
+            self._step()
+            return
         current, side = torch.cuda.current_stream(self.device), torch.cuda.Stream(self.device)
-        with torch.no_grad():
-            for window in windows:
-                self._reset()
-                self.step.fill_(1)
-                side.wait_stream(current)
-                with torch.cuda.stream(side):
-                    self._step(window)  # warm-up outside the graph (allocator, lazy init)
-                current.wait_stream(side)
-                torch.cuda.synchronize(self.device)
-                self._reset()
-                self.step.fill_(1)
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph, pool=pool):
-                    self._step(window)
-                pool = graph.pool()
-                graphs[window] = graph
-        self._reset()
-        return graphs
+        side.wait_stream(current)
+        with torch.cuda.stream(side):
+            self._step()
+        current.wait_stream(side)
+        torch.cuda.synchronize(self.device)
+
+    def _capture(self) -> torch.cuda.CUDAGraph:
+        """The step of the current shape as a CUDA graph; captured kernels do not run, so the
+        decoding's state is as the last step left it. Graphs share one memory pool (one replays at a time)."""
+        graph = torch.cuda.CUDAGraph()
+        with torch.no_grad(), torch.cuda.graph(graph, pool=self.graph_pool):
+            self._step()
+        self.graph_pool = graph.pool()
+        return graph

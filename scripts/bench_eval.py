@@ -137,8 +137,8 @@ def check_decoder(model, tokenizer, prompts: list[str], max_new: int, device: to
 
 
 def step_profile(model, tokenizer, prompt: str, args, max_new: int, device: torch.device) -> dict:
-    """Milliseconds per decoding step (a replay of the last window's CUDA graph on a GPU, an eager
-    step elsewhere) with the cache full, for greedy and 4 beams at their batch sizes, and the
+    """Milliseconds per decoding step (a replay of the last period's CUDA graph on a GPU, an eager
+    step elsewhere) with the cache as full as the decoding left it, for greedy and 4 beams at their batch sizes, and the
     kernels taking the most time in one eager step."""
     tokenizer.padding_side = "left"
     enc = tokenizer([prompt], return_tensors="pt")
@@ -150,8 +150,8 @@ def step_profile(model, tokenizer, prompt: str, args, max_new: int, device: torc
         ids, mask = (t.expand(batch, -1) for t in (enc["input_ids"], enc["attention_mask"]))
         decoder = Decoder(model, batch, slots, beams, max_new, tokenizer.eos_token_id, tokenizer.pad_token_id)
         decoder(ids, mask)
-        window = decoder._window(max_new - 1)
-        replay = decoder.graphs[window].replay if window in decoder.graphs else lambda: decoder._step(window)
+        graph = decoder.graphs.get(decoder.slots.key)  # the last period's shape, as the decoding left it
+        replay = graph.replay if graph is not None else decoder._step
 
         def last_step():  # the step counter advances on every step: back to the last one each time
             decoder.step.fill_(max_new - 1)
@@ -163,23 +163,23 @@ def step_profile(model, tokenizer, prompt: str, args, max_new: int, device: torc
             [torch.profiler.ProfilerActivity.CUDA] if device.type == "cuda" else [])
         with torch.profiler.profile(activities=activities) as prof:
             decoder.step.fill_(max_new - 1)
-            decoder._step(window)  # eager, so the profiler sees each kernel
+            decoder._step()  # eager, so the profiler sees each kernel
             if device.type == "cuda":
                 torch.cuda.synchronize()
         sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
         table = prof.key_averages().table(sort_by=sort, row_limit=12)
         result[f"{beams}_beams"] = {"prompts": batch, "prompt_slots": slots,
-                                    "attended_slots": decoder.first_generated + beams * window,
+                                    "attended_slots": decoder.first_generated + decoder.slots.visible,
                                     "ms_per_step": 1000 * seconds / repeats, "top_kernels": table.splitlines(),
-                                    "attention": attention_bandwidth(decoder, window, device)}
+                                    "attention": attention_bandwidth(decoder, device)}
         print(json.dumps({f"{beams}_beams": result[f"{beams}_beams"]}, indent=1), flush=True)
-        del decoder, replay, last_step  # the closures hold the decoder too
+        del decoder, graph, replay, last_step  # the closures hold the decoder too
         release_memory(device)
     return result
 
 
-def attention_bandwidth(decoder: Decoder, window: int, device: torch.device) -> dict:
-    """One layer's decoding-step attention over the last window's cache: ours (the kernel the
+def attention_bandwidth(decoder: Decoder, device: torch.device) -> dict:
+    """One layer's decoding-step attention over the last period's cache: ours (the kernel the
     decoder chose), each kernel it chose from, and SDPA without the mask (``sdpa_unmasked``, a
     bandwidth reference, not a valid result): ms per step for all layers and key/value bytes read per second."""
     import torch.nn.functional as F
@@ -187,7 +187,7 @@ def attention_bandwidth(decoder: Decoder, window: int, device: torch.device) -> 
     from adapters_lab.decoding import few_query_attention
 
     keys, values = decoder.cache.keys[0], decoder.cache.values[0]
-    visible = decoder.first_generated + window * decoder.beams  # a prefix's slots, the prompt's, the generated
+    visible = decoder.first_generated + decoder.slots.visible  # a prefix's slots, the prompt's, the generated
     keys, values = keys[:, :, :visible], values[:, :, :visible]
     prompts, kv_heads, _, dim = keys.shape
     heads = decoder.model.config.num_attention_heads

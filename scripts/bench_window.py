@@ -1,13 +1,16 @@
-"""Time our decoder at several attention windows (``Decoder(window=...)``: the generated slots a step
-attends, rounded up to that many steps, one CUDA graph per window) in one process on one random-init
-model of LLaMA-7B's shape in bf16, on one batch of GSM8K test prompts (``--tiny``: a tiny fp32 model
-on CPU, a smoke test). A smaller window reads fewer unfilled slots per step and captures more graphs.
+"""Time our decoder at several attention windows (``Decoder(window=...)``: the period of steps whose
+slots a step attends, one CUDA graph per shape of the generated region), with and without the
+compaction of dead beam slots between periods (``Decoder(compact=...)``), in one process on one
+random-init model of LLaMA-7B's shape in bf16, on one batch of GSM8K test prompts (``--tiny``: a
+tiny fp32 model on CPU, a smoke test). A smaller window reads fewer unfilled slots per step and
+captures more graphs; compaction reads only the slots some running beam descends from.
 
-Per decoding (greedy, 4 beams) and window: the decoder's build (buffers, step-kernel choice, graph
-capture), then one batch of ``--max-new-tokens`` steps (median of ``--repeats``), and whether its
-tokens equal the first window's (they must: the window changes what is read, not what is attended).
+Per decoding (greedy, 4 beams), window and compaction: the decoder's build (buffers, step-kernel
+choice), a first batch (which captures the graphs), then one batch of ``--max-new-tokens`` steps
+(median of ``--repeats``), the generated slots its last step read, and whether its tokens equal the
+first configuration's (in float32 they must: what is attended does not change).
 
-    python scripts/bench_window.py --out window.json            # on a GPU
+    python scripts/bench_window.py --out window.json --windows 32 --compact on,off   # on a GPU
     python scripts/bench_window.py --tiny --out /tmp/window.json
 """
 
@@ -32,22 +35,25 @@ from adapters_lab.models import build_tiny_tokenizer  # noqa: E402
 from scripts.bench_eval import build_model, load_prompts, timed  # noqa: E402
 
 
-def one_window(model, tokenizer, enc, beams: int, max_new: int, window: int, repeats: int,
+def one_window(model, tokenizer, enc, beams: int, max_new: int, window: int, compact: bool, repeats: int,
                device: torch.device) -> tuple[dict, torch.Tensor]:
-    """Build a decoder at ``window``, decode the batch once untimed, then ``repeats`` timed times."""
+    """Build a decoder at ``window``, decode the batch once (capturing its graphs), then ``repeats`` timed times."""
     slots = prompt_slots(enc["input_ids"].shape[1])
     if device.type == "cuda":
         torch.cuda.synchronize()
     start = time.perf_counter()
     decoder = Decoder(model, enc["input_ids"].shape[0], slots, beams, max_new, tokenizer.eos_token_id,
-                      tokenizer.pad_token_id, window=window)
+                      tokenizer.pad_token_id, window=window, compact=compact)
     if device.type == "cuda":
         torch.cuda.synchronize()
     build = time.perf_counter() - start
+    first = timed(lambda: decoder(enc["input_ids"], enc["attention_mask"]), device)
     tokens = decoder(enc["input_ids"], enc["attention_mask"]).cpu()
     times = sorted(timed(lambda: decoder(enc["input_ids"], enc["attention_mask"]), device)
                    for _ in range(repeats))
-    result = {"window": window, "graphs": len(decoder.graphs), "build_s": build, "batch_s": times[len(times) // 2]}
+    result = {"window": window, "compact": compact, "graphs": len(decoder.graphs), "build_s": build,
+              "first_batch_s": first, "batch_s": times[len(times) // 2],
+              "generated_slots_last_step": decoder.slots.visible, "generated_slots_written": beams * max_new}
     decoder = None  # its cache and graphs go before the next window's decoder is built
     release_memory(device)
     return result, tokens
@@ -60,6 +66,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--beams", default="4,1", help="decodings to time, e.g. 4,1")
     parser.add_argument("--windows", default="32,16,8,64",
                         help="attention windows, in steps; the first is the reference")
+    parser.add_argument("--compact", default="on", help="compaction of dead beam slots: on, off, or on,off")
     parser.add_argument("--batch-size", type=int, default=256, help="prompts per greedy batch at most")
     parser.add_argument("--beam-batch-size", type=int, default=128, help="prompts per 4-beam batch at most")
     parser.add_argument("--repeats", type=int, default=3, help="timed batches per window")
@@ -86,10 +93,11 @@ def main(argv: list[str] | None = None) -> dict:
         row = {"num_beams": beams, "prompts": batch, "prompt_slots": prompt_slots(enc["input_ids"].shape[1]),
                "windows": []}
         reference = None
-        for window in (int(w) for w in args.windows.split(",")):
-            timing, tokens = one_window(model, tokenizer, enc, beams, max_new, window, args.repeats, device)
+        settings = [(int(w), c == "on") for w in args.windows.split(",") for c in args.compact.split(",")]
+        for window, compact in settings:
+            timing, tokens = one_window(model, tokenizer, enc, beams, max_new, window, compact, args.repeats, device)
             reference = tokens if reference is None else reference
-            timing["tokens_equal_first_window"] = bool(torch.equal(tokens, reference))
+            timing["tokens_equal_first"] = bool(torch.equal(tokens, reference))
             row["windows"].append(timing)
             print(json.dumps({"num_beams": beams, **timing}), flush=True)
         result["decodings"].append(row)
