@@ -8,7 +8,8 @@ captures more graphs; compaction reads only the slots some running beam descends
 Per decoding (greedy, 4 beams), window and compaction: the decoder's build (buffers, step-kernel
 choice), a first batch (which captures the graphs), then one batch of ``--max-new-tokens`` steps
 (median of ``--repeats``), the generated slots its last step read, and whether its tokens equal the
-first configuration's (in float32 they must: what is attended does not change).
+first configuration's (in float32 they must: what is attended does not change). Every decoder runs
+its step attention on the kernel the first one chose.
 
     python scripts/bench_window.py --out window.json --windows 32 --compact on,off   # on a GPU
     python scripts/bench_window.py --tiny --out /tmp/window.json
@@ -36,8 +37,9 @@ from scripts.bench_eval import build_model, load_prompts, timed  # noqa: E402
 
 
 def one_window(model, tokenizer, enc, beams: int, max_new: int, window: int, compact: bool, repeats: int,
-               device: torch.device) -> tuple[dict, torch.Tensor]:
-    """Build a decoder at ``window``, decode the batch once (capturing its graphs), then ``repeats`` timed times."""
+               device: torch.device, backend=None) -> tuple[dict, torch.Tensor, object]:
+    """Build a decoder at ``window``, decode the batch once (capturing its graphs), then ``repeats`` timed
+    times; its step attention on ``backend`` if given (the kernels tie, and a different pick rounds differently)."""
     slots = prompt_slots(enc["input_ids"].shape[1])
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -47,16 +49,23 @@ def one_window(model, tokenizer, enc, beams: int, max_new: int, window: int, com
     if device.type == "cuda":
         torch.cuda.synchronize()
     build = time.perf_counter() - start
-    first = timed(lambda: decoder(enc["input_ids"], enc["attention_mask"]), device)
-    tokens = decoder(enc["input_ids"], enc["attention_mask"]).cpu()
-    times = sorted(timed(lambda: decoder(enc["input_ids"], enc["attention_mask"]), device)
-                   for _ in range(repeats))
+    decoder.step_backend = decoder.step_backend if backend is None else backend
+    batches = []
+    def decode():
+        batches.append(decoder(enc["input_ids"], enc["attention_mask"]).cpu())
+
+    first = timed(decode, device)
+    times = sorted(timed(decode, device) for _ in range(repeats))
+    tokens = batches[-1]
     result = {"window": window, "compact": compact, "graphs": len(decoder.graphs), "build_s": build,
               "first_batch_s": first, "batch_s": times[len(times) // 2],
-              "generated_slots_last_step": decoder.slots.visible, "generated_slots_written": beams * max_new}
+              "generated_slots_last_step": decoder.slots.visible, "generated_slots_written": beams * max_new,
+              "step_backend": getattr(decoder.step_backend, "name", None),
+              "batches_agree": all(torch.equal(b, tokens) for b in batches)}  # the same decoder, the same batch
+    backend = decoder.step_backend
     decoder = None  # its cache and graphs go before the next window's decoder is built
     release_memory(device)
-    return result, tokens
+    return result, tokens, backend
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -92,12 +101,14 @@ def main(argv: list[str] | None = None) -> dict:
             enc = tokenizer(prompts[:batch], return_tensors="pt", padding=True)
         row = {"num_beams": beams, "prompts": batch, "prompt_slots": prompt_slots(enc["input_ids"].shape[1]),
                "windows": []}
-        reference = None
+        reference = backend = None
         settings = [(int(w), c == "on") for w in args.windows.split(",") for c in args.compact.split(",")]
         for window, compact in settings:
-            timing, tokens = one_window(model, tokenizer, enc, beams, max_new, window, compact, args.repeats, device)
+            timing, tokens, backend = one_window(model, tokenizer, enc, beams, max_new, window, compact, args.repeats,
+                                                 device, backend)
             reference = tokens if reference is None else reference
             timing["tokens_equal_first"] = bool(torch.equal(tokens, reference))
+            timing["prompts_with_the_first_tokens"] = int((tokens == reference).all(dim=1).sum())
             row["windows"].append(timing)
             print(json.dumps({"num_beams": beams, **timing}), flush=True)
         result["decodings"].append(row)

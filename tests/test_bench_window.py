@@ -25,7 +25,7 @@ def test_tiny_windows_decode_the_same_tokens_and_are_written(tmp_path, monkeypat
     for row in result["decodings"]:
         assert [(w["window"], w["compact"]) for w in row["windows"]] == [(4, False), (4, True), (1, False),
                                                                          (1, True), (3, False), (3, True)]
-        assert all(w["tokens_equal_first"] and w["batch_s"] > 0 for w in row["windows"])
+        assert all(w["tokens_equal_first"] and w["batches_agree"] and w["batch_s"] > 0 for w in row["windows"])
         full = [w["generated_slots_last_step"] for w in row["windows"] if not w["compact"]]
         # The last step feeds step 7's tokens: periods of 4 end at step 8, of 1 at 8, of 3 at 9; no slot dropped.
         assert full == [row["num_beams"] * n for n in (8, 8, 9)]
