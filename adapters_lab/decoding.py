@@ -161,7 +161,7 @@ class Decoder:
         self.model, self.prompts, self.prompt_slots, self.beams = model, prompts, prompt_slots, beams
         self.steps, self.pad = max_new_tokens, pad_token_id
         self.eos = -1 if eos_token_id is None else eos_token_id  # none: sequences run to the budget
-        self.window, self.check_every = window, check_every
+        self.check_every = check_every
         self.cache_argument = cache_argument(model)
         AttentionInterface.register(ATTENTION, grouped_attention)  # on first use, not at import
         embed = model.get_input_embeddings().weight

@@ -4,17 +4,18 @@ compaction that drops the tokens no running beam descends from.
 Decoding runs in periods of ``period`` steps. During a period, the token chosen at step ``s`` by
 beam row ``r`` goes to slot ``kept + (s - start) * beams + r`` of the generated region (after the
 prefix and the prompt), ``start`` being the period's first step and ``kept`` the slots carried
-over from the earlier periods. Two tables describe every slot: the step and the beam row whose
-token it holds (``slot_step``, ``slot_row``; a step of ``steps`` marks a slot no beam reads). Beam
-``k`` attends slot ``c`` iff its ancestry's row at step ``slot_step[c]`` is ``slot_row[c]``.
+over from the earlier periods. Two tables describe every slot a step reads: the step and the beam
+row whose token it holds (``slot_step``, ``slot_row``). Beam ``k`` attends slot ``c`` iff its
+ancestry's row at step ``slot_step[c]`` is ``slot_row[c]`` and that step is written.
 
 At the end of a period, a slot that is no running beam's ancestor will never be attended again
 (a beam's ancestry only ever changes to another running beam's). ``next_period`` moves the live
 slots of each prompt to the front, in their order, and keeps as many slots as the prompt with the
 most live ones needs, rounded up to ``bucket``. Under 4-beam search the running beams share most
 of their history: with SmolLM2-135M on GSM8K, trained or random-init, about a third of the 4
-tokens a step stays live, so attention reads about half the generated slots it would without
-compaction. Greedy decoding has no dead slots and never compacts.
+tokens a step stays live; on the random-init LLaMA-7B shape the last step of a 128-prompt batch
+read 384 generated slots instead of 1,024 (docs/benchmarks.md). Greedy decoding has no dead slots
+and never compacts.
 
 Attention sums over the same keys either way; only the order and number of masked slots differ,
 which in bf16 can round differently (as a different attention window does).
@@ -40,7 +41,7 @@ class GeneratedSlots:
         self.beams, self.steps, self.period, self.first, self.compact = beams, steps, period, first, compact
         self.bucket = BUCKET if bucket is None else bucket
         long = dict(dtype=torch.long, device=device)
-        self.slot_step = torch.full((prompts, beams * steps), steps, **long)
+        self.slot_step = torch.zeros(prompts, beams * steps, **long)
         self.slot_row = torch.zeros(prompts, beams * steps, **long)
         self.segment_start = torch.zeros((), **long)  # the period's first step, on the device
         self.own_rows = torch.arange(beams, **long)
@@ -84,9 +85,12 @@ class GeneratedSlots:
     def mask(self, ancestry: torch.Tensor, previous: torch.Tensor) -> torch.Tensor:
         """``(prompts, beams, visible)``: beam ``k`` attends a generated slot iff the slot holds its
         ancestor's token of a step up to ``previous``. ``ancestry`` is ``(prompts, beams, steps)``."""
-        steps = self.slot_step[:, None, : self.visible]
-        rows = torch.gather(ancestry, 2, steps.clamp(max=self.steps - 1).expand(-1, self.beams, -1))
-        return (rows == self.slot_row[:, None, : self.visible]) & (steps <= previous)
+        return self._descended(ancestry, self.visible) & (self.slot_step[:, None, : self.visible] <= previous)
+
+    def _descended(self, ancestry: torch.Tensor, slots: int) -> torch.Tensor:
+        """``(prompts, beams, slots)``: whether the first ``slots`` slots hold the beams' ancestors' tokens."""
+        steps = self.slot_step[:, None, :slots].expand(-1, self.beams, -1)
+        return torch.gather(ancestry, 2, steps) == self.slot_row[:, None, :slots]
 
     # -- between periods ----------------------------------------------------------------------------
 
@@ -96,9 +100,7 @@ class GeneratedSlots:
         written = self.visible
         kept = written
         if self.beams > 1 and self.compact:
-            steps = self.slot_step[:, None, :written]
-            rows = torch.gather(ancestry, 2, steps.clamp(max=self.steps - 1).expand(-1, self.beams, -1))
-            live = ((rows == self.slot_row[:, None, :written]) & (steps < self.steps)).any(dim=1)
+            live = self._descended(ancestry, written).any(dim=1)  # every slot so far is written
             count = live.sum(dim=1)
             kept = min(written, self.bucket * math.ceil(int(count.max()) / self.bucket))  # one host read a period
             if kept < written:
@@ -123,8 +125,7 @@ class GeneratedSlots:
             table[:, :kept] = torch.gather(table[:, :written], 1, order)
 
     def _lay_segment(self) -> None:
-        """The current period's slots: step ``start + i // beams``, row ``i % beams``; none after."""
+        """The current period's slots: step ``start + i // beams``, row ``i % beams``."""
         index = torch.arange(self.segment, device=self.slot_step.device)
         self.slot_step[:, self.kept : self.kept + self.segment] = self.start + index // self.beams
         self.slot_row[:, self.kept : self.kept + self.segment] = index % self.beams
-        self.slot_step[:, self.kept + self.segment :] = self.steps
