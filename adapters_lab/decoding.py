@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend
 from transformers import AttentionInterface, Cache
 
+from adapters_lab import fused_norms
 from adapters_lab.adapters import virtual_tokens
 from adapters_lab.adapters.prefix import PrefixEncoder
 from adapters_lab.beam_search import BeamSearch
@@ -47,6 +48,7 @@ from adapters_lab.step_attention import (  # noqa: F401
     cuda_milliseconds,
     fastest_step_backend,
     few_query_attention,
+    step_backends,
 )
 
 log = logging.getLogger(__name__)
@@ -167,6 +169,7 @@ class Decoder:
         embed = model.get_input_embeddings().weight
         self.device, dtype = embed.device, embed.dtype
         self.prefix = cache_prefix(model)
+        self.norms = fused_norms.rms_norms(model)
         self.prefix_slots = prefix_tokens(model)
         self.first_generated = self.prefix_slots + prompt_slots  # the slot of beam 0's first token
         shape = cache_shape(model, prompts, self.first_generated + beams * max_new_tokens)
@@ -285,7 +288,8 @@ class Decoder:
         AttentionInterface.register(ATTENTION, grouped_attention)  # registered when a decoder is first built
         self.model.config._attn_implementation = ATTENTION
         try:
-            with virtual_tokens.hooks_suspended(self.model):  # the prefix is in our cache and masks already
+            # The prefix is in our cache and masks already; each RMSNorm runs as one kernel.
+            with virtual_tokens.hooks_suspended(self.model), fused_norms.fused(self.norms):
                 out = self.model(input_ids=input_ids, position_ids=positions, attention_mask=mask,
                                  use_cache=True, logits_to_keep=1, **{self.cache_argument: self.cache})
         finally:
@@ -306,7 +310,7 @@ class Decoder:
         key, value = (torch.randn(prompts, kv_heads, slots, dim, **randn_kwargs) for _ in range(2))
         mask = torch.rand(prompts, 1, self.beams, slots, generator=generator, device=self.device) < 0.5
         mask[..., -1] = True  # no fully masked row
-        backend = fastest_step_backend(query, key, value, mask, dim**-0.5)
+        backend = fastest_step_backend(query, key, value, mask, dim**-0.5, step_backends(dtype))
         log.info("eval: decoding-step attention by SDPA's %s kernel (timed on %d prompts x %d slots, %d beams)",
                  getattr(backend, "name", "default"), prompts, slots, self.beams)
         return backend

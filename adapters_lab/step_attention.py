@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 from typing import Callable
 
@@ -10,11 +11,35 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from adapters_lab import step_attention_kernel
+
+log = logging.getLogger(__name__)
+
 # SDPA kernels that take the decoding step's masked few-query attention. Which is fastest depends on
 # the mask: on an H200 the cuDNN kernel read the cache at 4.3 TB/s in greedy steps and at 2.7 TB/s
 # under 4 beams' masks (scripts/bench_eval.py --step-profile), so a decoder times them on its own
 # shapes when it is built and keeps the fastest (``fastest_step_backend``).
 STEP_BACKENDS = (SDPBackend.CUDNN_ATTENTION, SDPBackend.EFFICIENT_ATTENTION)
+
+
+class _TritonKernel:
+    """The step kernel of ``step_attention_kernel``, a candidate beside SDPA's backends."""
+
+    name = "TRITON"
+
+    def __repr__(self) -> str:
+        return "TRITON"
+
+
+TRITON = _TritonKernel()
+_kernel_active = False  # set by ``attention_backend(TRITON)``; read when a step is run or captured
+
+
+def step_backends(dtype: torch.dtype) -> tuple:
+    """The kernels a decoder on a GPU times for its steps: SDPA's, and the Triton kernel for 16-bit
+    caches where triton is installed (in float32 its ``tl.dot`` would round through TF32)."""
+    kernel = (TRITON,) if step_attention_kernel.available() and dtype in (torch.bfloat16, torch.float16) else ()
+    return STEP_BACKENDS + kernel
 
 
 def few_query_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor,
@@ -30,13 +55,29 @@ def few_query_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Ten
     grouped = query.reshape(batch, kv_heads, groups * queries, dim)
     if groups > 1:
         mask = mask[:, :, None].expand(batch, 1, groups, queries, slots).reshape(batch, 1, groups * queries, slots)
-    out = F.scaled_dot_product_attention(grouped, key, value, attn_mask=mask, scale=scale)
+    if _kernel_active:
+        out = step_attention_kernel.few_query_attention_kernel(grouped, key, value, mask, scale)
+    else:
+        out = F.scaled_dot_product_attention(grouped, key, value, attn_mask=mask, scale=scale)
     return out.view(batch, heads, queries, dim)
 
 
-def attention_backend(backend: SDPBackend | None):
-    """A context in which SDPA runs on ``backend`` only (None: SDPA's own choice)."""
+def attention_backend(backend):
+    """A context in which the step attention runs on ``backend``: an SDPA backend only, the Triton
+    kernel (``TRITON``), or None (SDPA's own choice)."""
+    if backend is TRITON:
+        return _triton_active()
     return sdpa_kernel([backend]) if backend is not None else contextlib.nullcontext()
+
+
+@contextlib.contextmanager
+def _triton_active():
+    global _kernel_active
+    previous, _kernel_active = _kernel_active, True
+    try:
+        yield
+    finally:
+        _kernel_active = previous
 
 
 def cuda_milliseconds(fn: Callable[[], object], repeats: int = 5) -> float:
@@ -64,7 +105,8 @@ def fastest_step_backend(query: torch.Tensor, key: torch.Tensor, value: torch.Te
         try:
             with attention_backend(backend):
                 elapsed = timer(lambda: few_query_attention(query, key, value, mask, scale))
-        except RuntimeError:  # "No available kernel": this backend does not take these inputs
+        except Exception as error:  # "No available kernel", the Triton kernel's limits or its compiler: skip it
+            log.info("eval: step kernel %s skipped (%s)", getattr(backend, "name", backend), str(error)[:200])
             continue
         if elapsed < best_time:
             best, best_time = backend, elapsed

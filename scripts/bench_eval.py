@@ -42,7 +42,7 @@ from adapters_lab.config import TinyModelConfig  # noqa: E402
 from adapters_lab.data.arith import arith_splits  # noqa: E402
 from adapters_lab.data.prompts import RESPONSE_MARKER, eval_prompt  # noqa: E402
 from adapters_lab.data.records import read_json_records  # noqa: E402
-from adapters_lab.decoding import STEP_BACKENDS, Decoder, attention_backend, prompts_that_fit  # noqa: E402
+from adapters_lab.decoding import Decoder, attention_backend, prompts_that_fit, step_backends  # noqa: E402
 from adapters_lab.evaluate import free_gpu_bytes, generate, release_memory  # noqa: E402
 from adapters_lab.files import write_json_atomic  # noqa: E402
 from adapters_lab.models import build_tiny_model, build_tiny_tokenizer  # noqa: E402
@@ -201,7 +201,7 @@ def attention_bandwidth(decoder: Decoder, device: torch.device) -> dict:
 
     kernels = {"ours": lambda: attend(decoder.step_backend)}  # the kernel the decoder chose
     if device.type == "cuda":
-        for backend in STEP_BACKENDS:  # each candidate it chose from
+        for backend in step_backends(keys.dtype):  # each candidate it chose from
             kernels[backend.name.lower()] = lambda backend=backend: attend(backend)
         kernels["sdpa_unmasked"] = lambda: F.scaled_dot_product_attention(query, keys, values, scale=scale,
                                                                           enable_gqa=heads != kv_heads)

@@ -1,0 +1,92 @@
+"""The Triton step-attention kernel (adapters_lab/step_attention_kernel.py) under Triton's CPU
+interpreter: it equals SDPA on strided cache views and masks, and a decoder running its steps on
+it chooses ``generate``'s tokens, greedy and with 4 beams, compaction included."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from adapters_lab import step_attention
+
+ROOT = Path(__file__).resolve().parents[1]
+
+CHECK = """
+import torch
+import torch.nn.functional as F
+from adapters_lab import decoding, step_attention
+from adapters_lab.step_attention_kernel import few_query_attention_kernel
+from tests.adapter_helpers import tiny_model
+from tests.test_decoding import LENGTHS, PAD, frequent_token, left_padded, reference
+
+torch.manual_seed(0)
+# Views of a larger cache (the decoder's layout), rows padded to 16 or 32, slots not a multiple of the block.
+for rows, slots in ((1, 70), (4, 133), (20, 64)):
+    cache = torch.randn(2, 3, 2, 150, 16)  # (layers, prompts, kv heads, slots, d): the views below are strided
+    k, v = cache[1, :, :, :slots], cache[0, :, :, :slots]
+    q = torch.randn(3, 2, rows, 16)
+    mask = torch.rand(3, 1, rows, slots) < 0.4
+    mask[..., slots - 1] = True
+    out = few_query_attention_kernel(q, k, v, mask, 0.3)
+    torch.testing.assert_close(out, F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=0.3))
+    mask[0, 0, 0] = False  # a row that attends nothing: zeros, not NaN
+    assert few_query_attention_kernel(q, k, v, mask, 0.3)[0, :, 0].abs().max() == 0
+# Grouped query heads through few_query_attention: 4 query heads on 2 key/value heads, 3 beams.
+q, k, v = torch.randn(2, 4, 3, 32), torch.randn(2, 2, 40, 32), torch.randn(2, 2, 40, 32)
+mask = torch.rand(2, 1, 3, 40) < 0.5
+mask[..., 0] = True
+expected = step_attention.few_query_attention(q, k, v, mask, 0.2)
+with step_attention.attention_backend(step_attention.TRITON):
+    torch.testing.assert_close(step_attention.few_query_attention(q, k, v, mask, 0.2), expected)
+# A decoder whose steps run on the kernel chooses generate's tokens (compaction forced at this size).
+for model_type, beams in (("llama", 4), ("qwen2", 4), ("llama", 1)):
+    model = tiny_model(model_type)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(100)  # confident: some beams end early
+    ids, mask = left_padded(LENGTHS)
+    steps = 24
+    eos = frequent_token(model, ids, mask, steps, beams)
+    decoder = decoding.Decoder(model, ids.shape[0], ids.shape[1] + 3, beams, steps, eos, PAD, window=4)
+    decoder.slots.bucket = 2
+    decoder.step_backend = step_attention.TRITON
+    ours = decoder(ids, mask)
+    assert torch.equal(ours, reference(model, ids, mask, beams, steps, eos)), (model_type, beams)
+    assert beams == 1 or decoder.slots.kept < beams * steps - beams * 4, "compaction dropped slots"
+print("kernel ok")
+"""
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton not installed (CUDA builds of torch ship it)")
+def test_step_kernel_under_the_triton_interpreter():
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run([sys.executable, "-c", CHECK], env=env, capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "kernel ok" in done.stdout
+
+
+def test_the_kernel_is_a_candidate_for_16_bit_caches_only():
+    with_triton = importlib.util.find_spec("triton") is not None
+    assert (step_attention.TRITON in step_attention.step_backends(torch.bfloat16)) == with_triton
+    assert step_attention.TRITON not in step_attention.step_backends(torch.float32)  # tl.dot would round via TF32
+    assert step_attention.step_backends(torch.float32) == step_attention.STEP_BACKENDS
+
+
+def test_a_candidate_that_fails_is_skipped():
+    calls = []
+
+    def timer(fn):
+        calls.append(fn)
+        if len(calls) == 1:
+            raise ValueError("compiler error")  # not a RuntimeError: the Triton compiler's own
+        return 1.0
+
+    q, k = torch.randn(1, 1, 2, 16), torch.randn(1, 1, 5, 16)
+    mask = torch.ones(1, 1, 2, 5, dtype=torch.bool)
+    chosen = step_attention.fastest_step_backend(q, k, k, mask, 0.25, backends=("first", "second"), timer=timer)
+    assert chosen == "second" and len(calls) == 2
