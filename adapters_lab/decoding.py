@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend
 from transformers import AttentionInterface, Cache
 
-from adapters_lab import fused_norms
+from adapters_lab import fused_norms, fused_rotary
 from adapters_lab.adapters import virtual_tokens
 from adapters_lab.adapters.prefix import PrefixEncoder
 from adapters_lab.beam_search import BeamSearch
@@ -169,7 +169,8 @@ class Decoder:
         embed = model.get_input_embeddings().weight
         self.device, dtype = embed.device, embed.dtype
         self.prefix = cache_prefix(model)
-        self.norms = fused_norms.rms_norms(model)
+        self.norms = fused_norms.rms_norms(model)  # each one kernel; rotary, one kernel for q and k on a GPU
+        self.rotary = fused_rotary.rotary_modules(model) if self.device.type == "cuda" and fused_rotary.available() else []
         self.prefix_slots = prefix_tokens(model)
         self.first_generated = self.prefix_slots + prompt_slots  # the slot of beam 0's first token
         shape = cache_shape(model, prompts, self.first_generated + beams * max_new_tokens)
@@ -288,8 +289,8 @@ class Decoder:
         AttentionInterface.register(ATTENTION, grouped_attention)  # registered when a decoder is first built
         self.model.config._attn_implementation = ATTENTION
         try:
-            # The prefix is in our cache and masks already; each RMSNorm runs as one kernel.
-            with virtual_tokens.hooks_suspended(self.model), fused_norms.fused(self.norms):
+            # The prefix is in our cache and masks already; norms and rotary run fused.
+            with virtual_tokens.hooks_suspended(self.model), fused_norms.fused(self.norms), fused_rotary.fused(self.rotary):
                 out = self.model(input_ids=input_ids, position_ids=positions, attention_mask=mask,
                                  use_cache=True, logits_to_keep=1, **{self.cache_argument: self.cache})
         finally:

@@ -1,12 +1,16 @@
 """Where a decoding batch of the math suite spends its time, on one random-init LLaMA-7B shape in bf16.
 
 For one batch of the suite as the evaluator plans it (``--batch-index``, longest prompts first), per
-decoding: the batch in a decoder built for its own prompt slots and in one built for ``--reuse-slots``
-(the evaluator reuses a decoder with up to ``REUSE_SLOTS`` more), the phases of a batch timed with a
-synchronisation around each (prefill, steps, compactions), and the kernels of one eager step of the
-last period (time and launches per kernel).
+decoding, in this one process: the batch under each of ``VARIANTS`` (the step-attention kernel, and
+whether the decoder's RMSNorms and rotary embedding run fused), each in its own decoder and with
+whether its tokens equal the first variant's; optionally the batch in a decoder of ``--reuse-slots``
+prompt slots (the evaluator reuses a decoder with up to ``REUSE_SLOTS`` more); then the phases of a
+batch timed with a synchronisation around each (prefill, steps, compactions), the kernels of one
+eager step of the last period (time and launches per kernel) and the step attention's kernels on
+that period's cache.
 
-    python scripts/profile_decoding.py --out profile.json   # on a GPU
+    python scripts/profile_decoding.py --out profile.json --variants before,decoder_default   # on a GPU
+    python scripts/profile_decoding.py --tiny --out /tmp/profile.json                         # CPU smoke run
 """
 
 from __future__ import annotations
@@ -79,7 +83,7 @@ def kernels(decoder: Decoder, device) -> list[dict]:
     return sorted(rows, key=lambda r: -r["us"])
 
 
-def one_decoding(model, tokenizer, questions, beams, batch_size, index, reuse_slots, device) -> dict:
+def one_decoding(model, tokenizer, questions, beams, batch_size, index, reuse_slots, variants, device) -> dict:
     lengths = [len(tokenizer(p)["input_ids"]) for p in questions]
     order = sorted(range(len(questions)), key=lambda i: -lengths[i])
     free = evaluate.free_gpu_bytes(device)
@@ -90,49 +94,52 @@ def one_decoding(model, tokenizer, questions, beams, batch_size, index, reuse_sl
     row = {"num_beams": beams, "batches": len(batches), "batch_index": index, "prompts": len(chunk),
            "prompt_slots": own, "batch_prompt_slots": [evaluate.prompt_slots(max(lengths[i] for i in b)) for b in batches]}
     reference = None
-    for name, (backend, norms) in VARIANTS.items():
+    for name in variants:
+        backend, norms, rotary = VARIANTS[name]
         try:
             decoder = Decoder(model, len(chunk), own, beams, 256, tokenizer.eos_token_id, tokenizer.pad_token_id)
             chosen = getattr(decoder.step_backend, "name", None)  # what the decoder picked by timing
             if device.type == "cuda" and backend is not None:
                 decoder.step_backend = TRITON if backend == "triton" else SDPBackend.CUDNN_ATTENTION
             decoder.norms = decoder.norms if norms else []  # no fused norms: transformers' own
+            decoder.rotary = decoder.rotary if rotary else []
             first = timed(lambda: decoder(enc["input_ids"], enc["attention_mask"]), device)
             tokens = []
             batch = timed(lambda: tokens.append(decoder(enc["input_ids"], enc["attention_mask"]).cpu()), device)
             reference = tokens[0] if reference is None else reference
             row[name] = {"first_batch_s": first, "batch_s": batch, "graphs": len(decoder.graphs),
                          "step_backend": getattr(decoder.step_backend, "name", None), "chosen_by_timing": chosen,
-                         "fused_norms": bool(norms),
+                         "fused_norms": bool(decoder.norms), "fused_rotary": bool(decoder.rotary),
                          "prompts_with_reference_tokens": int((tokens[0] == reference).all(1).sum())}
         except Exception as error:  # a variant that does not run: say why
             row[name] = {"error": repr(error)[:400]}
         print(json.dumps({"beams": beams, name: row[name]}), flush=True)
         decoder = None
         evaluate.release_memory(device)
-    for slots in ([reuse_slots] if reuse_slots > own else []) + [own]:
-        decoder = Decoder(model, len(chunk), slots, beams, 256, tokenizer.eos_token_id, tokenizer.pad_token_id)
-        first = timed(lambda: decoder(enc["input_ids"], enc["attention_mask"]), device)
-        batch = timed(lambda: decoder(enc["input_ids"], enc["attention_mask"]), device)
-        row[f"decoder_{slots}"] = {"first_batch_s": first, "batch_s": batch, "graphs": len(decoder.graphs)}
-        print(json.dumps({"beams": beams, "slots": slots, **row[f"decoder_{slots}"]}), flush=True)
-        if slots == own:
-            row["phases"] = phases(decoder, enc, device)
-            row["kernels"] = kernels(decoder, device) if device.type == "cuda" else []
-            row["attention"] = attention_bandwidth(decoder, device)
-            row["kernel_configs"] = kernel_configs(decoder, device)
-            print(json.dumps({"attention": row["attention"], "kernel_configs": row["kernel_configs"]}), flush=True)
-            print(json.dumps(row["phases"]), flush=True)
-            for k in row["kernels"][:30]:
-                print(f"{k['us']:10.0f} us {k['calls']:5d}  {k['name'][:110]}")
+    if reuse_slots > own:  # the batch in a larger decoder, as the evaluator reuses one
+        decoder = Decoder(model, len(chunk), reuse_slots, beams, 256, tokenizer.eos_token_id, tokenizer.pad_token_id)
+        timed(lambda: decoder(enc["input_ids"], enc["attention_mask"]), device)
+        row[f"decoder_{reuse_slots}"] = {"batch_s": timed(lambda: decoder(enc["input_ids"], enc["attention_mask"]), device)}
         decoder = None
         evaluate.release_memory(device)
+    decoder = Decoder(model, len(chunk), own, beams, 256, tokenizer.eos_token_id, tokenizer.pad_token_id)
+    decoder(enc["input_ids"], enc["attention_mask"])  # captures its graphs
+    row["phases"] = phases(decoder, enc, device)
+    row["kernels"] = kernels(decoder, device) if device.type == "cuda" else []
+    row["attention"] = attention_bandwidth(decoder, device)
+    row["kernel_configs"] = kernel_configs(decoder, device)
+    print(json.dumps({"phases": row["phases"], "kernel_configs": row["kernel_configs"]}), flush=True)
+    for k in row["kernels"][:30]:
+        print(f"{k['us']:10.0f} us {k['calls']:5d}  {k['name'][:110]}")
+    decoder = None
+    evaluate.release_memory(device)
     return row
 
 
-# name: (step kernel: cudnn, triton, or None for the decoder's own timed pick; RMSNorms fused)
-VARIANTS = {"before": ("cudnn", False), "triton_kernel": ("triton", False), "fused_norms": ("cudnn", True),
-            "decoder_default": (None, True)}
+# name: (step kernel: cudnn, triton, or None for the decoder's own timed pick; RMSNorms fused; rotary fused)
+VARIANTS = {"before": ("cudnn", False, False), "triton_kernel": ("triton", False, False),
+            "fused_norms": ("cudnn", True, False), "fused_rotary": ("cudnn", False, True),
+            "without_rotary": (None, True, False), "decoder_default": (None, True, True)}
 CONFIGS = ((64, 4, 3), (64, 4, 4), (32, 4, 4), (32, 2, 4))
 
 
@@ -167,6 +174,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--beams", default="4,1")
     parser.add_argument("--batch-index", type=int, default=12)
     parser.add_argument("--reuse-slots", type=int, default=0, help="also time the batch in a decoder of this many prompt slots")
+    parser.add_argument("--variants", default=",".join(VARIANTS), help="of " + ", ".join(VARIANTS))
     parser.add_argument("--tiny", action="store_true", help="CPU smoke run: tiny model, a few prompts")
     parser.add_argument("--data-dir", type=Path,
                         default=Path(os.environ.get("ADAPTERS_LAB_DATA", REPO.parent / "shared" / "data")) / "llm_adapters")
@@ -184,7 +192,7 @@ def main(argv=None) -> dict:
         batch_size = (128 if beams > 1 else 256) if not args.tiny else 8
         index = args.batch_index if beams > 1 else args.batch_index // 2
         result["decodings"].append(one_decoding(model, tokenizer, questions, beams, batch_size, index,
-                                                args.reuse_slots, device))
+                                                args.reuse_slots, args.variants.split(","), device))
         write_json_atomic(args.out, result)
     return result
 
