@@ -19,6 +19,9 @@ search with length penalty 1 and ``early_stopping=False``, the decoding LLM-Adap
   region (the slots carried over and the period's slots; attention reads no further), the first
   step of a shape run eagerly and then captured, and replayed. The host checks for completion
   after the first token and every ``check_every`` steps, and compacts the cache between periods.
+- On a GPU the step attention runs on the fastest, timed at build, of SDPA's kernels and a Triton
+  kernel (``step_attention_kernel``); in every forward of ours each RMSNorm is one kernel
+  (``fused_norms``) and, on a GPU, the rotary embedding one for queries and one for keys (``fused_rotary``).
 - Prefix tuning (``adapters/prefix.py``): its ``n`` keys and values per layer fill the first ``n``
   slots of every prompt's row, written at each batch's prefill; every mask covers them, and position
   ids count real tokens after them, as the virtual-token hook does for ``generate``. The hook itself
@@ -169,8 +172,9 @@ class Decoder:
         embed = model.get_input_embeddings().weight
         self.device, dtype = embed.device, embed.dtype
         self.prefix = cache_prefix(model)
-        self.norms = fused_norms.rms_norms(model)  # each one kernel; rotary, one kernel for q and k on a GPU
-        self.rotary = fused_rotary.rotary_modules(model) if self.device.type == "cuda" and fused_rotary.available() else []
+        self.norms = fused_norms.rms_norms(model)  # each one kernel in our forwards
+        on_gpu = self.device.type == "cuda" and fused_rotary.available()
+        self.rotary = fused_rotary.rotary_modules(model) if on_gpu else []  # one kernel for q, one for k
         self.prefix_slots = prefix_tokens(model)
         self.first_generated = self.prefix_slots + prompt_slots  # the slot of beam 0's first token
         shape = cache_shape(model, prompts, self.first_generated + beams * max_new_tokens)
@@ -312,7 +316,7 @@ class Decoder:
         mask = torch.rand(prompts, 1, self.beams, slots, generator=generator, device=self.device) < 0.5
         mask[..., -1] = True  # no fully masked row
         backend = fastest_step_backend(query, key, value, mask, dim**-0.5, step_backends(dtype))
-        log.info("eval: decoding-step attention by SDPA's %s kernel (timed on %d prompts x %d slots, %d beams)",
+        log.info("eval: decoding-step attention by the %s kernel (timed on %d prompts x %d slots, %d beams)",
                  getattr(backend, "name", "default"), prompts, slots, self.beams)
         return backend
 

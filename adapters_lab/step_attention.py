@@ -1,4 +1,5 @@
-"""The decoding step's few-query attention and the choice of its SDPA kernel, timed on the GPU."""
+"""The decoding step's few-query attention and the choice of its kernel (SDPA's, or the Triton one of
+``step_attention_kernel``), timed on the GPU."""
 
 from __future__ import annotations
 
@@ -18,7 +19,8 @@ log = logging.getLogger(__name__)
 # SDPA kernels that take the decoding step's masked few-query attention. Which is fastest depends on
 # the mask: on an H200 the cuDNN kernel read the cache at 4.3 TB/s in greedy steps and at 2.7 TB/s
 # under 4 beams' masks (scripts/bench_eval.py --step-profile), so a decoder times them on its own
-# shapes when it is built and keeps the fastest (``fastest_step_backend``).
+# shapes when it is built and keeps the fastest (``fastest_step_backend``) of these and, for 16-bit
+# caches, the Triton kernel (4.2 TB/s under the same masks on the H200: docs/benchmarks.md).
 STEP_BACKENDS = (SDPBackend.CUDNN_ATTENTION, SDPBackend.EFFICIENT_ATTENTION)
 
 
@@ -47,8 +49,7 @@ def few_query_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Ten
     """``(b, heads, q, d)`` queries, few of them, against ``(b, kv_heads, slots, d)`` keys and values
     with a ``(b, 1, q, slots)`` mask. The query heads sharing a key/value head (in order,
     ``h // (heads / kv_heads)``) become extra query rows of it, so the keys are read once and never
-    repeated or copied; SDPA then runs its memory-efficient kernel on a GPU, which streams the cache
-    at 1.44x the speed of two batched matmuls (``scripts/bench_eval.py --step-profile``, H100)."""
+    repeated or copied; then SDPA, or the Triton kernel inside ``attention_backend(TRITON)``."""
     batch, heads, queries, dim = query.shape
     kv_heads, slots = key.shape[1], key.shape[2]
     groups = heads // kv_heads

@@ -3,12 +3,6 @@ dropout mask), and the CUDA dropout kernel under Triton's CPU interpreter."""
 
 from __future__ import annotations
 
-import importlib.util
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
@@ -17,10 +11,9 @@ from adapters_lab.data.tokenize import PackedCollator, PaddedCollator, pack_rows
 from adapters_lab.training.speed import prepare_model
 from adapters_lab.training.speed.fused_lora import cpu_keep_mask
 from adapters_lab.training.speed.layers import enable_gradient_checkpointing
-from tests.train_helpers import run, tiny_lora_model, token_examples, trainable, trainer_cfg
 from tests.test_train_fast import assert_same, loss_and_grads
-
-ROOT = Path(__file__).resolve().parents[1]
+from tests.train_helpers import run, tiny_lora_model, token_examples, trainable, trainer_cfg
+from tests.triton_interpreter import needs_triton, run_interpreted
 
 
 def lora_layer(bias: bool, dropout: float, dtype=torch.float32) -> LoRALinear:
@@ -149,12 +142,9 @@ print("kernel ok", rate)
 """
 
 
-@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton not installed (CUDA builds of torch ship it)")
+@needs_triton
 def test_cuda_dropout_kernel_under_the_triton_interpreter():
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
-    done = subprocess.run([sys.executable, "-c", KERNEL_CHECK], env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert "kernel ok" in done.stdout
+    run_interpreted(KERNEL_CHECK, "kernel ok")
 
 
 def test_gradient_checkpointing_recomputes_the_fused_layers_with_their_masks():

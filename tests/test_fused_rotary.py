@@ -4,20 +4,12 @@ kernel does not take left to transformers' function."""
 
 from __future__ import annotations
 
-import importlib.util
-import os
-import subprocess
-import sys
-from pathlib import Path
-
-import pytest
 import torch
 from transformers.models.llama import modeling_llama
 
 from adapters_lab import fused_rotary
 from tests.adapter_helpers import tiny_model
-
-ROOT = Path(__file__).resolve().parents[1]
+from tests.triton_interpreter import needs_triton, run_interpreted
 
 CHECK = """
 import torch
@@ -51,12 +43,9 @@ print("rotary ok")
 """
 
 
-@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton not installed (CUDA builds of torch ship it)")
+@needs_triton
 def test_rotary_kernel_under_the_triton_interpreter():
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
-    done = subprocess.run([sys.executable, "-c", CHECK], env=env, capture_output=True, text=True, timeout=600, cwd=ROOT)
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert "rotary ok" in done.stdout
+    run_interpreted(CHECK, "rotary ok")
 
 
 def test_the_swap_holds_only_inside_the_block():

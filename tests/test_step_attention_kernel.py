@@ -5,17 +5,11 @@ it chooses ``generate``'s tokens, greedy and with 4 beams, compaction included."
 from __future__ import annotations
 
 import importlib.util
-import os
-import subprocess
-import sys
-from pathlib import Path
 
-import pytest
 import torch
 
 from adapters_lab import step_attention
-
-ROOT = Path(__file__).resolve().parents[1]
+from tests.triton_interpreter import needs_triton, run_interpreted
 
 CHECK = """
 import torch
@@ -62,12 +56,9 @@ print("kernel ok")
 """
 
 
-@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton not installed (CUDA builds of torch ship it)")
+@needs_triton
 def test_step_kernel_under_the_triton_interpreter():
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
-    done = subprocess.run([sys.executable, "-c", CHECK], env=env, capture_output=True, text=True, timeout=600, cwd=ROOT)
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert "kernel ok" in done.stdout
+    run_interpreted(CHECK, "kernel ok")
 
 
 def test_the_kernel_is_a_candidate_for_16_bit_caches_only():
