@@ -173,8 +173,8 @@ class Decoder:
         self.device, dtype = embed.device, embed.dtype
         self.prefix = cache_prefix(model)
         self.norms = fused_norms.rms_norms(model)  # each one kernel in our forwards
-        on_gpu = self.device.type == "cuda" and fused_rotary.available()
-        self.rotary = fused_rotary.rotary_modules(model) if on_gpu else []  # one kernel for q, one for k
+        rotary_kernel_here = self.device.type == "cuda" and fused_rotary.available()
+        self.rotary = fused_rotary.rotary_modules(model) if rotary_kernel_here else []  # one kernel for q, one for k
         self.prefix_slots = prefix_tokens(model)
         self.first_generated = self.prefix_slots + prompt_slots  # the slot of beam 0's first token
         shape = cache_shape(model, prompts, self.first_generated + beams * max_new_tokens)
