@@ -20,7 +20,8 @@ search with length penalty 1 and ``early_stopping=False``, the decoding LLM-Adap
   step of a shape run eagerly and then captured, and replayed. The host checks for completion
   after the first token and every ``check_every`` steps, and compacts the cache between periods.
 - On a GPU the step attention runs on the fastest, timed at build, of SDPA's kernels and a Triton
-  kernel (``step_attention_kernel``); in every forward of ours each RMSNorm is one kernel
+  kernel (``step_attention_kernel``), a step's cache writes and the compactions are Triton kernels
+  too (``slot_kernels``); in every forward of ours each RMSNorm is one kernel
   (``fused_norms``) and, on a GPU, the rotary embedding one for queries and one for keys (``fused_rotary``).
 - Prefix tuning (``adapters/prefix.py``): its ``n`` keys and values per layer fill the first ``n``
   slots of every prompt's row, written at each batch's prefill; every mask covers them, and position
@@ -39,7 +40,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend
 from transformers import AttentionInterface, Cache
 
-from adapters_lab import fused_norms, fused_rotary
+from adapters_lab import fused_norms, fused_rotary, slot_kernels
 from adapters_lab.adapters import virtual_tokens
 from adapters_lab.adapters.prefix import PrefixEncoder
 from adapters_lab.beam_search import BeamSearch
@@ -129,11 +130,12 @@ def prompts_that_fit(model: nn.Module, prompt_slots: int, beams: int, max_new_to
 class SlotCache(Cache):
     """The grouped KV cache (module docstring). ``write_slots`` (a device tensor) says where the
     call's keys go, ``visible`` how many leading slots attention reads, ``prompts`` which prompts
-    the call is about (all, or a chunk of them during prefill)."""
+    the call is about (all, or a chunk of them during prefill); ``write_kernel``: a step's writes by
+    ``slot_kernels.write_step`` (one launch for K and V) rather than two ``index_copy_``."""
 
-    def __init__(self, keys: torch.Tensor, values: torch.Tensor):
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor, write_kernel: bool = False):
         super().__init__(layers=[])
-        self.keys, self.values = keys, values
+        self.keys, self.values, self.write_kernel = keys, values, write_kernel
         self.write_slots = torch.zeros(1, dtype=torch.long, device=keys.device)
         self.visible = keys.shape[3]
         self.prompts = slice(None)
@@ -142,6 +144,9 @@ class SlotCache(Cache):
         keys, values = self.keys[layer_idx, self.prompts], self.values[layer_idx, self.prompts]
         prompts = keys.shape[0]
         rows, heads, q_len, dim = key_states.shape
+        if self.write_kernel and q_len == 1:
+            slot_kernels.write_step(key_states, value_states, keys, values, self.write_slots)
+            return keys[:, :, : self.visible], values[:, :, : self.visible]
         if rows != prompts:  # one token per beam: (prompts * beams, h, 1, d) -> (prompts, h, beams, d)
             key_states = key_states.view(prompts, rows // prompts, heads, dim).transpose(1, 2)
             value_states = value_states.view(prompts, rows // prompts, heads, dim).transpose(1, 2)
@@ -175,12 +180,13 @@ class Decoder:
         self.norms = fused_norms.rms_norms(model)  # each one kernel in our forwards
         rotary_kernel_here = self.device.type == "cuda" and fused_rotary.available()
         self.rotary = fused_rotary.rotary_modules(model) if rotary_kernel_here else []  # one kernel for q, one for k
+        slot_kernels_here = self.device.type == "cuda" and slot_kernels.available()  # cache writes, compaction
         self.prefix_slots = prefix_tokens(model)
         self.first_generated = self.prefix_slots + prompt_slots  # the slot of beam 0's first token
         shape = cache_shape(model, prompts, self.first_generated + beams * max_new_tokens)
         # Zeros, not empty: masked slots still enter q.k, and garbage could hold NaN.
         self.cache = SlotCache(torch.zeros(shape, dtype=dtype, device=self.device),
-                               torch.zeros(shape, dtype=dtype, device=self.device))
+                               torch.zeros(shape, dtype=dtype, device=self.device), write_kernel=slot_kernels_here)
         rows, index_kwargs = prompts * beams, dict(dtype=torch.long, device=self.device)
         self.rows = rows
         self.step = torch.zeros((), **index_kwargs)  # index of the token being chosen
@@ -197,7 +203,7 @@ class Decoder:
         else:
             self.unfinished = torch.zeros(rows, dtype=torch.bool, device=self.device)
         self.slots = GeneratedSlots(prompts, beams, max_new_tokens, window, self.first_generated, self.device,
-                                    compact=compact)
+                                    compact=compact, kernel=slot_kernels_here)
         self.step_backend = self._choose_step_backend()
         self.graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}  # by the generated region's shape
         self.graph_pool = None
@@ -327,12 +333,16 @@ class Decoder:
         self.cache.write_slots = self.slots.write_slots(previous)
         self.cache.visible = self.first_generated + self.slots.visible
         self.ancestry.index_copy_(2, previous.view(1), self.own_row.expand(self.prompts, beams, 1))
-        own = self.slots.mask(self.ancestry, previous)  # beam k sees its ancestors' written slots
-        mask = torch.cat([self.prompt_mask[:, None, :].expand(-1, beams, -1), own], dim=-1)
         positions = (self.next_position + previous).view(-1, 1)
         with attention_backend(self.step_backend):  # the kernel chosen at build time (GPU only)
-            logits = self._forward(self.tokens.view(-1, 1), positions, mask[:, None])
+            logits = self._forward(self.tokens.view(-1, 1), positions, self.step_mask(previous))
         self._select(logits)
+
+    def step_mask(self, previous: torch.Tensor) -> torch.Tensor:
+        """``(prompts, 1, beams, visible slots)``: what each beam attends at the step after ``previous``,
+        the prompt's real slots and its ancestors' written ones."""
+        own = self.slots.mask(self.ancestry, previous)
+        return torch.cat([self.prompt_mask[:, None, :].expand(-1, self.beams, -1), own], dim=-1)[:, None]
 
     def _select(self, logits: torch.Tensor) -> None:
         if self.beams == 1:

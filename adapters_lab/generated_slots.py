@@ -27,6 +27,8 @@ import math
 
 import torch
 
+from adapters_lab import slot_kernels
+
 BUCKET = 64  # compacted slots are kept in multiples of this: fewer distinct shapes (CUDA graphs)
 PROMPT_CHUNK = 32  # prompts per gather while compacting: bounds its temporary memory
 
@@ -34,11 +36,13 @@ PROMPT_CHUNK = 32  # prompts per gather while compacting: bounds its temporary m
 class GeneratedSlots:
     """The generated region's layout for ``prompts`` prompts of ``beams`` beams over ``steps``
     steps, in periods of ``period`` steps, the region starting at cache slot ``first``; ``compact``
-    false keeps every slot (the layout before compaction, for comparison)."""
+    false keeps every slot (the layout before compaction, for comparison); ``kernel``: compact with
+    ``slot_kernels.compact`` (one launch) rather than torch's gathers."""
 
     def __init__(self, prompts: int, beams: int, steps: int, period: int, first: int, device: torch.device,
-                 bucket: int | None = None, compact: bool = True):
+                 bucket: int | None = None, compact: bool = True, kernel: bool = False):
         self.beams, self.steps, self.period, self.first, self.compact = beams, steps, period, first, compact
+        self.kernel = kernel
         self.bucket = BUCKET if bucket is None else bucket
         long = dict(dtype=torch.long, device=device)
         self.slot_step = torch.zeros(prompts, beams * steps, **long)
@@ -113,16 +117,23 @@ class GeneratedSlots:
     def _compact(self, keys: torch.Tensor, values: torch.Tensor, live: torch.Tensor, kept: int) -> None:
         written = live.shape[1]
         order = torch.argsort((~live).to(torch.int8), dim=1, stable=True)[:, :kept]  # live first, in order
-        first, prompts = self.first, live.shape[0]
-        for cache in (keys, values):
-            for layer in range(cache.shape[0]):
-                for p in range(0, prompts, PROMPT_CHUNK):
-                    region = cache[layer, p : p + PROMPT_CHUNK, :, first : first + written]
-                    index = order[p : p + PROMPT_CHUNK, None, :, None].expand(-1, region.shape[1], -1, region.shape[3])
-                    region[:, :, :kept] = torch.gather(region, 2, index)
+        if self.kernel:
+            slot_kernels.compact(keys, values, order, self.first)
+        else:
+            self._gather(keys, values, order, written)
         # A prompt with fewer live slots than ``kept`` carries some dead ones: no beam descends from them, now or later.
         for table in (self.slot_step, self.slot_row):
             table[:, :kept] = torch.gather(table[:, :written], 1, order)
+
+    def _gather(self, keys: torch.Tensor, values: torch.Tensor, order: torch.Tensor, written: int) -> None:
+        """``_compact``'s moves as torch gathers, a layer and a chunk of prompts at a time."""
+        first, kept = self.first, order.shape[1]
+        for cache in (keys, values):
+            for layer in range(cache.shape[0]):
+                for p in range(0, order.shape[0], PROMPT_CHUNK):
+                    region = cache[layer, p : p + PROMPT_CHUNK, :, first : first + written]
+                    index = order[p : p + PROMPT_CHUNK, None, :, None].expand(-1, region.shape[1], -1, region.shape[3])
+                    region[:, :, :kept] = torch.gather(region, 2, index)
 
     def _lay_segment(self) -> None:
         """The current period's slots: step ``start + i // beams``, row ``i % beams``."""

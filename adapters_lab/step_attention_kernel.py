@@ -7,6 +7,9 @@ the keys; under 4 beams' masks its cuDNN kernel read the cache at 2.5 TB/s on an
 same read without a mask ran at 4.1 (docs/benchmarks.md). This kernel runs one program per
 (prompt, key/value head): it loads the few queries once, streams the keys and values in blocks
 of ``BLOCK`` slots with an online softmax, and reads the mask as one byte per query and slot.
+A block that no query attends (the current period's unwritten slots, a left-padded prompt's padding,
+the dead slots a prompt carries when another prompt of its batch keeps more live ones) is not read:
+its mask comes first, and its key and value loads are predicated off (``SKIP``).
 
 The cache is read in place through its strides (a view of the decoder's cache, no copy). Queries
 are padded to 16 rows for ``tl.dot``; a row that attends nothing gives zeros, not NaN.
@@ -37,7 +40,8 @@ if triton is not None:
     @triton.jit
     def _few_query_attention(q, k, v, mask, out, slots, scale,
                              q_b, q_h, q_r, k_b, k_h, k_s, v_b, v_h, v_s, m_b, m_r, m_s, o_b, o_h, o_r,
-                             kv_heads, queries, DIM: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr):
+                             kv_heads, queries, DIM: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr,
+                             SKIP: tl.constexpr):
         program = tl.program_id(0)
         b, h = program // kv_heads, program % kv_heads
         rows, dims, cols = tl.arange(0, ROWS), tl.arange(0, DIM), tl.arange(0, BLOCK)
@@ -49,9 +53,12 @@ if triton is not None:
         for start in range(0, slots, BLOCK):
             slot = start + cols
             inside = slot < slots
-            key = tl.load(k + b * k_b + h * k_h + slot[:, None] * k_s + dims[None, :], mask=inside[:, None], other=0.0)
             seen = tl.load(mask + b * m_b + rows[:, None] * m_r + slot[None, :] * m_s,
                            mask=real_row[:, None] & inside[None, :], other=0)
+            if SKIP:  # no query attends the block: its keys and values stay unread (zeros, masked out below)
+                attended = tl.max(tl.max(seen.to(tl.int32), 1), 0)
+                inside = slot < tl.where(attended > 0, slots, 0)
+            key = tl.load(k + b * k_b + h * k_h + slot[:, None] * k_s + dims[None, :], mask=inside[:, None], other=0.0)
             scores = tl.dot(query, tl.trans(key)) * scale
             scores = tl.where(seen != 0, scores, float("-inf"))
             new_best = tl.maximum(best, tl.max(scores, 1))
@@ -68,10 +75,12 @@ if triton is not None:
 
 
 def few_query_attention_kernel(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor,
-                               scale: float, block: int = BLOCK, warps: int = WARPS, stages: int = STAGES) -> torch.Tensor:
+                               scale: float, block: int = BLOCK, warps: int = WARPS, stages: int = STAGES,
+                               skip: bool = True) -> torch.Tensor:
     """``(b, kv_heads, rows, d)`` queries (the rows of a key/value head: its query heads' beams)
     against ``(b, kv_heads, slots, d)`` keys and values (any strides, last dimension contiguous)
-    under a ``(b, 1, rows, slots)`` boolean mask (True: attend); ``(b, kv_heads, rows, d)`` out."""
+    under a ``(b, 1, rows, slots)`` boolean mask (True: attend); ``(b, kv_heads, rows, d)`` out.
+    ``skip`` false reads every block, attended or not (for comparison)."""
     if triton is None:
         raise RuntimeError("the triton step kernel needs the triton package (CUDA builds of torch ship it)")
     batch, kv_heads, queries, dim = query.shape
@@ -88,5 +97,5 @@ def few_query_attention_kernel(query: torch.Tensor, key: torch.Tensor, value: to
         query.stride(0), query.stride(1), query.stride(2), key.stride(0), key.stride(1), key.stride(2),
         value.stride(0), value.stride(1), value.stride(2), mask.stride(0), mask.stride(2), mask.stride(3),
         out.stride(0), out.stride(1), out.stride(2), kv_heads, queries,
-        DIM=dim, ROWS=rows, BLOCK=block, num_warps=warps, num_stages=stages)
+        DIM=dim, ROWS=rows, BLOCK=block, SKIP=skip, num_warps=warps, num_stages=stages)
     return out

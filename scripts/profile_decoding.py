@@ -16,6 +16,7 @@ that period's cache.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import sys
@@ -28,7 +29,7 @@ from torch.nn.attention import SDPBackend
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from adapters_lab import evaluate  # noqa: E402
+from adapters_lab import evaluate, step_attention_kernel  # noqa: E402
 from adapters_lab.decoding import Decoder  # noqa: E402
 from adapters_lab.files import write_json_atomic  # noqa: E402
 from adapters_lab.models import build_tiny_tokenizer  # noqa: E402
@@ -42,10 +43,23 @@ def synced(device):
     return time.perf_counter()
 
 
-def phases(decoder: Decoder, enc, device) -> dict:
-    """One batch with a synchronisation around each phase: seconds of prefill, steps, compactions."""
-    spent = {"prefill": 0.0, "steps": 0.0, "compaction": 0.0}
-    originals = decoder._prefill, decoder._run_step, decoder.slots.next_period
+def run_batch(decoder: Decoder, enc, kernel_skips: bool = True) -> torch.Tensor:
+    """One batch; ``kernel_skips`` false: the Triton step kernel reads every block, attended or not."""
+    kernel = step_attention_kernel.few_query_attention_kernel
+    if not kernel_skips:
+        step_attention_kernel.few_query_attention_kernel = functools.partial(kernel, skip=False)
+    try:
+        return decoder(enc["input_ids"], enc["attention_mask"])
+    finally:
+        step_attention_kernel.few_query_attention_kernel = kernel
+
+
+def phases(decoder: Decoder, enc, device, kernel_skips: bool = True) -> dict:
+    """One batch with a synchronisation around each phase: seconds of prefill, steps (graph
+    captures included), compactions, and of the steps' warm-ups and captures of new graphs."""
+    spent = {"prefill": 0.0, "steps": 0.0, "compaction": 0.0, "capture_warm_up": 0.0, "capture": 0.0}
+    names = ("_prefill", "_run_step", "_warm_up_step", "_capture")
+    originals = [getattr(decoder, n) for n in names] + [decoder.slots.next_period]
 
     def wrap(name, fn):
         def inner(*args, **kwargs):
@@ -55,13 +69,15 @@ def phases(decoder: Decoder, enc, device) -> dict:
             return out
         return inner
 
-    decoder._prefill = wrap("prefill", originals[0])
-    decoder._run_step = wrap("steps", originals[1])
-    decoder.slots.next_period = wrap("compaction", originals[2])
+    for n, phase, fn in zip(names, ("prefill", "steps", "capture_warm_up", "capture"), originals):
+        setattr(decoder, n, wrap(phase, fn))
+    decoder.slots.next_period = wrap("compaction", originals[-1])
     start = synced(device)
-    decoder(enc["input_ids"], enc["attention_mask"])
+    run_batch(decoder, enc, kernel_skips)
     spent["total"] = synced(device) - start
-    del decoder._prefill, decoder._run_step, decoder.slots.next_period
+    for n in names:
+        delattr(decoder, n)
+    del decoder.slots.next_period
     return spent
 
 
@@ -95,7 +111,7 @@ def one_decoding(model, tokenizer, questions, beams, batch_size, index, reuse_sl
            "prompt_slots": own, "batch_prompt_slots": [evaluate.prompt_slots(max(lengths[i] for i in b)) for b in batches]}
     reference = None
     for name in variants:
-        backend, norms, rotary = VARIANTS[name]
+        backend, norms, rotary, skip, moves = VARIANTS[name]
         try:
             decoder = Decoder(model, len(chunk), own, beams, 256, tokenizer.eos_token_id, tokenizer.pad_token_id)
             chosen = getattr(decoder.step_backend, "name", None)  # what the decoder picked by timing
@@ -103,11 +119,14 @@ def one_decoding(model, tokenizer, questions, beams, batch_size, index, reuse_sl
                 decoder.step_backend = TRITON if backend == "triton" else SDPBackend.CUDNN_ATTENTION
             decoder.norms = decoder.norms if norms else []  # no fused norms: transformers' own
             decoder.rotary = decoder.rotary if rotary else []
-            first = timed(lambda: decoder(enc["input_ids"], enc["attention_mask"]), device)
+            decoder.cache.write_kernel = decoder.slots.kernel = decoder.slots.kernel and moves
+            first_phases = phases(decoder, enc, device, kernel_skips=skip)
             tokens = []
-            batch = timed(lambda: tokens.append(decoder(enc["input_ids"], enc["attention_mask"]).cpu()), device)
+            batch = timed(lambda: tokens.append(run_batch(decoder, enc, skip).cpu()), device)
             reference = tokens[0] if reference is None else reference
-            row[name] = {"first_batch_s": first, "batch_s": batch, "graphs": len(decoder.graphs),
+            row[name] = {"first_batch_s": first_phases["total"], "first_batch_phases": first_phases,
+                         "batch_s": batch, "graphs": len(decoder.graphs), "skips_blocks": skip,
+                         "slot_kernels": decoder.slots.kernel,
                          "step_backend": getattr(decoder.step_backend, "name", None), "chosen_by_timing": chosen,
                          "fused_norms": bool(decoder.norms), "fused_rotary": bool(decoder.rotary),
                          "prompts_with_reference_tokens": int((tokens[0] == reference).all(1).sum())}
@@ -136,11 +155,21 @@ def one_decoding(model, tokenizer, questions, beams, batch_size, index, reuse_sl
     return row
 
 
-# name: (step kernel: cudnn, triton, or None for the decoder's own timed pick; RMSNorms fused; rotary fused)
-VARIANTS = {"before": ("cudnn", False, False), "triton_kernel": ("triton", False, False),
-            "fused_norms": ("cudnn", True, False), "fused_rotary": ("cudnn", False, True),
-            "without_rotary": (None, True, False), "decoder_default": (None, True, True)}
+# name: (step kernel: cudnn, triton, or None for the decoder's own timed pick; RMSNorms fused; rotary fused;
+#        the Triton kernel skips unattended blocks; step writes and compactions by slot_kernels)
+VARIANTS = {"before": ("cudnn", False, False, False, False), "triton_kernel": ("triton", False, False, False, False),
+            "fused_norms": ("cudnn", True, False, False, False), "fused_rotary": ("cudnn", False, True, False, False),
+            "without_rotary": (None, True, False, False, False), "with_rotary": (None, True, True, False, False),
+            "skip_blocks": (None, True, True, True, False), "slot_kernels": (None, True, True, False, True),
+            "decoder_default": (None, True, True, True, True)}
 CONFIGS = ((64, 4, 3), (64, 4, 4), (32, 4, 4), (32, 2, 4))
+
+
+def attended_blocks(mask: torch.Tensor, block: int = 64) -> int:
+    """Blocks of ``block`` slots (all prompts) that some query of their prompt attends."""
+    slots = mask.shape[-1]
+    padded = torch.nn.functional.pad(mask.flatten(1, 2), (0, -slots % block))
+    return int(padded.view(*padded.shape[:2], -1, block).any(-1).any(1).sum())
 
 
 def kernel_configs(decoder: Decoder, device) -> list[dict]:
@@ -156,6 +185,13 @@ def kernel_configs(decoder: Decoder, device) -> list[dict]:
     mask[..., 0] = True
     reference = torch.nn.functional.scaled_dot_product_attention(query, keys, values, attn_mask=mask).float()
     rows, read = [], 2 * keys.numel() * keys.element_size()
+    real_mask = decoder.step_mask(decoder.step - 2)  # the batch's last step, as the decoder ran it
+    for skip in (False, True):  # that step's mask: every block read, or the attended ones only
+        run = lambda: few_query_attention_kernel(query, keys, values, real_mask, dim**-0.5, skip=skip)  # noqa: E731
+        ms = cuda_milliseconds(run, repeats=10)
+        rows.append({"last_step_mask": True, "skip": skip, "ms_all_layers": ms * decoder.model.config.num_hidden_layers,
+                     "kv_tb_per_s_if_all_read": read / ms / 1e9,
+                     "attended_blocks": attended_blocks(real_mask), "blocks": -(-visible // 64) * prompts})
     for block, warps, stages in CONFIGS:
         try:
             run = lambda: few_query_attention_kernel(query, keys, values, mask, dim**-0.5, block, warps, stages)  # noqa: E731
