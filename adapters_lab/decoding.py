@@ -193,6 +193,9 @@ class Decoder:
         self.tokens = torch.zeros(rows, **index_kwargs)  # last chosen token per beam row
         self.next_position = torch.zeros(rows, **index_kwargs)  # position id of the first generated token
         self.prompt_mask = torch.zeros(prompts, self.first_generated, dtype=torch.bool, device=self.device)
+        # The slots a step's Triton attention reads: from each prompt's first attended one to the last written.
+        self.read_from = torch.zeros(prompts, dtype=torch.int32, device=self.device)
+        self.read_until = torch.zeros((), dtype=torch.int32, device=self.device)
         self.ancestry = torch.zeros(prompts, beams, max_new_tokens, **index_kwargs)  # row holding step s of beam k
         self.own_row = torch.arange(beams, **index_kwargs).view(1, beams, 1)
         self.sequences = torch.zeros(prompts, beams, max_new_tokens, **index_kwargs)  # running beams' tokens
@@ -265,6 +268,7 @@ class Decoder:
         self.prompt_mask.zero_()
         self.prompt_mask[:, :n] = True
         self.prompt_mask[:, end - length:] = real
+        self.read_from.copy_(self.prompt_mask.int().argmax(1))  # the first True: the prefix's, or the prompt's
         # Position ids as the virtual-token hook makes them: the mask gains n ones in front, cumsum - 1.
         with_prefix = torch.cat([real.new_ones(batch, n), real], dim=1)
         positions = (with_prefix.long().cumsum(-1) - 1).clamp(min=0)[:, n:]
@@ -332,9 +336,10 @@ class Decoder:
         previous = self.step - 1
         self.cache.write_slots = self.slots.write_slots(previous)
         self.cache.visible = self.first_generated + self.slots.visible
+        self.read_until.copy_(self.cache.write_slots[-1] + 1)  # the period's later slots are unwritten
         self.ancestry.index_copy_(2, previous.view(1), self.own_row.expand(self.prompts, beams, 1))
         positions = (self.next_position + previous).view(-1, 1)
-        with attention_backend(self.step_backend):  # the kernel chosen at build time (GPU only)
+        with attention_backend(self.step_backend, (self.read_from, self.read_until)):  # chosen at build (GPU only)
             logits = self._forward(self.tokens.view(-1, 1), positions, self.step_mask(previous))
         self._select(logits)
 

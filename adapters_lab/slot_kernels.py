@@ -2,7 +2,7 @@
 compaction between periods (``generated_slots``), on a GPU.
 
 - ``write_step``: a step's keys and values, one row per beam and key/value head, into their slots
-  of one layer's K and V cache in one launch. ``index_copy_`` took two launches of about 10 us a
+  of one layer's K and V cache in one launch (a program per prompt and block of heads). ``index_copy_`` took two launches of about 10 us a
   layer for 4 MB each on an H200 (an element per thread; docs/benchmarks.md).
 - ``compact``: every layer's K and V rows of each prompt's live slots moved to the front of its
   generated region, in order, in one launch: a program per (layer, prompt, key/value head) copies
@@ -27,6 +27,7 @@ except ImportError:  # pragma: no cover - depends on the install
     triton = None
 
 BLOCK = 32  # slots per iteration of the compaction
+WRITE_ROWS = 32  # (head, beam) rows per program of a step's write
 
 
 def available() -> bool:
@@ -38,19 +39,19 @@ if triton is not None:
 
     @triton.jit
     def _write_step(key, value, keys, values, slots, heads, beams, s_r, s_h, vs_r, vs_h,
-                    c_p, c_h, c_s, vc_p, vc_h, vc_s, DIM: tl.constexpr, BEAMS: tl.constexpr):
-        program = tl.program_id(0)
-        p, h = program // heads, program % heads
-        beam, dims = tl.arange(0, BEAMS), tl.arange(0, DIM)
-        real = beam < beams
+                    c_p, c_h, c_s, vc_p, vc_h, vc_s, DIM: tl.constexpr, BEAMS: tl.constexpr, HEADS: tl.constexpr):
+        p = tl.program_id(0)
+        i, dims = tl.arange(0, HEADS * BEAMS), tl.arange(0, DIM)
+        h, beam = tl.program_id(1) * HEADS + i // BEAMS, i % BEAMS  # a row per (head, beam) of this block
+        real = (beam < beams) & (h < heads)
         slot = tl.load(slots + beam, mask=real, other=0)
         row = p * beams + beam  # the source row of beam k of prompt p
-        k = tl.load(key + row[:, None] * s_r + h * s_h + dims[None, :], mask=real[:, None])
-        v = tl.load(value + row[:, None] * vs_r + h * vs_h + dims[None, :], mask=real[:, None])
-        tl.store(keys + p * c_p + h * c_h + slot[:, None] * c_s + dims[None, :], k.to(keys.dtype.element_ty),
+        k = tl.load(key + row[:, None] * s_r + h[:, None] * s_h + dims[None, :], mask=real[:, None])
+        v = tl.load(value + row[:, None] * vs_r + h[:, None] * vs_h + dims[None, :], mask=real[:, None])
+        tl.store(keys + p * c_p + h[:, None] * c_h + slot[:, None] * c_s + dims[None, :], k.to(keys.dtype.element_ty),
                  mask=real[:, None])
-        tl.store(values + p * vc_p + h * vc_h + slot[:, None] * vc_s + dims[None, :], v.to(values.dtype.element_ty),
-                 mask=real[:, None])
+        tl.store(values + p * vc_p + h[:, None] * vc_h + slot[:, None] * vc_s + dims[None, :],
+                 v.to(values.dtype.element_ty), mask=real[:, None])
 
     @triton.jit
     def _compact(keys, values, order, first, kept, prompts, heads, o_p, c_l, c_p, c_h, c_s,
@@ -85,11 +86,13 @@ def write_step(key_states: torch.Tensor, value_states: torch.Tensor, keys: torch
                          f"{tuple(key_states.shape)} into {tuple(keys.shape)} at {beams} slots")
     key_states = key_states if key_states.stride(-1) == 1 else key_states.contiguous()
     value_states = value_states if value_states.stride(-1) == 1 else value_states.contiguous()
-    _write_step[(prompts * heads,)](
+    padded = triton.next_power_of_2(beams)
+    per_program = max(1, WRITE_ROWS // padded)  # heads a program writes: about WRITE_ROWS rows of d
+    _write_step[(prompts, triton.cdiv(heads, per_program))](
         key_states, value_states, keys, values, slots, heads, beams,
         key_states.stride(0), key_states.stride(1), value_states.stride(0), value_states.stride(1),
         keys.stride(0), keys.stride(1), keys.stride(2), values.stride(0), values.stride(1), values.stride(2),
-        DIM=dim, BEAMS=triton.next_power_of_2(beams), num_warps=1)
+        DIM=dim, BEAMS=padded, HEADS=per_program, num_warps=4)
 
 
 def compact(keys: torch.Tensor, values: torch.Tensor, order: torch.Tensor, first: int) -> None:

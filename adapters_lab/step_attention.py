@@ -35,6 +35,7 @@ class _TritonKernel:
 
 TRITON = _TritonKernel()
 _kernel_active = False  # set by ``attention_backend(TRITON)``; read when a step is run or captured
+_kernel_window = None  # the read window ``attention_backend(TRITON, window)`` gives the kernel
 
 
 def step_backends(dtype: torch.dtype) -> tuple:
@@ -57,28 +58,29 @@ def few_query_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Ten
     if groups > 1:
         mask = mask[:, :, None].expand(batch, 1, groups, queries, slots).reshape(batch, 1, groups * queries, slots)
     if _kernel_active:
-        out = step_attention_kernel.few_query_attention_kernel(grouped, key, value, mask, scale)
+        out = step_attention_kernel.few_query_attention_kernel(grouped, key, value, mask, scale, window=_kernel_window)
     else:
         out = F.scaled_dot_product_attention(grouped, key, value, attn_mask=mask, scale=scale)
     return out.view(batch, heads, queries, dim)
 
 
-def attention_backend(backend):
+def attention_backend(backend, window: tuple[torch.Tensor, torch.Tensor] | None = None):
     """A context in which the step attention runs on ``backend``: an SDPA backend only, the Triton
-    kernel (``TRITON``), or None (SDPA's own choice)."""
+    kernel (``TRITON``; ``window``: the slots it reads, ``step_attention_kernel``), or None (SDPA's own choice)."""
     if backend is TRITON:
-        return _triton_active()
+        return _triton_active(window)
     return sdpa_kernel([backend]) if backend is not None else contextlib.nullcontext()
 
 
 @contextlib.contextmanager
-def _triton_active():
-    global _kernel_active
-    previous, _kernel_active = _kernel_active, True
+def _triton_active(window):
+    global _kernel_active, _kernel_window
+    previous = _kernel_active, _kernel_window
+    _kernel_active, _kernel_window = True, window
     try:
         yield
     finally:
-        _kernel_active = previous
+        _kernel_active, _kernel_window = previous
 
 
 def cuda_milliseconds(fn: Callable[[], object], repeats: int = 5) -> float:

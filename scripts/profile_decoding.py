@@ -16,7 +16,6 @@ that period's cache.
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import os
 import sys
@@ -43,18 +42,18 @@ def synced(device):
     return time.perf_counter()
 
 
-def run_batch(decoder: Decoder, enc, kernel_skips: bool = True) -> torch.Tensor:
-    """One batch; ``kernel_skips`` false: the Triton step kernel reads every block, attended or not."""
+def run_batch(decoder: Decoder, enc, read_window: bool = True) -> torch.Tensor:
+    """One batch; ``read_window`` false: the Triton step kernel reads every visible slot."""
     kernel = step_attention_kernel.few_query_attention_kernel
-    if not kernel_skips:
-        step_attention_kernel.few_query_attention_kernel = functools.partial(kernel, skip=False)
+    if not read_window:
+        step_attention_kernel.few_query_attention_kernel = lambda *args, window=None, **kw: kernel(*args, **kw)
     try:
         return decoder(enc["input_ids"], enc["attention_mask"])
     finally:
         step_attention_kernel.few_query_attention_kernel = kernel
 
 
-def phases(decoder: Decoder, enc, device, kernel_skips: bool = True) -> dict:
+def phases(decoder: Decoder, enc, device, read_window: bool = True) -> dict:
     """One batch with a synchronisation around each phase: seconds of prefill, steps (graph
     captures included), compactions, and of the steps' warm-ups and captures of new graphs."""
     spent = {"prefill": 0.0, "steps": 0.0, "compaction": 0.0, "capture_warm_up": 0.0, "capture": 0.0}
@@ -73,7 +72,7 @@ def phases(decoder: Decoder, enc, device, kernel_skips: bool = True) -> dict:
         setattr(decoder, n, wrap(phase, fn))
     decoder.slots.next_period = wrap("compaction", originals[-1])
     start = synced(device)
-    run_batch(decoder, enc, kernel_skips)
+    run_batch(decoder, enc, read_window)
     spent["total"] = synced(device) - start
     for n in names:
         delattr(decoder, n)
@@ -99,6 +98,27 @@ def kernels(decoder: Decoder, device) -> list[dict]:
     return sorted(rows, key=lambda r: -r["us"])
 
 
+def one_variant(variant: dict, model, tokenizer, enc, beams: int, slots: int, device) -> tuple[dict, torch.Tensor]:
+    """A decoder of ``variant``'s levers (``VARIANTS``): its first batch by phase, a second batch timed, its tokens."""
+    variant = {**DEFAULT, **variant}
+    prompts = enc["input_ids"].shape[0]
+    decoder = Decoder(model, prompts, slots, beams, 256, tokenizer.eos_token_id, tokenizer.pad_token_id,
+                      window=variant["period"])
+    chosen = getattr(decoder.step_backend, "name", None)  # what the decoder picked by timing
+    if device.type == "cuda" and variant["kernel"] is not None:
+        decoder.step_backend = TRITON if variant["kernel"] == "triton" else SDPBackend.CUDNN_ATTENTION
+    decoder.norms = decoder.norms if variant["norms"] else []  # no fused norms: transformers' own
+    decoder.rotary = decoder.rotary if variant["rotary"] else []
+    decoder.cache.write_kernel = decoder.slots.kernel = decoder.slots.kernel and variant["slot_kernels"]
+    first = phases(decoder, enc, device, read_window=variant["read_window"])
+    tokens = []
+    batch = timed(lambda: tokens.append(run_batch(decoder, enc, variant["read_window"]).cpu()), device)
+    return {"first_batch_s": first["total"], "first_batch_phases": first, "batch_s": batch,
+            "graphs": len(decoder.graphs), "period": variant["period"], "read_window": variant["read_window"],
+            "slot_kernels": decoder.slots.kernel, "step_backend": getattr(decoder.step_backend, "name", None),
+            "chosen_by_timing": chosen, "fused_norms": bool(decoder.norms), "fused_rotary": bool(decoder.rotary)}, tokens[0]
+
+
 def one_decoding(model, tokenizer, questions, beams, batch_size, index, reuse_slots, variants, device) -> dict:
     lengths = [len(tokenizer(p)["input_ids"]) for p in questions]
     order = sorted(range(len(questions)), key=lambda i: -lengths[i])
@@ -111,29 +131,13 @@ def one_decoding(model, tokenizer, questions, beams, batch_size, index, reuse_sl
            "prompt_slots": own, "batch_prompt_slots": [evaluate.prompt_slots(max(lengths[i] for i in b)) for b in batches]}
     reference = None
     for name in variants:
-        backend, norms, rotary, skip, moves = VARIANTS[name]
         try:
-            decoder = Decoder(model, len(chunk), own, beams, 256, tokenizer.eos_token_id, tokenizer.pad_token_id)
-            chosen = getattr(decoder.step_backend, "name", None)  # what the decoder picked by timing
-            if device.type == "cuda" and backend is not None:
-                decoder.step_backend = TRITON if backend == "triton" else SDPBackend.CUDNN_ATTENTION
-            decoder.norms = decoder.norms if norms else []  # no fused norms: transformers' own
-            decoder.rotary = decoder.rotary if rotary else []
-            decoder.cache.write_kernel = decoder.slots.kernel = decoder.slots.kernel and moves
-            first_phases = phases(decoder, enc, device, kernel_skips=skip)
-            tokens = []
-            batch = timed(lambda: tokens.append(run_batch(decoder, enc, skip).cpu()), device)
-            reference = tokens[0] if reference is None else reference
-            row[name] = {"first_batch_s": first_phases["total"], "first_batch_phases": first_phases,
-                         "batch_s": batch, "graphs": len(decoder.graphs), "skips_blocks": skip,
-                         "slot_kernels": decoder.slots.kernel,
-                         "step_backend": getattr(decoder.step_backend, "name", None), "chosen_by_timing": chosen,
-                         "fused_norms": bool(decoder.norms), "fused_rotary": bool(decoder.rotary),
-                         "prompts_with_reference_tokens": int((tokens[0] == reference).all(1).sum())}
+            row[name], tokens = one_variant(VARIANTS[name], model, tokenizer, enc, beams, own, device)
+            reference = tokens if reference is None else reference
+            row[name]["prompts_with_reference_tokens"] = int((tokens == reference).all(1).sum())
         except Exception as error:  # a variant that does not run: say why
             row[name] = {"error": repr(error)[:400]}
         print(json.dumps({"beams": beams, name: row[name]}), flush=True)
-        decoder = None
         evaluate.release_memory(device)
     if reuse_slots > own:  # the batch in a larger decoder, as the evaluator reuses one
         decoder = Decoder(model, len(chunk), reuse_slots, beams, 256, tokenizer.eos_token_id, tokenizer.pad_token_id)
@@ -155,21 +159,19 @@ def one_decoding(model, tokenizer, questions, beams, batch_size, index, reuse_sl
     return row
 
 
-# name: (step kernel: cudnn, triton, or None for the decoder's own timed pick; RMSNorms fused; rotary fused;
-#        the Triton kernel skips unattended blocks; step writes and compactions by slot_kernels)
-VARIANTS = {"before": ("cudnn", False, False, False, False), "triton_kernel": ("triton", False, False, False, False),
-            "fused_norms": ("cudnn", True, False, False, False), "fused_rotary": ("cudnn", False, True, False, False),
-            "without_rotary": (None, True, False, False, False), "with_rotary": (None, True, True, False, False),
-            "skip_blocks": (None, True, True, True, False), "slot_kernels": (None, True, True, False, True),
-            "decoder_default": (None, True, True, True, True)}
+# The decoder's levers: the step kernel (cudnn, triton, or None for the decoder's own timed pick), RMSNorms
+# fused, rotary fused, the Triton kernel given the read window, step writes and compactions by slot_kernels,
+# the period in steps. A variant names what differs from the decoder's default.
+DEFAULT = {"kernel": None, "norms": True, "rotary": True, "read_window": True, "slot_kernels": True, "period": 32}
+NONE_NEW = {"read_window": False, "slot_kernels": False}  # the decoder at 9b7ca8c
+VARIANTS = {"before": {"kernel": "cudnn", "norms": False, "rotary": False, **NONE_NEW},
+            "triton_kernel": {"kernel": "triton", "norms": False, "rotary": False, **NONE_NEW},
+            "fused_norms": {"kernel": "cudnn", "rotary": False, **NONE_NEW},
+            "fused_rotary": {"kernel": "cudnn", "norms": False, **NONE_NEW},
+            "without_rotary": {"rotary": False, **NONE_NEW}, "with_rotary": NONE_NEW,
+            "read_window": {"slot_kernels": False}, "slot_kernels": {"read_window": False},
+            "period_16": {"period": 16}, "period_64": {"period": 64}, "decoder_default": {}}
 CONFIGS = ((64, 4, 3), (64, 4, 4), (32, 4, 4), (32, 2, 4))
-
-
-def attended_blocks(mask: torch.Tensor, block: int = 64) -> int:
-    """Blocks of ``block`` slots (all prompts) that some query of their prompt attends."""
-    slots = mask.shape[-1]
-    padded = torch.nn.functional.pad(mask.flatten(1, 2), (0, -slots % block))
-    return int(padded.view(*padded.shape[:2], -1, block).any(-1).any(1).sum())
 
 
 def kernel_configs(decoder: Decoder, device) -> list[dict]:
@@ -184,20 +186,21 @@ def kernel_configs(decoder: Decoder, device) -> list[dict]:
     mask = torch.rand(prompts, 1, decoder.beams, visible, device=device) < 0.5
     mask[..., 0] = True
     reference = torch.nn.functional.scaled_dot_product_attention(query, keys, values, attn_mask=mask).float()
-    rows, read = [], 2 * keys.numel() * keys.element_size()
-    real_mask = decoder.step_mask(decoder.step - 2)  # the batch's last step, as the decoder ran it
-    for skip in (False, True):  # that step's mask: every block read, or the attended ones only
-        run = lambda: few_query_attention_kernel(query, keys, values, real_mask, dim**-0.5, skip=skip)  # noqa: E731
-        ms = cuda_milliseconds(run, repeats=10)
-        rows.append({"last_step_mask": True, "skip": skip, "ms_all_layers": ms * decoder.model.config.num_hidden_layers,
-                     "kv_tb_per_s_if_all_read": read / ms / 1e9,
-                     "attended_blocks": attended_blocks(real_mask), "blocks": -(-visible // 64) * prompts})
+    rows, read, layers = [], 2 * keys.numel() * keys.element_size(), decoder.model.config.num_hidden_layers
+    # The last period's cache as a step halfway through the period sees it: with the read window, and without.
+    mid_mask, half = decoder.step_mask(decoder.step - 2).clone(), visible - decoder.slots.segment // 2
+    mid_mask[..., half:] = False
+    window = (decoder.read_from, torch.tensor(half, dtype=torch.int32, device=device))
+    for given in (None, window):
+        ms = cuda_milliseconds(lambda: few_query_attention_kernel(query, keys, values, mid_mask, dim**-0.5, window=given), 10)
+        rows.append({"mid_period_step": True, "read_window": given is not None, "ms_all_layers": ms * layers,
+                     "slots_in_window": int((half - decoder.read_from).sum()), "slots": visible * prompts})
     for block, warps, stages in CONFIGS:
         try:
             run = lambda: few_query_attention_kernel(query, keys, values, mask, dim**-0.5, block, warps, stages)  # noqa: E731
             diff = float((run().float() - reference).abs().max())
             ms = cuda_milliseconds(run, repeats=10)
-            rows.append({"block": block, "warps": warps, "stages": stages, "ms_all_layers": ms * decoder.model.config.num_hidden_layers,
+            rows.append({"block": block, "warps": warps, "stages": stages, "ms_all_layers": ms * layers,
                          "kv_tb_per_s": read / ms / 1e9, "max_abs_diff_to_sdpa": diff})
         except Exception as error:
             rows.append({"block": block, "warps": warps, "stages": stages, "error": repr(error)[:300]})

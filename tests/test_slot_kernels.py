@@ -21,13 +21,15 @@ from tests.test_decoding import LENGTHS, PAD, frequent_token, left_padded, refer
 
 torch.manual_seed(0)
 # A step's write: beams 4 and 1, into a strided view of one layer (the decoder's), float32 keys into a float16 cache.
-for beams, prompts in ((4, 3), (1, 5), (3, 2)):
-    cache_k, cache_v = torch.zeros(2, prompts, 2, 40, 16, dtype=torch.float16), torch.zeros(2, prompts, 2, 40, 16, dtype=torch.float16)
-    key, value = torch.randn(prompts * beams, 2, 1, 16), torch.randn(prompts * beams, 2, 1, 16)
+# Heads past one program's block (11 heads at 4 beams: two programs a prompt, the second partly empty).
+for beams, prompts, heads in ((4, 3, 2), (1, 5, 3), (3, 2, 2), (4, 2, 11), (1, 1, 37)):
+    cache_k = torch.zeros(2, prompts, heads, 40, 16, dtype=torch.float16)
+    cache_v = torch.zeros(2, prompts, heads, 40, 16, dtype=torch.float16)
+    key, value = torch.randn(prompts * beams, heads, 1, 16), torch.randn(prompts * beams, heads, 1, 16)
     slots = torch.tensor([7, 11, 12, 30][:beams])
     expected_k, expected_v = cache_k[1].clone(), cache_v[1].clone()
     for source, target in ((key, expected_k), (value, expected_v)):
-        states = source.view(prompts, beams, 2, 16).transpose(1, 2).to(torch.float16)
+        states = source.view(prompts, beams, heads, 16).transpose(1, 2).to(torch.float16)
         target.index_copy_(2, slots, states)
     slot_kernels.write_step(key, value, cache_k[1], cache_v[1], slots)
     assert torch.equal(cache_k[1], expected_k) and torch.equal(cache_v[1], expected_v), beams

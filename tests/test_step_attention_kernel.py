@@ -31,20 +31,24 @@ for rows, slots in ((1, 70), (4, 133), (20, 64)):
     torch.testing.assert_close(out, F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=0.3))
     mask[0, 0, 0] = False  # a row that attends nothing: zeros, not NaN
     assert few_query_attention_kernel(q, k, v, mask, 0.3)[0, :, 0].abs().max() == 0
-# A block of 64 slots no query attends is not read: NaN keys and values there (slots 64-127, and the
-# unwritten tail) leave the result SDPA gives on the clean cache; the kernel reading every block gives NaN.
+# A read window: the slots before each prompt's first and from the end given are not read. NaN keys and
+# values there leave the result SDPA gives on the clean cache; read without the window they give NaN.
 q, k, v = torch.randn(3, 2, 4, 16), torch.randn(3, 2, 200, 16), torch.randn(3, 2, 200, 16)
 mask = torch.rand(3, 1, 4, 200) < 0.5
-mask[..., 0] = True
-mask[..., 64:128] = False
-mask[1, ..., 150:] = False
-expected = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=0.25)
+read_from, read_until = torch.tensor([0, 70, 131], dtype=torch.int32), torch.tensor(150, dtype=torch.int32)
 poisoned_k, poisoned_v = k.clone(), v.clone()
+for p, first in enumerate(read_from.tolist()):
+    mask[p, ..., :first] = False
+    mask[p, ..., first] = True
+    for cache in (poisoned_k, poisoned_v):
+        cache[p, :, :first] = float("nan")
+mask[..., 150:] = False
 for cache in (poisoned_k, poisoned_v):
-    cache[:, :, 64:128] = float("nan")
-    cache[1, :, 192:] = float("nan")
-torch.testing.assert_close(few_query_attention_kernel(q, poisoned_k, poisoned_v, mask, 0.25), expected)
-assert few_query_attention_kernel(q, poisoned_k, poisoned_v, mask, 0.25, skip=False).isnan().any()
+    cache[:, :, 150:] = float("nan")
+expected = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=0.25)
+ours = few_query_attention_kernel(q, poisoned_k, poisoned_v, mask, 0.25, window=(read_from, read_until))
+torch.testing.assert_close(ours, expected)
+assert few_query_attention_kernel(q, poisoned_k, poisoned_v, mask, 0.25).isnan().any()
 # Grouped query heads through few_query_attention: 4 query heads on 2 key/value heads, 3 beams.
 q, k, v = torch.randn(2, 4, 3, 32), torch.randn(2, 2, 40, 32), torch.randn(2, 2, 40, 32)
 mask = torch.rand(2, 1, 3, 40) < 0.5
