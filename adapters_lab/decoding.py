@@ -60,6 +60,10 @@ log = logging.getLogger(__name__)
 ATTENTION = "adapters_lab_grouped"
 PREFILL_TOKENS = 8192  # prompt tokens per prefill forward
 WORKSPACE_BYTES = 3 * 2**30  # GPU memory kept beside a decoder's cache (prefill activations, graph pool)
+# Steps a period (``window``), where the step attention reads only written slots: under beam search a
+# shorter period drops dead slots sooner (16: 0.98x the batch time of 32 on the H200); greedy never
+# compacts, so a longer one only captures fewer CUDA graphs (docs/benchmarks.md).
+BEAM_PERIOD, GREEDY_PERIOD = 16, 64
 
 
 def grouped_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -166,7 +170,7 @@ class Decoder:
     ``first_generated``, then the generated tokens."""
 
     def __init__(self, model: nn.Module, prompts: int, prompt_slots: int, beams: int, max_new_tokens: int,
-                 eos_token_id: int, pad_token_id: int, window: int = 32, check_every: int = 8,
+                 eos_token_id: int, pad_token_id: int, window: int | None = None, check_every: int = 8,
                  cuda_graphs: bool | None = None, compact: bool = True):
         self.model, self.prompts, self.prompt_slots, self.beams = model, prompts, prompt_slots, beams
         self.steps, self.pad = max_new_tokens, pad_token_id
@@ -205,6 +209,7 @@ class Decoder:
             self.beam_search = BeamSearch(prompts, beams, max_new_tokens, self.eos, self.device)
         else:
             self.unfinished = torch.zeros(rows, dtype=torch.bool, device=self.device)
+        window = window or (BEAM_PERIOD if beams > 1 else GREEDY_PERIOD)
         self.slots = GeneratedSlots(prompts, beams, max_new_tokens, window, self.first_generated, self.device,
                                     compact=compact, kernel=slot_kernels_here)
         self.step_backend = self._choose_step_backend()

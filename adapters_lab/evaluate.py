@@ -30,8 +30,8 @@ from adapters_lab.files import write_jsonl_atomic
 
 log = logging.getLogger(__name__)
 # Prompt lengths are rounded up to this for our decoder, and a decoder built for longer prompts is
-# reused while it has at most REUSE_SLOTS slots more than needed: rebuilding (a cache, 8 CUDA
-# graph captures) costs more than attending over that many masked slots for one batch.
+# reused while it has at most REUSE_SLOTS slots more than needed: rebuilding (a cache, its CUDA
+# graph captures) costs more than that many masked slots, which the Triton step kernel does not even read.
 PROMPT_SLOT_MULTIPLE = 32
 REUSE_SLOTS = 96
 

@@ -114,7 +114,7 @@ def one_variant(variant: dict, model, tokenizer, enc, beams: int, slots: int, de
     tokens = []
     batch = timed(lambda: tokens.append(run_batch(decoder, enc, variant["read_window"]).cpu()), device)
     return {"first_batch_s": first["total"], "first_batch_phases": first, "batch_s": batch,
-            "graphs": len(decoder.graphs), "period": variant["period"], "read_window": variant["read_window"],
+            "graphs": len(decoder.graphs), "period": decoder.slots.period, "read_window": variant["read_window"],
             "slot_kernels": decoder.slots.kernel, "step_backend": getattr(decoder.step_backend, "name", None),
             "chosen_by_timing": chosen, "fused_norms": bool(decoder.norms), "fused_rotary": bool(decoder.rotary)}, tokens[0]
 
@@ -162,15 +162,15 @@ def one_decoding(model, tokenizer, questions, beams, batch_size, index, reuse_sl
 # The decoder's levers: the step kernel (cudnn, triton, or None for the decoder's own timed pick), RMSNorms
 # fused, rotary fused, the Triton kernel given the read window, step writes and compactions by slot_kernels,
 # the period in steps. A variant names what differs from the decoder's default.
-DEFAULT = {"kernel": None, "norms": True, "rotary": True, "read_window": True, "slot_kernels": True, "period": 32}
-NONE_NEW = {"read_window": False, "slot_kernels": False}  # the decoder at 9b7ca8c
+DEFAULT = {"kernel": None, "norms": True, "rotary": True, "read_window": True, "slot_kernels": True, "period": None}
+NONE_NEW = {"read_window": False, "slot_kernels": False, "period": 32}  # the decoder at 9b7ca8c
 VARIANTS = {"before": {"kernel": "cudnn", "norms": False, "rotary": False, **NONE_NEW},
             "triton_kernel": {"kernel": "triton", "norms": False, "rotary": False, **NONE_NEW},
             "fused_norms": {"kernel": "cudnn", "rotary": False, **NONE_NEW},
             "fused_rotary": {"kernel": "cudnn", "norms": False, **NONE_NEW},
             "without_rotary": {"rotary": False, **NONE_NEW}, "with_rotary": NONE_NEW,
             "read_window": {"slot_kernels": False}, "slot_kernels": {"read_window": False},
-            "period_16": {"period": 16}, "period_64": {"period": 64}, "decoder_default": {}}
+            "period_16": {"period": 16}, "period_32": {"period": 32}, "period_64": {"period": 64}, "decoder_default": {}}
 CONFIGS = ((64, 4, 3), (64, 4, 4), (32, 4, 4), (32, 2, 4))
 
 
