@@ -14,10 +14,9 @@ from tests.triton_interpreter import needs_triton, run_interpreted
 
 CHECK = """
 import torch
-from adapters_lab import decoding, slot_kernels
+from adapters_lab import slot_kernels
 from adapters_lab.generated_slots import GeneratedSlots
-from tests.adapter_helpers import tiny_model
-from tests.test_decoding import LENGTHS, PAD, frequent_token, left_padded, reference
+from tests.test_decoding import compacting_case
 
 torch.manual_seed(0)
 # A step's write: beams 4 and 1, into a strided view of one layer (the decoder's), float32 keys into a float16 cache.
@@ -57,21 +56,13 @@ for first, written in ((5, 70), (0, 33)):
         assert torch.equal(ours[..., first + kept :, :], before[..., first + kept :, :])
 # A decoder whose step writes and compactions run on the kernels chooses generate's tokens.
 for model_type, beams in (("llama", 4), ("qwen2", 4), ("llama", 1)):
-    model = tiny_model(model_type)
-    with torch.no_grad():
-        model.lm_head.weight.mul_(100)  # confident: some beams end early
-    ids, mask = left_padded(LENGTHS)
-    steps = 24
-    eos = frequent_token(model, ids, mask, steps, beams)
-    decoder = decoding.Decoder(model, ids.shape[0], ids.shape[1] + 3, beams, steps, eos, PAD, window=4)
-    decoder.slots.bucket = 2
+    decoder, ids, mask, expected = compacting_case(model_type, beams)
     decoder.cache.write_kernel = decoder.slots.kernel = True  # on a GPU by default; forced here
     calls, originals = [], {name: getattr(slot_kernels, name) for name in ("write_step", "compact")}
     for name, kernel in originals.items():
         setattr(slot_kernels, name, lambda *a, name=name, kernel=kernel: calls.append(name) or kernel(*a))
-    ours = decoder(ids, mask)
-    assert torch.equal(ours, reference(model, ids, mask, beams, steps, eos)), (model_type, beams)
-    assert calls.count("write_step") >= model.config.num_hidden_layers, calls.count("write_step")
+    assert torch.equal(decoder(ids, mask), expected), (model_type, beams)
+    assert calls.count("write_step") >= decoder.model.config.num_hidden_layers, calls.count("write_step")
     assert beams == 1 or "compact" in calls, "no compaction ran"
     for name, kernel in originals.items():
         setattr(slot_kernels, name, kernel)

@@ -14,10 +14,9 @@ from tests.triton_interpreter import needs_triton, run_interpreted
 CHECK = """
 import torch
 import torch.nn.functional as F
-from adapters_lab import decoding, step_attention
+from adapters_lab import step_attention
 from adapters_lab.step_attention_kernel import few_query_attention_kernel
-from tests.adapter_helpers import tiny_model
-from tests.test_decoding import LENGTHS, PAD, frequent_token, left_padded, reference
+from tests.test_decoding import compacting_case
 
 torch.manual_seed(0)
 # Views of a larger cache (the decoder's layout), rows padded to 16 or 32, slots not a multiple of the block.
@@ -58,18 +57,10 @@ with step_attention.attention_backend(step_attention.TRITON):
     torch.testing.assert_close(step_attention.few_query_attention(q, k, v, mask, 0.2), expected)
 # A decoder whose steps run on the kernel chooses generate's tokens (compaction forced at this size).
 for model_type, beams in (("llama", 4), ("qwen2", 4), ("llama", 1)):
-    model = tiny_model(model_type)
-    with torch.no_grad():
-        model.lm_head.weight.mul_(100)  # confident: some beams end early
-    ids, mask = left_padded(LENGTHS)
-    steps = 24
-    eos = frequent_token(model, ids, mask, steps, beams)
-    decoder = decoding.Decoder(model, ids.shape[0], ids.shape[1] + 3, beams, steps, eos, PAD, window=4)
-    decoder.slots.bucket = 2
+    decoder, ids, mask, expected = compacting_case(model_type, beams)
     decoder.step_backend = step_attention.TRITON
-    ours = decoder(ids, mask)
-    assert torch.equal(ours, reference(model, ids, mask, beams, steps, eos)), (model_type, beams)
-    assert beams == 1 or decoder.slots.kept < beams * steps - beams * 4, "compaction dropped slots"
+    assert torch.equal(decoder(ids, mask), expected), (model_type, beams)
+    assert beams == 1 or decoder.slots.kept < beams * 24 - beams * 4, "compaction dropped slots"
 print("kernel ok")
 """
 
