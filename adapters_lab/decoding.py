@@ -197,7 +197,8 @@ class Decoder:
         self.tokens = torch.zeros(rows, **index_kwargs)  # last chosen token per beam row
         self.next_position = torch.zeros(rows, **index_kwargs)  # position id of the first generated token
         self.prompt_mask = torch.zeros(prompts, self.first_generated, dtype=torch.bool, device=self.device)
-        # The slots a step's Triton attention reads: from each prompt's first attended one to the last written.
+        # The slots a step's Triton attention reads: from each prompt's first attended one to the last written,
+        # less the dead slots a compaction left before the period's (``slots.gap_from``, ``gap_to``).
         self.read_from = torch.zeros(prompts, dtype=torch.int32, device=self.device)
         self.read_until = torch.zeros((), dtype=torch.int32, device=self.device)
         self.ancestry = torch.zeros(prompts, beams, max_new_tokens, **index_kwargs)  # row holding step s of beam k
@@ -344,7 +345,8 @@ class Decoder:
         self.read_until.copy_(self.cache.write_slots[-1] + 1)  # the period's later slots are unwritten
         self.ancestry.index_copy_(2, previous.view(1), self.own_row.expand(self.prompts, beams, 1))
         positions = (self.next_position + previous).view(-1, 1)
-        with attention_backend(self.step_backend, (self.read_from, self.read_until)):  # chosen at build (GPU only)
+        window = self.read_from, self.slots.gap_from, self.slots.gap_to, self.read_until
+        with attention_backend(self.step_backend, window):  # the kernel chosen at build time (GPU only)
             logits = self._forward(self.tokens.view(-1, 1), positions, self.step_mask(previous))
         self._select(logits)
 

@@ -48,6 +48,9 @@ class GeneratedSlots:
         self.slot_step = torch.zeros(prompts, beams * steps, **long)
         self.slot_row = torch.zeros(prompts, beams * steps, **long)
         self.segment_start = torch.zeros((), **long)  # the period's first step, on the device
+        # Slots no beam attends after a compaction: from a prompt's live count to ``kept`` (cache slot numbers).
+        self.gap_from = torch.full((prompts,), first, dtype=torch.int32, device=device)
+        self.gap_to = torch.full((), first, dtype=torch.int32, device=device)
         self.own_rows = torch.arange(beams, **long)
         self.kept, self.start = 0, 0
         self.reset()
@@ -73,6 +76,7 @@ class GeneratedSlots:
         """Before a batch: nothing generated, the first period starts at step 0."""
         self.kept, self.start = 0, 0
         self.segment_start.zero_()
+        self._set_gap(None)
         self._lay_segment()
 
     def period_over(self, previous: int) -> bool:
@@ -102,17 +106,27 @@ class GeneratedSlots:
         """Start the next period; under beam search first move every prompt's live slots to the
         front of its generated region (``keys``, ``values``: ``(layers, prompts, heads, slots, d)``)."""
         written = self.visible
-        kept = written
+        kept, dead_after = written, None  # dead_after: each prompt's live count, where a compaction ran
         if self.beams > 1 and self.compact:
             live = self._descended(ancestry, written).any(dim=1)  # every slot so far is written
             count = live.sum(dim=1)
             kept = min(written, self.bucket * math.ceil(int(count.max()) / self.bucket))  # one host read a period
             if kept < written:
                 self._compact(keys, values, live, kept)
+                dead_after = count
+        self._set_gap(dead_after, kept)
         self.start += self.period
         self.kept = kept
         self.segment_start.fill_(self.start)
         self._lay_segment()
+
+    def _set_gap(self, live_count: torch.Tensor | None, kept: int = 0) -> None:
+        """After a compaction, prompt ``p``'s slots from its live count to ``kept`` are dead; else no gap."""
+        self.gap_to.fill_(self.first + kept)
+        if live_count is None:
+            self.gap_from.fill_(self.first + kept)
+        else:
+            self.gap_from.copy_(live_count + self.first)
 
     def _compact(self, keys: torch.Tensor, values: torch.Tensor, live: torch.Tensor, kept: int) -> None:
         written = live.shape[1]

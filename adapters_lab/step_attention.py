@@ -64,7 +64,7 @@ def few_query_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Ten
     return out.view(batch, heads, queries, dim)
 
 
-def attention_backend(backend, window: tuple[torch.Tensor, torch.Tensor] | None = None):
+def attention_backend(backend, window: tuple[torch.Tensor, ...] | None = None):
     """A context in which the step attention runs on ``backend``: an SDPA backend only, the Triton
     kernel (``TRITON``; ``window``: the slots it reads, ``step_attention_kernel``), or None (SDPA's own choice)."""
     if backend is TRITON:

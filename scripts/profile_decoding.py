@@ -42,18 +42,26 @@ def synced(device):
     return time.perf_counter()
 
 
-def run_batch(decoder: Decoder, enc, read_window: bool = True) -> torch.Tensor:
-    """One batch; ``read_window`` false: the Triton step kernel reads every visible slot."""
+def run_batch(decoder: Decoder, enc, read_window: bool = True, gap: bool = True) -> torch.Tensor:
+    """One batch; ``read_window`` false: the Triton step kernel reads every visible slot; ``gap`` false:
+    it reads the dead slots a compaction left too."""
     kernel = step_attention_kernel.few_query_attention_kernel
-    if not read_window:
-        step_attention_kernel.few_query_attention_kernel = lambda *args, window=None, **kw: kernel(*args, **kw)
+
+    def fewer_skips(*args, window=None, **kwargs):
+        if window is not None and not gap:  # a gap of none: from the gap's end, which every prompt has
+            read_from, _, gap_to, read_until = window
+            window = read_from, gap_to.expand(read_from.shape).contiguous(), gap_to, read_until
+        return kernel(*args, window=window if read_window else None, **kwargs)
+
+    if not (read_window and gap):
+        step_attention_kernel.few_query_attention_kernel = fewer_skips
     try:
         return decoder(enc["input_ids"], enc["attention_mask"])
     finally:
         step_attention_kernel.few_query_attention_kernel = kernel
 
 
-def phases(decoder: Decoder, enc, device, read_window: bool = True) -> dict:
+def phases(decoder: Decoder, enc, device, read_window: bool = True, gap: bool = True) -> dict:
     """One batch with a synchronisation around each phase: seconds of prefill, steps (graph
     captures included), compactions, and of the steps' warm-ups and captures of new graphs."""
     spent = {"prefill": 0.0, "steps": 0.0, "compaction": 0.0, "capture_warm_up": 0.0, "capture": 0.0}
@@ -72,7 +80,7 @@ def phases(decoder: Decoder, enc, device, read_window: bool = True) -> dict:
         setattr(decoder, n, wrap(phase, fn))
     decoder.slots.next_period = wrap("compaction", originals[-1])
     start = synced(device)
-    run_batch(decoder, enc, read_window)
+    run_batch(decoder, enc, read_window, gap)
     spent["total"] = synced(device) - start
     for n in names:
         delattr(decoder, n)
@@ -110,11 +118,11 @@ def one_variant(variant: dict, model, tokenizer, enc, beams: int, slots: int, de
     decoder.norms = decoder.norms if variant["norms"] else []  # no fused norms: transformers' own
     decoder.rotary = decoder.rotary if variant["rotary"] else []
     decoder.cache.write_kernel = decoder.slots.kernel = decoder.slots.kernel and variant["slot_kernels"]
-    first = phases(decoder, enc, device, read_window=variant["read_window"])
+    first = phases(decoder, enc, device, variant["read_window"], variant["gap"])
     tokens = []
-    batch = timed(lambda: tokens.append(run_batch(decoder, enc, variant["read_window"]).cpu()), device)
+    batch = timed(lambda: tokens.append(run_batch(decoder, enc, variant["read_window"], variant["gap"]).cpu()), device)
     return {"first_batch_s": first["total"], "first_batch_phases": first, "batch_s": batch,
-            "graphs": len(decoder.graphs), "period": decoder.slots.period, "read_window": variant["read_window"],
+            "graphs": len(decoder.graphs), "period": decoder.slots.period, "read_window": variant["read_window"], "gap": variant["gap"],
             "slot_kernels": decoder.slots.kernel, "step_backend": getattr(decoder.step_backend, "name", None),
             "chosen_by_timing": chosen, "fused_norms": bool(decoder.norms), "fused_rotary": bool(decoder.rotary)}, tokens[0]
 
@@ -160,16 +168,17 @@ def one_decoding(model, tokenizer, questions, beams, batch_size, index, reuse_sl
 
 
 # The decoder's levers: the step kernel (cudnn, triton, or None for the decoder's own timed pick), RMSNorms
-# fused, rotary fused, the Triton kernel given the read window, step writes and compactions by slot_kernels,
+# fused, rotary fused, the Triton kernel given the read window and the gap in it, step writes and compactions by slot_kernels,
 # the period in steps. A variant names what differs from the decoder's default.
-DEFAULT = {"kernel": None, "norms": True, "rotary": True, "read_window": True, "slot_kernels": True, "period": None}
-NONE_NEW = {"read_window": False, "slot_kernels": False, "period": 32}  # the decoder at 9b7ca8c
+DEFAULT = {"kernel": None, "norms": True, "rotary": True, "read_window": True, "gap": True, "slot_kernels": True,
+           "period": None}
+NONE_NEW = {"read_window": False, "gap": False, "slot_kernels": False, "period": 32}  # the decoder at 9b7ca8c
 VARIANTS = {"before": {"kernel": "cudnn", "norms": False, "rotary": False, **NONE_NEW},
             "triton_kernel": {"kernel": "triton", "norms": False, "rotary": False, **NONE_NEW},
             "fused_norms": {"kernel": "cudnn", "rotary": False, **NONE_NEW},
             "fused_rotary": {"kernel": "cudnn", "norms": False, **NONE_NEW},
             "without_rotary": {"rotary": False, **NONE_NEW}, "with_rotary": NONE_NEW,
-            "read_window": {"slot_kernels": False}, "slot_kernels": {"read_window": False},
+            "read_window": {"slot_kernels": False}, "slot_kernels": {"read_window": False}, "no_gap": {"gap": False},
             "period_16": {"period": 16}, "period_32": {"period": 32}, "period_64": {"period": 64}, "decoder_default": {}}
 CONFIGS = ((64, 4, 3), (64, 4, 4), (32, 4, 4), (32, 2, 4))
 
@@ -190,11 +199,12 @@ def kernel_configs(decoder: Decoder, device) -> list[dict]:
     # The last period's cache as a step halfway through the period sees it: with the read window, and without.
     mid_mask, half = decoder.step_mask(decoder.step - 2).clone(), visible - decoder.slots.segment // 2
     mid_mask[..., half:] = False
-    window = (decoder.read_from, torch.tensor(half, dtype=torch.int32, device=device))
+    window = (decoder.read_from, decoder.slots.gap_from, decoder.slots.gap_to, torch.tensor(half, dtype=torch.int32, device=device))
     for given in (None, window):
         ms = cuda_milliseconds(lambda: few_query_attention_kernel(query, keys, values, mid_mask, dim**-0.5, window=given), 10)
         rows.append({"mid_period_step": True, "read_window": given is not None, "ms_all_layers": ms * layers,
-                     "slots_in_window": int((half - decoder.read_from).sum()), "slots": visible * prompts})
+                     "slots_in_window": int((half - decoder.read_from - (decoder.slots.gap_to - decoder.slots.gap_from)).sum()),
+                     "slots": visible * prompts})
     for block, warps, stages in CONFIGS:
         try:
             run = lambda: few_query_attention_kernel(query, keys, values, mask, dim**-0.5, block, warps, stages)  # noqa: E731

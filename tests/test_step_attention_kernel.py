@@ -30,22 +30,26 @@ for rows, slots in ((1, 70), (4, 133), (20, 64)):
     torch.testing.assert_close(out, F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=0.3))
     mask[0, 0, 0] = False  # a row that attends nothing: zeros, not NaN
     assert few_query_attention_kernel(q, k, v, mask, 0.3)[0, :, 0].abs().max() == 0
-# A read window: the slots before each prompt's first and from the end given are not read. NaN keys and
-# values there leave the result SDPA gives on the clean cache; read without the window they give NaN.
-q, k, v = torch.randn(3, 2, 4, 16), torch.randn(3, 2, 200, 16), torch.randn(3, 2, 200, 16)
-mask = torch.rand(3, 1, 4, 200) < 0.5
-read_from, read_until = torch.tensor([0, 70, 131], dtype=torch.int32), torch.tensor(150, dtype=torch.int32)
+# A read window: the slots before each prompt's first, in its gap and from the end given are not read. NaN
+# keys and values there leave the result SDPA gives on the clean cache; read without the window they give NaN.
+q, k, v = torch.randn(3, 2, 4, 16), torch.randn(3, 2, 260, 16), torch.randn(3, 2, 260, 16)
+mask = torch.rand(3, 1, 4, 260) < 0.5
+read_from, gap_from = torch.tensor([0, 70, 131], dtype=torch.int32), torch.tensor([140, 180, 150], dtype=torch.int32)
+gap_to, read_until = torch.tensor(200, dtype=torch.int32), torch.tensor(250, dtype=torch.int32)
 poisoned_k, poisoned_v = k.clone(), v.clone()
-for p, first in enumerate(read_from.tolist()):
+for p, (first, gap) in enumerate(zip(read_from.tolist(), gap_from.tolist())):
     mask[p, ..., :first] = False
+    mask[p, ..., gap:200] = False
     mask[p, ..., first] = True
     for cache in (poisoned_k, poisoned_v):
         cache[p, :, :first] = float("nan")
-mask[..., 150:] = False
+        cache[p, :, gap:200] = float("nan")
+mask[..., 250:] = False
 for cache in (poisoned_k, poisoned_v):
-    cache[:, :, 150:] = float("nan")
+    cache[:, :, 250:] = float("nan")
 expected = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=0.25)
-ours = few_query_attention_kernel(q, poisoned_k, poisoned_v, mask, 0.25, window=(read_from, read_until))
+window = (read_from, gap_from, gap_to, read_until)
+ours = few_query_attention_kernel(q, poisoned_k, poisoned_v, mask, 0.25, window=window)
 torch.testing.assert_close(ours, expected)
 assert few_query_attention_kernel(q, poisoned_k, poisoned_v, mask, 0.25).isnan().any()
 # Grouped query heads through few_query_attention: 4 query heads on 2 key/value heads, 3 beams.
@@ -61,6 +65,12 @@ for model_type, beams in (("llama", 4), ("qwen2", 4), ("llama", 1)):
     decoder.step_backend = step_attention.TRITON
     assert torch.equal(decoder(ids, mask), expected), (model_type, beams)
     assert beams == 1 or decoder.slots.kept < beams * 24 - beams * 4, "compaction dropped slots"
+    if beams > 1:  # the beams' scores, more sensitive than tokens, as SDPA (every slot read) gives them
+        on_sdpa, ids, mask, _ = compacting_case(model_type, beams)
+        on_sdpa(ids, mask)
+        for ours, theirs in ((decoder.scores, on_sdpa.scores),
+                             (decoder.beam_search.finished_scores, on_sdpa.beam_search.finished_scores)):
+            torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
 print("kernel ok")
 """
 
