@@ -40,7 +40,7 @@ if triton is not None:
     @triton.jit
     def _write_step(key, value, keys, values, slots, heads, beams, s_r, s_h, vs_r, vs_h,
                     c_p, c_h, c_s, vc_p, vc_h, vc_s, DIM: tl.constexpr, BEAMS: tl.constexpr, HEADS: tl.constexpr):
-        p = tl.program_id(0)
+        p = tl.program_id(0).to(tl.int64)  # offsets past 2**31 in large caches
         i, dims = tl.arange(0, HEADS * BEAMS), tl.arange(0, DIM)
         h, beam = tl.program_id(1) * HEADS + i // BEAMS, i % BEAMS  # a row per (head, beam) of this block
         real = (beam < beams) & (h < heads)

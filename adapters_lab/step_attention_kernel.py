@@ -44,7 +44,7 @@ if triton is not None:
                              q_b, q_h, q_r, k_b, k_h, k_s, v_b, v_h, v_s, m_b, m_r, m_s, o_b, o_h, o_r,
                              kv_heads, queries, DIM: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr,
                              WINDOW: tl.constexpr):
-        program = tl.program_id(0)
+        program = tl.program_id(0).to(tl.int64)  # offsets past 2**31 in large caches
         b, h = program // kv_heads, program % kv_heads
         rows, dims, cols = tl.arange(0, ROWS), tl.arange(0, DIM), tl.arange(0, BLOCK)
         real_row = rows < queries
