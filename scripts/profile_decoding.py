@@ -179,7 +179,7 @@ VARIANTS = {"before": {"kernel": "cudnn", "norms": False, "rotary": False, **NON
             "fused_rotary": {"kernel": "cudnn", "norms": False, **NONE_NEW},
             "without_rotary": {"rotary": False, **NONE_NEW}, "with_rotary": NONE_NEW,
             "read_window": {"slot_kernels": False}, "slot_kernels": {"read_window": False}, "no_gap": {"gap": False},
-            "period_16": {"period": 16}, "period_32": {"period": 32}, "period_64": {"period": 64}, "decoder_default": {}}
+            "period_8": {"period": 8}, "period_16": {"period": 16}, "period_32": {"period": 32}, "period_64": {"period": 64}, "decoder_default": {}}
 CONFIGS = ((64, 4, 3), (64, 4, 4), (32, 4, 4), (32, 2, 4))
 
 
