@@ -2,8 +2,9 @@
 compaction between periods (``generated_slots``), on a GPU.
 
 - ``write_step``: a step's keys and values, one row per beam and key/value head, into their slots
-  of one layer's K and V cache in one launch (a program per prompt and block of heads). ``index_copy_`` took two launches of about 10 us a
-  layer for 4 MB each on an H200 (an element per thread; docs/benchmarks.md).
+  of one layer's K and V cache in one launch (a program per prompt and block of heads).
+  ``index_copy_`` took two launches of about 10 us a layer for 4 MB each on an H200 (an element per
+  thread; docs/benchmarks.md).
 - ``compact``: every layer's K and V rows of each prompt's live slots moved to the front of its
   generated region, in order, in one launch: a program per (layer, prompt, key/value head) copies
   the slots ``order`` names block by block, in place. In place is safe for the live slots: the
