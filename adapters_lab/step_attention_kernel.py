@@ -10,8 +10,9 @@ of ``BLOCK`` slots with an online softmax, and reads the mask as one byte per qu
 Given a read window (``window``, device tensors: each prompt's first attended slot, a gap of slots no
 query attends, and the end of the written slots), it reads only the slots inside it, skipping the gap:
 not the current period's unwritten slots, a left-padded prompt's padding, nor the dead slots a prompt
-carries after a compaction (up to the live count of the prompt with the most), which the mask covers anyway. (Testing each block's mask and
-predicating its loads off instead ran 5% slower on a full cache of the 7B shape: docs/benchmarks.md.)
+carries after a compaction (up to the live count of the prompt with the most), which the mask covers
+anyway. (Testing each block's mask and predicating its loads off instead ran 5% slower on a full
+cache of the 7B shape: docs/benchmarks.md.)
 
 The cache is read in place through its strides (a view of the decoder's cache, no copy). Queries
 are padded to 16 rows for ``tl.dot``; a row that attends nothing gives zeros, not NaN.
