@@ -31,6 +31,7 @@ search with length penalty 1 and ``early_stopping=False``, the decoding LLM-Adap
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 
@@ -40,7 +41,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend
 from transformers import AttentionInterface, Cache
 
-from adapters_lab import fused_norms, fused_rotary, slot_kernels
+from adapters_lab import fused_norms, fused_rotary, slot_kernels, step_lanes
 from adapters_lab.adapters import virtual_tokens
 from adapters_lab.adapters.prefix import PrefixEncoder
 from adapters_lab.beam_search import BeamSearch
@@ -53,6 +54,7 @@ from adapters_lab.step_attention import (  # noqa: F401
     fastest_step_backend,
     few_query_attention,
     step_backends,
+    time_step_backends,
 )
 
 log = logging.getLogger(__name__)
@@ -83,7 +85,8 @@ def grouped_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor,
                                              enable_gqa=key.shape[1] != heads)
         return out.transpose(1, 2).contiguous(), None
     query = query.view(prompts, beams, heads, dim).transpose(1, 2)  # (prompts, heads, beams, d)
-    out = few_query_attention(query, key, value, attention_mask, scale)
+    with step_lanes.turn(module):  # under ``Decoder(lanes=n)``, the lanes' attentions take turns
+        out = few_query_attention(query, key, value, attention_mask, scale)
     return out.transpose(1, 2).reshape(rows, 1, heads, dim), None
 
 
@@ -167,11 +170,12 @@ class Decoder:
     ``beams`` beams each (1: greedy), ``max_new_tokens`` steps; buffers and CUDA graphs are built
     once and reused for every batch of the same shape. A row of the cache holds the model's prefix
     (``prefix_slots``, none without prefix tuning), the prompt right-aligned to slot
-    ``first_generated``, then the generated tokens."""
+    ``first_generated``, then the generated tokens. ``lanes`` > 1 runs a step's layers as that many
+    groups of prompts on their own CUDA streams (``step_lanes``: an experiment, off by default)."""
 
     def __init__(self, model: nn.Module, prompts: int, prompt_slots: int, beams: int, max_new_tokens: int,
                  eos_token_id: int, pad_token_id: int, window: int | None = None, check_every: int = 8,
-                 cuda_graphs: bool | None = None, compact: bool = True):
+                 cuda_graphs: bool | None = None, compact: bool = True, lanes: int = 1):
         self.model, self.prompts, self.prompt_slots, self.beams = model, prompts, prompt_slots, beams
         self.steps, self.pad = max_new_tokens, pad_token_id
         self.eos = -1 if eos_token_id is None else eos_token_id  # none: sequences run to the budget
@@ -214,6 +218,8 @@ class Decoder:
         self.slots = GeneratedSlots(prompts, beams, max_new_tokens, window, self.first_generated, self.device,
                                     compact=compact, kernel=slot_kernels_here)
         self.step_backend = self._choose_step_backend()
+        layers = step_lanes.decoder_layers(model) if lanes > 1 else []
+        self.lanes = step_lanes.Lanes(layers, prompts, beams, lanes, self.device) if lanes > 1 else None  # one: none
         self.graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}  # by the generated region's shape
         self.graph_pool = None
         self.use_graphs = self.device.type == "cuda" if cuda_graphs is None else cuda_graphs
@@ -318,23 +324,13 @@ class Decoder:
         return out.logits[:, -1].float()
 
     def _choose_step_backend(self) -> SDPBackend | None:
-        """On a GPU, time the step attention's SDPA kernels on random inputs of this decoder's largest
-        step (all slots visible; at most 32 prompts) and return the fastest; elsewhere None (SDPA's own pick)."""
+        """On a GPU, the fastest step kernel on random inputs of this decoder's largest step
+        (``step_attention.time_step_backends``); elsewhere None (SDPA's own pick)."""
         if self.device.type != "cuda":
             return None
-        _, _, kv_heads, slots, dim = self.cache.keys.shape
         heads = self.model.config.get_text_config().num_attention_heads
-        prompts, dtype = min(self.prompts, 32), self.cache.keys.dtype
-        generator = torch.Generator(device=self.device).manual_seed(0)
-        randn_kwargs = dict(generator=generator, device=self.device, dtype=dtype)
-        query = torch.randn(prompts, heads, self.beams, dim, **randn_kwargs)
-        key, value = (torch.randn(prompts, kv_heads, slots, dim, **randn_kwargs) for _ in range(2))
-        mask = torch.rand(prompts, 1, self.beams, slots, generator=generator, device=self.device) < 0.5
-        mask[..., -1] = True  # no fully masked row
-        backend = fastest_step_backend(query, key, value, mask, dim**-0.5, step_backends(dtype))
-        log.info("eval: decoding-step attention by the %s kernel (timed on %d prompts x %d slots, %d beams)",
-                 getattr(backend, "name", "default"), prompts, slots, self.beams)
-        return backend
+        keys = self.cache.keys
+        return time_step_backends(keys.shape, heads, min(self.prompts, 32), self.beams, keys.dtype, self.device)
 
     def _step(self) -> None:
         """Feed the tokens chosen at step t-1 (their slots: ``self.slots``), choose step t."""
@@ -346,7 +342,8 @@ class Decoder:
         self.ancestry.index_copy_(2, previous.view(1), self.own_row.expand(self.prompts, beams, 1))
         positions = (self.next_position + previous).view(-1, 1)
         window = self.read_from, self.slots.gap_from, self.slots.gap_to, self.read_until
-        with attention_backend(self.step_backend, window):  # the kernel chosen at build time (GPU only)
+        lanes = self.lanes.running(self.cache, self.step_backend, window) if self.lanes else contextlib.nullcontext()
+        with attention_backend(self.step_backend, window), lanes:  # the kernel chosen at build time (GPU only)
             logits = self._forward(self.tokens.view(-1, 1), positions, self.step_mask(previous))
         self._select(logits)
 

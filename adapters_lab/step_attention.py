@@ -114,3 +114,20 @@ def fastest_step_backend(query: torch.Tensor, key: torch.Tensor, value: torch.Te
         if elapsed < best_time:
             best, best_time = backend, elapsed
     return best
+
+
+def time_step_backends(cache_shape: tuple[int, ...], heads: int, prompts: int, beams: int,
+                       dtype: torch.dtype, device: torch.device | None = None) -> SDPBackend | None:
+    """The fastest of ``step_backends(dtype)`` on random inputs of a step that sees every slot of a
+    ``(layers, prompts, kv_heads, slots, head_dim)`` cache, for ``prompts`` prompts of ``beams`` beams."""
+    _, _, kv_heads, slots, dim = cache_shape
+    generator = torch.Generator(device=device or "cuda").manual_seed(0)
+    randn_kwargs = dict(generator=generator, device=generator.device, dtype=dtype)
+    query = torch.randn(prompts, heads, beams, dim, **randn_kwargs)
+    key, value = (torch.randn(prompts, kv_heads, slots, dim, **randn_kwargs) for _ in range(2))
+    mask = torch.rand(prompts, 1, beams, slots, generator=generator, device=generator.device) < 0.5
+    mask[..., -1] = True  # no fully masked row
+    backend = fastest_step_backend(query, key, value, mask, dim**-0.5, step_backends(dtype))
+    log.info("eval: decoding-step attention by the %s kernel (timed on %d prompts x %d slots, %d beams)",
+             getattr(backend, "name", "default"), prompts, slots, beams)
+    return backend

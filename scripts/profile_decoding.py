@@ -111,7 +111,9 @@ def one_variant(variant: dict, model, tokenizer, enc, beams: int, slots: int, de
     variant = {**DEFAULT, **variant}
     prompts = enc["input_ids"].shape[0]
     decoder = Decoder(model, prompts, slots, beams, 256, tokenizer.eos_token_id, tokenizer.pad_token_id,
-                      window=variant["period"])
+                      window=variant["period"], lanes=variant["lanes"])
+    if decoder.lanes is not None:
+        decoder.lanes.turns = variant["turns"]
     chosen = getattr(decoder.step_backend, "name", None)  # what the decoder picked by timing
     if device.type == "cuda" and variant["kernel"] is not None:
         decoder.step_backend = TRITON if variant["kernel"] == "triton" else SDPBackend.CUDNN_ATTENTION
@@ -124,7 +126,8 @@ def one_variant(variant: dict, model, tokenizer, enc, beams: int, slots: int, de
     return {"first_batch_s": first["total"], "first_batch_phases": first, "batch_s": batch,
             "graphs": len(decoder.graphs), "period": decoder.slots.period, "read_window": variant["read_window"], "gap": variant["gap"],
             "slot_kernels": decoder.slots.kernel, "step_backend": getattr(decoder.step_backend, "name", None),
-            "chosen_by_timing": chosen, "fused_norms": bool(decoder.norms), "fused_rotary": bool(decoder.rotary)}, tokens[0]
+            "chosen_by_timing": chosen, "fused_norms": bool(decoder.norms), "fused_rotary": bool(decoder.rotary),
+            "lanes": variant["lanes"], "turns": variant["turns"]}, tokens[0]
 
 
 def one_decoding(model, tokenizer, questions, beams, batch_size, index, reuse_slots, variants, device) -> dict:
@@ -169,9 +172,10 @@ def one_decoding(model, tokenizer, questions, beams, batch_size, index, reuse_sl
 
 # The decoder's levers: the step kernel (cudnn, triton, or None for the decoder's own timed pick), RMSNorms
 # fused, rotary fused, the Triton kernel given the read window and the gap in it, step writes and compactions by slot_kernels,
-# the period in steps. A variant names what differs from the decoder's default.
+# the period in steps, a step's layers as lanes of prompts on their own streams (step_lanes), their attentions
+# taking turns or not. A variant names what differs from the decoder's default.
 DEFAULT = {"kernel": None, "norms": True, "rotary": True, "read_window": True, "gap": True, "slot_kernels": True,
-           "period": None}
+           "period": None, "lanes": 1, "turns": True}
 NONE_NEW = {"read_window": False, "gap": False, "slot_kernels": False, "period": 32}  # the decoder at 9b7ca8c
 VARIANTS = {"before": {"kernel": "cudnn", "norms": False, "rotary": False, **NONE_NEW},
             "triton_kernel": {"kernel": "triton", "norms": False, "rotary": False, **NONE_NEW},
@@ -179,7 +183,9 @@ VARIANTS = {"before": {"kernel": "cudnn", "norms": False, "rotary": False, **NON
             "fused_rotary": {"kernel": "cudnn", "norms": False, **NONE_NEW},
             "without_rotary": {"rotary": False, **NONE_NEW}, "with_rotary": NONE_NEW,
             "read_window": {"slot_kernels": False}, "slot_kernels": {"read_window": False}, "no_gap": {"gap": False},
-            "period_8": {"period": 8}, "period_16": {"period": 16}, "period_32": {"period": 32}, "period_64": {"period": 64}, "decoder_default": {}}
+            "period_8": {"period": 8}, "period_16": {"period": 16}, "period_32": {"period": 32}, "period_64": {"period": 64},
+            "lanes_2": {"lanes": 2}, "lanes_2_free": {"lanes": 2, "turns": False}, "lanes_4": {"lanes": 4},
+            "decoder_default": {}}
 CONFIGS = ((64, 4, 3), (64, 4, 4), (32, 4, 4), (32, 2, 4))
 
 

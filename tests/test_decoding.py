@@ -58,15 +58,16 @@ def frequent_token(model, ids, mask, steps: int, beams: int = 1) -> int:
     raise AssertionError("no emitted token ends a sequence early")
 
 
-def compacting_case(model_type: str, beams: int, steps: int = 24):
+def compacting_case(model_type: str, beams: int, steps: int = 24, **decoder_kwargs):
     """A confident tiny model (some beams end early), left-padded prompts, an EOS that ends some
-    sequences early, and a decoder of short periods that compacts at this size; and generate's tokens."""
+    sequences early, and a decoder of short periods that compacts at this size (``decoder_kwargs``:
+    more of its arguments); and generate's tokens."""
     model = tiny_model(model_type)
     with torch.no_grad():
         model.lm_head.weight.mul_(100)
     ids, mask = left_padded(LENGTHS)
     eos = frequent_token(model, ids, mask, steps, beams)
-    decoder = decoding.Decoder(model, ids.shape[0], ids.shape[1] + 3, beams, steps, eos, PAD, window=4)
+    decoder = decoding.Decoder(model, ids.shape[0], ids.shape[1] + 3, beams, steps, eos, PAD, window=4, **decoder_kwargs)
     decoder.slots.bucket = 2
     return decoder, ids, mask, reference(model, ids, mask, beams, steps, eos)
 

@@ -20,10 +20,11 @@ def test_tiny_variants_decode_the_same_tokens_and_are_written(tmp_path):
     spec.loader.exec_module(profile)
     out = tmp_path / "profile.json"
     result = profile.main(["--tiny", "--out", str(out), "--beams", "4", "--batch-index", "1",
-                           "--variants", "before,decoder_default", "--data-dir", str(DATA.parent)])
+                           "--variants", "before,lanes_2,decoder_default", "--data-dir", str(DATA.parent)])
     row = result["decodings"][0]
     assert [row["before"]["fused_norms"], row["decoder_default"]["fused_norms"]] == [False, True]
     assert row["decoder_default"]["prompts_with_reference_tokens"] == row["prompts"] > 1
+    assert row["lanes_2"]["prompts_with_reference_tokens"] == row["prompts"] and row["lanes_2"]["lanes"] == 2
     phases = row["phases"]
     assert 0 < phases["prefill"] + phases["steps"] + phases["compaction"] <= phases["total"] * 1.01
     assert json.loads(out.read_text()) == json.loads(json.dumps(result))

@@ -60,10 +60,11 @@ expected = step_attention.few_query_attention(q, k, v, mask, 0.2)
 with step_attention.attention_backend(step_attention.TRITON):
     torch.testing.assert_close(step_attention.few_query_attention(q, k, v, mask, 0.2), expected)
 # A decoder whose steps run on the kernel chooses generate's tokens (compaction forced at this size).
-for model_type, beams in (("llama", 4), ("qwen2", 4), ("llama", 1)):
-    decoder, ids, mask, expected = compacting_case(model_type, beams)
+# With lanes (adapters_lab/step_lanes.py), each lane's kernel reads its own prompts' windows.
+for model_type, beams, lanes in (("llama", 4, 1), ("qwen2", 4, 1), ("llama", 1, 1), ("llama", 4, 2)):
+    decoder, ids, mask, expected = compacting_case(model_type, beams, lanes=lanes)
     decoder.step_backend = step_attention.TRITON
-    assert torch.equal(decoder(ids, mask), expected), (model_type, beams)
+    assert torch.equal(decoder(ids, mask), expected), (model_type, beams, lanes)
     assert beams == 1 or decoder.slots.kept < beams * 24 - beams * 4, "compaction dropped slots"
     if beams > 1:  # the beams' scores, more sensitive than tokens, as SDPA (every slot read) gives them
         on_sdpa, ids, mask, _ = compacting_case(model_type, beams)
