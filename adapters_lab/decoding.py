@@ -22,7 +22,8 @@ search with length penalty 1 and ``early_stopping=False``, the decoding LLM-Adap
 - On a GPU the step attention runs on the fastest, timed at build, of SDPA's kernels and a Triton
   kernel (``step_attention_kernel``), a step's cache writes and the compactions are Triton kernels
   too (``slot_kernels``); in every forward of ours each RMSNorm is one kernel
-  (``fused_norms``) and, on a GPU, the rotary embedding one for queries and one for keys (``fused_rotary``).
+  (``fused_norms``) and, on a GPU, the rotary embedding one for queries and one for keys (``fused_rotary``),
+  the attention's residual add with the norm after it one and SwiGLU's SiLU and product one (``fused_layers``).
 - Prefix tuning (``adapters/prefix.py``): its ``n`` keys and values per layer fill the first ``n``
   slots of every prompt's row, written at each batch's prefill; every mask covers them, and position
   ids count real tokens after them, as the virtual-token hook does for ``generate``. The hook itself
@@ -41,7 +42,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend
 from transformers import AttentionInterface, Cache
 
-from adapters_lab import fused_norms, fused_rotary, slot_kernels, step_lanes
+from adapters_lab import fused_layers, fused_norms, fused_rotary, slot_kernels, step_lanes
 from adapters_lab.adapters import virtual_tokens
 from adapters_lab.adapters.prefix import PrefixEncoder
 from adapters_lab.beam_search import BeamSearch
@@ -188,6 +189,9 @@ class Decoder:
         self.norms = fused_norms.rms_norms(model)  # each one kernel in our forwards
         rotary_kernel_here = self.device.type == "cuda" and fused_rotary.available()
         self.rotary = fused_rotary.rotary_modules(model) if rotary_kernel_here else []  # one kernel for q, one for k
+        # On a GPU the attention's residual add and the norm after it one kernel, SwiGLU's SiLU and product one.
+        fuse = rotary_kernel_here and fused_layers.kernels_agree(self.device, dtype, embed.shape[1])
+        self.fused = fused_layers.fusable(model) if fuse else ([], [])
         slot_kernels_here = self.device.type == "cuda" and slot_kernels.available()  # cache writes, compaction
         self.prefix_slots = prefix_tokens(model)
         self.first_generated = self.prefix_slots + prompt_slots  # the slot of beam 0's first token
@@ -315,8 +319,9 @@ class Decoder:
         AttentionInterface.register(ATTENTION, grouped_attention)  # registered when a decoder is first built
         self.model.config._attn_implementation = ATTENTION
         try:
-            # The prefix is in our cache and masks already; norms and rotary run fused.
-            with virtual_tokens.hooks_suspended(self.model), fused_norms.fused(self.norms), fused_rotary.fused(self.rotary):
+            # The prefix is in our cache and masks already; norms, rotary, adds and SwiGLU run fused.
+            with (virtual_tokens.hooks_suspended(self.model), fused_norms.fused(self.norms),
+                  fused_rotary.fused(self.rotary), fused_layers.fused(*self.fused)):
                 out = self.model(input_ids=input_ids, position_ids=positions, attention_mask=mask,
                                  use_cache=True, logits_to_keep=1, **{self.cache_argument: self.cache})
         finally:

@@ -26,6 +26,7 @@ import contextlib
 import torch
 import torch.nn as nn
 
+from adapters_lab import fused_layers
 from adapters_lab.step_attention import attention_backend
 
 LAYERS = frozenset({"LlamaDecoderLayer", "MistralDecoderLayer", "Qwen2DecoderLayer"})  # the decoder's models
@@ -84,12 +85,12 @@ class Lanes:
                 del layer.forward
 
     def _layer_forward(self, layer: nn.Module, index: int, cache, backend, window):
-        original = type(layer).forward
         prompts = cache.keys.shape[1]
 
         def forward(hidden_states, attention_mask=None, position_ids=None, position_embeddings=None, **kwargs):
             if index == 0:
                 self._fork(hidden_states)
+            original = fused_layers.layer_forward(layer)  # the fused layer, when the decoder runs it
             for lane, part in enumerate(self.prompts):
                 rows = self.rows(lane)
                 inputs = hidden_states[rows] if index == 0 else self.hidden[lane]
