@@ -1,6 +1,6 @@
-"""The decoder's LLaMA-family layers with two fusions, as Triton kernels on a GPU: the residual add
-after the attention with the RMSNorm after it (one kernel where there were two), and SwiGLU's SiLU
-with its product (one where there were two).
+"""The decoder's LLaMA-family layers with two fusions, as Triton kernels on a GPU: each residual add
+with the RMSNorm after it (the attention's with the layer's second norm, the MLP's with the next
+layer's first; one kernel where there were two), and SwiGLU's SiLU with its product (one, not two).
 
 A 4-beam step of the random-init LLaMA-7B shape spent about 0.65 ms of its 20.6 on the residual adds
 and the norms and 0.48 ms on SwiGLU's SiLU and product, each an elementwise pass over the batch's
@@ -10,8 +10,10 @@ rounds: the sum and the SiLU to the input's dtype before they are used, the norm
 
 The decoder swaps the layers' and MLPs' forwards (instance attributes, as ``fused_norms``) only around
 its own calls (``fused``). The layer forward calls the same submodules (``self_attn``, ``mlp``, the
-norms), so adapters hooked on them run as before; a layer or MLP whose forward is already an instance
-attribute is left alone, and ``layer_forward`` gives ``step_lanes`` the forward to run inside its own.
+norms but the next layer's first), so adapters hooked on them run as before; a layer or MLP whose
+forward is already an instance attribute is left alone, and ``layer_forward`` gives ``step_lanes`` the
+forward to run inside its own. A layer's input that is not the tensor the layer before returned (a hook
+replaced it) is normed by the layer's own norm.
 """
 
 from __future__ import annotations
@@ -33,6 +35,8 @@ MLPS = frozenset({"LlamaMLP", "MistralMLP", "Qwen2MLP"})  # down(silu(gate(x)) *
 BLOCK = 1024  # elements a program of the SiLU product
 log = logging.getLogger(__name__)
 _fused_layers: set[int] = set()  # ids of the layers whose fused forward runs now
+_following: dict[int, nn.Module] = {}  # a fused layer's id -> the next layer's input norm
+_pending: list[tuple[torch.Tensor, torch.Tensor]] = []  # (a layer's output, the next layer's norm of it)
 _agree: dict[tuple, bool] = {}  # ``kernels_agree``'s answers
 
 
@@ -124,12 +128,31 @@ def fusable(model: nn.Module) -> tuple[list[nn.Module], list[nn.Module]]:
 
 
 def _layer(layer: nn.Module, hidden_states, attention_mask=None, position_ids=None, position_embeddings=None, **kwargs):
-    """transformers' LLaMA decoder layer, the attention's residual add fused into the norm after it."""
-    residual = hidden_states
-    hidden_states, _ = layer.self_attn(hidden_states=layer.input_layernorm(hidden_states), attention_mask=attention_mask,
-                                       position_ids=position_ids, position_embeddings=position_embeddings, **kwargs)
-    residual, hidden_states = add_rms_norm(residual, hidden_states, layer.post_attention_layernorm)
-    return residual + layer.mlp(hidden_states)
+    """transformers' LLaMA decoder layer, each residual add fused into the norm after it: the
+    attention's into ``post_attention_layernorm``, the MLP's into the next layer's ``input_layernorm``,
+    whose result waits in ``_pending`` for that layer (the last layer's add is the model's own)."""
+    normed = _take(hidden_states)
+    if normed is None:  # the first layer, or an input the previous layer did not return
+        normed = layer.input_layernorm(hidden_states)
+    attended, _ = layer.self_attn(hidden_states=normed, attention_mask=attention_mask, position_ids=position_ids,
+                                  position_embeddings=position_embeddings, **kwargs)
+    residual, normed = add_rms_norm(hidden_states, attended, layer.post_attention_layernorm)
+    out = layer.mlp(normed)
+    following = _following.get(id(layer))
+    if following is None:
+        return residual + out
+    summed, normed = add_rms_norm(residual, out, following)
+    _pending.append((summed, normed))
+    return summed
+
+
+def _take(hidden_states: torch.Tensor) -> torch.Tensor | None:
+    """The next norm of ``hidden_states`` if a layer computed it (``_pending``), taken out; else None."""
+    for i, (summed, normed) in enumerate(_pending):
+        if summed is hidden_states:
+            del _pending[i]
+            return normed
+    return None
 
 
 def _mlp(mlp: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -148,9 +171,14 @@ def fused(layers: list[nn.Module], mlps: list[nn.Module]):
     for module, forward in patched:
         module.forward = forward.__get__(module)
     _fused_layers.update(id(m) for m in layers)
+    for layer, after in zip(layers, layers[1:]):  # consecutive layers: the MLP's add joins the next layer's norm
+        if after.self_attn.layer_idx == layer.self_attn.layer_idx + 1:
+            _following[id(layer)] = after.input_layernorm
     try:
         yield
     finally:
         _fused_layers.difference_update(id(m) for m in layers)
+        _following.clear()
+        _pending.clear()
         for module, _ in patched:
             del module.forward

@@ -123,3 +123,33 @@ def test_kernels_that_fail_or_disagree_leave_transformers_layers(monkeypatch, ca
     monkeypatch.setattr(fused_layers, "add_rms_norm", lambda *a: (_ for _ in ()).throw(ValueError("compiler error")))
     assert not fused_layers.kernels_agree(cpu, torch.float32, 40)
     assert "fused decoder layers off (compiler error)" in caplog.text
+
+
+def test_each_layers_mlp_add_is_fused_into_the_next_layers_norm(monkeypatch):
+    import torch.nn.functional as F
+
+    calls = []
+
+    def torch_add_norm(x, delta, norm):  # the kernel's computation in torch: the chain is what is tested here
+        calls.append(norm)
+        return x + delta, F.rms_norm(x + delta, norm.weight.shape, norm.weight, norm.variance_epsilon)
+
+    monkeypatch.setattr(fused_layers, "add_rms_norm", torch_add_norm)
+    monkeypatch.setattr(fused_layers, "silu_mul", lambda gate, up: F.silu(gate) * up)
+    model = tiny_model("qwen2")
+    layers = model.model.layers
+    first_norms = []
+    for layer in layers:
+        layer.input_layernorm.register_forward_hook(lambda module, args, out: first_norms.append(module))
+    ids = torch.randint(3, 50, (2, 7))
+    with torch.no_grad():
+        expected = model(ids).logits
+        first_norms.clear()
+        with fused_layers.fused(*fused_layers.fusable(model)):
+            got = model(ids).logits
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    assert first_norms == [layers[0].input_layernorm]  # the others came with the adds before them
+    expected_norms = [n for layer, after in zip(layers, [*layers[1:], None])
+                      for n in (layer.post_attention_layernorm, after and after.input_layernorm) if n is not None]
+    assert calls == expected_norms  # 2 x layers - 1 fused adds, in order
+    assert fused_layers._pending == [] and fused_layers._following == {}
