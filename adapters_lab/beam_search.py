@@ -23,6 +23,7 @@ class BeamSearch:
         self.is_finished = torch.zeros(prompts, beams, dtype=torch.bool, device=device)
         self.improvable = torch.zeros(prompts, 1, dtype=torch.bool, device=device)
         self.top_beams = torch.arange(2 * beams, device=device) < beams
+        self.two_top_ks = True  # ``_top_continuations``: each row's top 2k, then the prompt's
 
     def reset(self, pad: int, scores: torch.Tensor) -> None:
         """Before a batch: no hypothesis finished, and only beam 0 extends at first, as in generate."""
@@ -38,10 +39,7 @@ class BeamSearch:
         the running ``sequences`` ``(prompts, beams, steps)``, their ``scores`` and ``ancestry``, the
         finished hypotheses, ``done`` and the next step's input ``tokens`` ``(prompts * beams,)``."""
         beams, steps = self.beams, self.steps
-        prompts, vocab = scores.shape[0], logits.shape[-1]
-        log_probs = F.log_softmax(logits, dim=-1).view(prompts, beams, vocab) + scores[:, :, None]
-        top_scores, top_index = torch.topk(log_probs.view(prompts, beams * vocab), 2 * beams)
-        parent, token = top_index // vocab, top_index % vocab
+        top_scores, parent, token = self._top_continuations(logits, scores)
         candidates = torch.gather(sequences, 1, parent[:, :, None].expand(-1, -1, steps)).clone()
         candidates.index_copy_(2, t.view(1), token[:, :, None])
         ends = (token == self.eos) | (t == steps - 1)
@@ -69,3 +67,20 @@ class BeamSearch:
         self.improvable &= (best_running > worst_finished).any(dim=-1, keepdim=True)
         done.copy_(~(self.improvable.any() & ~ends.all()))
         tokens.copy_(sequences.index_select(2, t.view(1)).reshape(-1))  # no tensor indexing: it syncs
+
+    def _top_continuations(self, logits: torch.Tensor, scores: torch.Tensor):
+        """The ``2 * beams`` best continuations of each prompt's beams, ``(prompts, 2 * beams)`` each:
+        their scores (log-probability plus the beam's score), beams and tokens. generate takes the top
+        ``2 * beams`` of all ``beams * vocab`` sums; adding a beam's score keeps the order of its row, so
+        they are among each row's top ``2 * beams``: the same scores, from two small top-k's instead of one
+        over ``beams * vocab`` per prompt (equal scores may come in another order)."""
+        prompts, beams, k = scores.shape[0], self.beams, 2 * self.beams
+        if not self.two_top_ks:  # generate's one top-k (scripts/profile_decoding.py compares the two)
+            vocab = logits.shape[-1]
+            sums = F.log_softmax(logits, dim=-1).view(prompts, beams, vocab) + scores[:, :, None]
+            top_scores, index = torch.topk(sums.view(prompts, beams * vocab), k)
+            return top_scores, index // vocab, index % vocab
+        row_scores, row_tokens = torch.topk(F.log_softmax(logits, dim=-1), k)  # (prompts * beams, k)
+        sums = (row_scores.view(prompts, beams, k) + scores[:, :, None]).view(prompts, beams * k)
+        top_scores, pick = torch.topk(sums, k)
+        return top_scores, pick // k, torch.gather(row_tokens.view(prompts, beams * k), 1, pick)

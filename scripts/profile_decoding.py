@@ -120,6 +120,8 @@ def one_variant(variant: dict, model, tokenizer, enc, beams: int, slots: int, de
     decoder.norms = decoder.norms if variant["norms"] else []  # no fused norms: transformers' own
     decoder.rotary = decoder.rotary if variant["rotary"] else []
     decoder.fused = decoder.fused if variant["fused_layers"] else ([], [])
+    if beams > 1:
+        decoder.beam_search.two_top_ks = variant["two_top_ks"]
     decoder.cache.write_kernel = decoder.slots.kernel = decoder.slots.kernel and variant["slot_kernels"]
     first = phases(decoder, enc, device, variant["read_window"], variant["gap"])
     tokens = []
@@ -128,7 +130,7 @@ def one_variant(variant: dict, model, tokenizer, enc, beams: int, slots: int, de
             "graphs": len(decoder.graphs), "period": decoder.slots.period, "read_window": variant["read_window"], "gap": variant["gap"],
             "slot_kernels": decoder.slots.kernel, "step_backend": getattr(decoder.step_backend, "name", None),
             "chosen_by_timing": chosen, "fused_norms": bool(decoder.norms), "fused_rotary": bool(decoder.rotary),
-            "fused_layers": bool(decoder.fused[0]), "lanes": variant["lanes"], "turns": variant["turns"]}, tokens[0]
+            "fused_layers": bool(decoder.fused[0]), "two_top_ks": variant["two_top_ks"], "lanes": variant["lanes"], "turns": variant["turns"]}, tokens[0]
 
 
 def one_decoding(model, tokenizer, questions, beams, batch_size, index, reuse_slots, variants, device) -> dict:
@@ -173,19 +175,21 @@ def one_decoding(model, tokenizer, questions, beams, batch_size, index, reuse_sl
 
 # The decoder's levers: the step kernel (cudnn, triton, or None for the decoder's own timed pick), RMSNorms
 # fused, rotary fused, the Triton kernel given the read window and the gap in it, step writes and compactions by slot_kernels,
-# the period in steps, the attention's residual add fused into the norm after it and SwiGLU's SiLU product (fused_layers),
+# the period in steps, the residual adds fused into the norms after them and SwiGLU's SiLU product (fused_layers), beam
+# search's continuations by two small top-k's or generate's one,
 # a step's layers as lanes of prompts on their own streams (step_lanes), their attentions
 # taking turns or not. A variant names what differs from the decoder's default.
 DEFAULT = {"kernel": None, "norms": True, "rotary": True, "read_window": True, "gap": True, "slot_kernels": True,
-           "period": None, "fused_layers": True, "lanes": 1, "turns": True}
-NONE_NEW = {"read_window": False, "gap": False, "slot_kernels": False, "period": 32, "fused_layers": False}  # at 9b7ca8c
+           "period": None, "fused_layers": True, "two_top_ks": True, "lanes": 1, "turns": True}
+NONE_NEW = {"read_window": False, "gap": False, "slot_kernels": False, "period": 32, "fused_layers": False,
+            "two_top_ks": False}  # the decoder at 9b7ca8c
 VARIANTS = {"before": {"kernel": "cudnn", "norms": False, "rotary": False, **NONE_NEW},
             "triton_kernel": {"kernel": "triton", "norms": False, "rotary": False, **NONE_NEW},
             "fused_norms": {"kernel": "cudnn", "rotary": False, **NONE_NEW},
             "fused_rotary": {"kernel": "cudnn", "norms": False, **NONE_NEW},
             "without_rotary": {"rotary": False, **NONE_NEW}, "with_rotary": NONE_NEW,
             "read_window": {"slot_kernels": False}, "slot_kernels": {"read_window": False}, "no_gap": {"gap": False},
-            "no_fused_layers": {"fused_layers": False},
+            "no_fused_layers": {"fused_layers": False}, "one_top_k": {"two_top_ks": False},
             "period_8": {"period": 8}, "period_16": {"period": 16}, "period_32": {"period": 32}, "period_64": {"period": 64},
             "lanes_2": {"lanes": 2}, "lanes_2_free": {"lanes": 2, "turns": False}, "lanes_4": {"lanes": 4},
             "decoder_default": {}}
