@@ -23,7 +23,7 @@ search with length penalty 1 and ``early_stopping=False``, the decoding LLM-Adap
   kernel (``step_attention_kernel``), a step's cache writes and the compactions are Triton kernels
   too (``slot_kernels``); in every forward of ours each RMSNorm is one kernel
   (``fused_norms``) and, on a GPU, the rotary embedding one for queries and one for keys (``fused_rotary``),
-  the attention's residual add with the norm after it one and SwiGLU's SiLU and product one (``fused_layers``).
+  each residual add with the norm after it one and SwiGLU's SiLU and product one (``fused_layers``).
 - Prefix tuning (``adapters/prefix.py``): its ``n`` keys and values per layer fill the first ``n``
   slots of every prompt's row, written at each batch's prefill; every mask covers them, and position
   ids count real tokens after them, as the virtual-token hook does for ``generate``. The hook itself
@@ -189,7 +189,7 @@ class Decoder:
         self.norms = fused_norms.rms_norms(model)  # each one kernel in our forwards
         rotary_kernel_here = self.device.type == "cuda" and fused_rotary.available()
         self.rotary = fused_rotary.rotary_modules(model) if rotary_kernel_here else []  # one kernel for q, one for k
-        # On a GPU the attention's residual add and the norm after it one kernel, SwiGLU's SiLU and product one.
+        # On a GPU each residual add and the norm after it one kernel, SwiGLU's SiLU and product one.
         fuse = rotary_kernel_here and fused_layers.kernels_agree(self.device, dtype, embed.shape[1])
         self.fused = fused_layers.fusable(model) if fuse else ([], [])
         slot_kernels_here = self.device.type == "cuda" and slot_kernels.available()  # cache writes, compaction
@@ -222,8 +222,8 @@ class Decoder:
         self.slots = GeneratedSlots(prompts, beams, max_new_tokens, window, self.first_generated, self.device,
                                     compact=compact, kernel=slot_kernels_here)
         self.step_backend = self._choose_step_backend()
-        layers = step_lanes.decoder_layers(model) if lanes > 1 else []
-        self.lanes = step_lanes.Lanes(layers, prompts, beams, lanes, self.device) if lanes > 1 else None  # one: none
+        self.lanes = (step_lanes.Lanes(step_lanes.decoder_layers(model), prompts, beams, lanes, self.device)
+                      if lanes > 1 else None)
         self.graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}  # by the generated region's shape
         self.graph_pool = None
         self.use_graphs = self.device.type == "cuda" if cuda_graphs is None else cuda_graphs

@@ -29,13 +29,12 @@ import torch.nn as nn
 from adapters_lab import fused_layers
 from adapters_lab.step_attention import attention_backend
 
-LAYERS = frozenset({"LlamaDecoderLayer", "MistralDecoderLayer", "Qwen2DecoderLayer"})  # the decoder's models
 _running: Lanes | None = None  # the lanes of the step being run or captured now
 
 
 def decoder_layers(model: nn.Module) -> list[nn.Module]:
-    """The model's decoder layers (of the kinds in ``LAYERS``), in order."""
-    return [m for m in model.modules() if type(m).__name__ in LAYERS]
+    """The model's decoder layers (of the kinds in ``fused_layers.LAYERS``), in order."""
+    return [m for m in model.modules() if type(m).__name__ in fused_layers.LAYERS]
 
 
 class Lanes:

@@ -126,11 +126,12 @@ def one_variant(variant: dict, model, tokenizer, enc, beams: int, slots: int, de
     first = phases(decoder, enc, device, variant["read_window"], variant["gap"])
     tokens = []
     batch = timed(lambda: tokens.append(run_batch(decoder, enc, variant["read_window"], variant["gap"]).cpu()), device)
+    levers = {name: variant[name] for name in ("read_window", "gap", "two_top_ks", "lanes", "turns")}
     return {"first_batch_s": first["total"], "first_batch_phases": first, "batch_s": batch,
-            "graphs": len(decoder.graphs), "period": decoder.slots.period, "read_window": variant["read_window"], "gap": variant["gap"],
-            "slot_kernels": decoder.slots.kernel, "step_backend": getattr(decoder.step_backend, "name", None),
-            "chosen_by_timing": chosen, "fused_norms": bool(decoder.norms), "fused_rotary": bool(decoder.rotary),
-            "fused_layers": bool(decoder.fused[0]), "two_top_ks": variant["two_top_ks"], "lanes": variant["lanes"], "turns": variant["turns"]}, tokens[0]
+            "graphs": len(decoder.graphs), "period": decoder.slots.period, "slot_kernels": decoder.slots.kernel,
+            "step_backend": getattr(decoder.step_backend, "name", None), "chosen_by_timing": chosen,
+            "fused_norms": bool(decoder.norms), "fused_rotary": bool(decoder.rotary),
+            "fused_layers": bool(decoder.fused[0]), **levers}, tokens[0]
 
 
 def one_decoding(model, tokenizer, questions, beams, batch_size, index, reuse_slots, variants, device) -> dict:
